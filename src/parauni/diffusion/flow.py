@@ -1,0 +1,63 @@
+"""Rectified-flow conventions, as pure functions (system.md section 2).
+
+One convention everywhere: ``t`` (= sigma) in [0, 1], ``t = 1`` is pure noise,
+
+    x_t = (1 - t) * x0 + t * eps,        the network predicts  v = eps - x0,
+
+loss = MSE(v_pred, eps - x0). The conversion to the DiT's own timestep scale happens in :func:`dit_timestep`
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NUM_TRAIN_TIMESTEPS = 1000
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def dit_timestep(t: torch.Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """The DiT's timestep input for flow time ``t`` in [0, 1] (SANA was trained on ``sigma * 1000``)."""
+    return t * num_train_timesteps
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Resolution shift of flow sigmas: ``shift * s / (1 + (shift - 1) * s)`` (identity for shift 1)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_timesteps(
+    n: int,
+    mode: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Training times t in (0, 1): uniform (OpenUni's default) or logit-normal. Returns (n,)."""
+    if mode == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if mode == "logit_normal":
+        return torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator, device=device))
+    raise ValueError(f"unknown timestep sampling {mode!r}; choose one of {list(TIMESTEP_SAMPLING)}")
+
+
+def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise. x0, noise: (B, C, H, W); t: (B,)."""
+    t = _expand(t, x0)
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target v = noise - x0."""
+    return noise - x0
+
+
+def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the predicted and the target velocity (computed in fp32)."""
+    return F.mse_loss(v_pred.float(), velocity_target(x0, noise).float())

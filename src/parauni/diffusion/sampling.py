@@ -1,0 +1,143 @@
+"""Sampling: ONE denoising loop that takes a step function.
+
+The loop walks a decreasing sigma schedule ``sigmas[0] = 1 -> sigmas[-1] = 0``, asks a velocity function for
+``v`` at every step and hands ``(x, v, sigma, sigma_next)`` to a step function:
+
+* :func:`euler_step` - deterministic flow Euler (used with :func:`flow_sigmas`, shift 3.0);
+* :class:`SchedulerStep` - any diffusers scheduler, here SANA's DPM-Solver++ (flow prediction, shift 3.0);
+* the RL rollout's SDE step with log-probability (Flow-GRPO) plugs into the same loop.
+
+Classifier-free guidance is a wrapper around the velocity function (:func:`guided_velocity`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .flow import NUM_TRAIN_TIMESTEPS, shift_sigmas
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    """What one step returns: the next sample, and for stochastic steps the Gaussian it was drawn from."""
+
+    sample: torch.Tensor
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    log_prob: torch.Tensor | None = None
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], StepOutput]
+
+
+def flow_sigmas(steps: int, shift: float = 3.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """``steps + 1`` sigmas from 1 to 0, uniformly spaced then shifted. Returns (steps + 1,) fp32."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    return shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> StepOutput:
+    """x_next = x + (sigma_next - sigma) * v (flow ODE, fp32 arithmetic)."""
+    return StepOutput((x.float() + (sigma_next - sigma) * v.float()).to(x.dtype))
+
+
+class SchedulerStep:
+    """Adapts a diffusers multistep scheduler (stateful) to the step-function interface.
+
+    ``sigmas`` holds the times at which the model is evaluated: the scheduler's (integer) timesteps / 1000,
+    exactly what ``SanaPipeline`` feeds the DiT, then 0. Build one per sampling call: ``set_timesteps``
+    resets the scheduler's history.
+    """
+
+    def __init__(self, scheduler, steps: int, device: torch.device | str | None = None) -> None:
+        self.scheduler = scheduler
+        scheduler.set_timesteps(steps, device=device)
+        times = scheduler.timesteps.to(device=device, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
+        self.sigmas = torch.cat([times, times.new_zeros(1)])
+        self._index = 0
+
+    def __call__(
+        self, x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+    ) -> StepOutput:
+        t = self.scheduler.timesteps[self._index]
+        self._index += 1
+        return StepOutput(self.scheduler.step(v, t, x, return_dict=True).prev_sample)
+
+
+def dpm_solver_scheduler(shift: float = 3.0):
+    """SANA's sampler: DPM-Solver++ (2nd order, midpoint) with flow prediction and flow sigmas."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
+
+
+def make_sampler(kind: str, steps: int, shift: float = 3.0, device=None) -> tuple[torch.Tensor, StepFn]:
+    """``(sigmas, step_fn)`` for ``kind`` 'euler' or 'dpm'."""
+    if kind == "euler":
+        return flow_sigmas(steps, shift, device), euler_step
+    if kind == "dpm":
+        step = SchedulerStep(dpm_solver_scheduler(shift), steps, device)
+        return step.sigmas, step
+    raise ValueError(f"unknown sampler {kind!r}; choose 'dpm' or 'euler'")
+
+
+def guided_velocity(
+    velocity: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor, scale: float
+) -> VelocityFn:
+    """Classifier-free guidance: ``v_u + scale * (v_c - v_u)`` from one batched call.
+
+    velocity(x, t, cond) -> v; cond / uncond: (B, Q, C). scale 1 skips the unconditional branch.
+    """
+    if scale == 1.0:
+        return lambda x, t: velocity(x, t, cond)
+    both = torch.cat([cond, uncond], dim=0)
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v_c, v_u = velocity(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), both).chunk(2)
+        return v_u + scale * (v_c - v_u)
+
+    return fn
+
+
+def denoise(
+    velocity: VelocityFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    step: StepFn,
+    progress: bool = False,
+    record: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[StepOutput]]:
+    """Integrate from ``sigmas[0]`` to ``sigmas[-1]``.
+
+    Args:
+        velocity: v = velocity(x, t) with t of shape (B,) in [0, 1].
+        x: (B, C, H, W) initial noise.
+        sigmas: (N + 1,) decreasing.
+        step: the step function.
+        record: also return every step's :class:`StepOutput` (the RL rollout keeps them).
+    """
+    outputs = []
+    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="denoising", leave=False):
+        t = sigmas[i].expand(x.shape[0]).to(x.device)
+        out = step(x, velocity(x, t), sigmas[i], sigmas[i + 1])
+        x = out.sample
+        if record:
+            outputs.append(out)
+    return (x, outputs) if record else x

@@ -1,0 +1,187 @@
+"""Loading the frozen / pretrained components: VLM, DiT and VAE.
+
+Each component comes from a local folder or a Hugging Face id (``path``), or is built from an architecture
+dict (``arch``): with random weights (tests, the tiny preset) or on the meta device (paper-size structure and
+parameter counts without any weights). Relative paths are resolved against the model folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import DiTConfig, VAEConfig, VLMConfig
+from .tokenizer import BASIC_CORPUS, train_bpe_tokenizer
+from .vlm import BACKBONES, VLMBackbone
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ComponentLoadError(RuntimeError):
+    """A component could not be loaded; the message names it, where from, and what to do."""
+
+
+def resolve_path(path: str, root: str | Path | None) -> str:
+    """``path`` relative to ``root`` when that exists locally, else ``path`` unchanged (folder or HF id)."""
+    if root is not None and not Path(path).is_absolute() and (Path(root) / path).exists():
+        return str(Path(root) / path)
+    return path
+
+
+def _load(what: str, fn, path: str, **kwargs):
+    try:
+        return fn(path, **kwargs)
+    except (OSError, ValueError) as err:
+        # A Hugging Face id is "name" or "owner/name"; anything else can only be a local folder.
+        folder_like = Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
+        if Path(path).exists():
+            hint = f"the folder {path} exists but is incomplete or of another model type"
+        elif folder_like:
+            hint = f"the folder {path} does not exist; check the path"
+        else:
+            hint = (
+                f"{path!r} is neither a local folder nor in the Hugging Face cache (this machine may be offline); "
+                f"download it first (huggingface-cli download {path}) or give a local folder"
+            )
+        raise ComponentLoadError(f"could not load the {what} from {path!r}: {hint}. Cause: {err}") from err
+
+
+@contextlib.contextmanager
+def _build_context(meta: bool, seed: int, dtype: torch.dtype):
+    """Meta device or a forked RNG seeded for reproducible random weights; parameters created in ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if meta:
+            with torch.device("meta"):
+                yield
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _vlm_classes(kind: str):
+    import transformers as tf
+
+    if kind == "internvl":
+        return tf.InternVLForConditionalGeneration, tf.InternVLConfig
+    if kind == "qwen2_5_vl":
+        return tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig
+    return tf.AutoModel, None
+
+
+def _arch_tokenizer(kind: str, arch: dict) -> tuple[object, dict]:
+    """A locally trained tokenizer for an arch-built VLM, and the arch patched to agree with its ids."""
+    text = arch.get("text_config", arch)
+    tok = train_bpe_tokenizer(BASIC_CORPUS, vocab_size=min(int(text.get("vocab_size", 512)), 512))
+    arch = dict(arch)
+    if kind == "internvl":
+        arch["image_token_id"] = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    elif kind == "qwen2_5_vl":
+        arch["image_token_id"] = tok.convert_tokens_to_ids("<|image_pad|>")
+        arch["vision_start_token_id"] = tok.convert_tokens_to_ids("<|vision_start|>")
+        arch["vision_end_token_id"] = tok.convert_tokens_to_ids("<|vision_end|>")
+    return tok, arch
+
+
+def load_vlm(
+    cfg: VLMConfig, root: str | Path | None = None, meta: bool = False, seed: int = 0
+) -> VLMBackbone:
+    """The frozen VLM backbone of ``cfg`` (see :mod:`parauni.models.vlm`)."""
+    import transformers as tf
+
+    model_cls, config_cls = _vlm_classes(cfg.kind)
+    dtype = DTYPES[cfg.dtype]
+    image_processor = None
+    if meta or cfg.path is None:
+        if cfg.arch is None and cfg.path is None:
+            raise ComponentLoadError(f"vlm has no arch dict; cannot build {cfg.kind} without weights")
+        if cfg.arch is None:  # meta build of a folder / HF id: read its config only
+            hf_config = _load(
+                "VLM config", (config_cls or tf.AutoConfig).from_pretrained, resolve_path(cfg.path, root)
+            )
+            tokenizer = None
+        else:
+            tokenizer, arch = (None, cfg.arch) if meta else _arch_tokenizer(cfg.kind, cfg.arch)
+            hf_config = config_cls(**arch) if config_cls else tf.AutoConfig.for_model(**arch)
+        with _build_context(meta, seed, dtype):
+            model = model_cls(hf_config) if config_cls else tf.AutoModel.from_config(hf_config)
+        if cfg.kind == "qwen2_5_vl" and not meta:
+            vc = hf_config.vision_config
+            image_processor = tf.Qwen2VLImageProcessorPil(
+                patch_size=vc.patch_size,
+                temporal_patch_size=vc.temporal_patch_size,
+                merge_size=vc.spatial_merge_size,
+            )
+    else:
+        path = resolve_path(cfg.path, root)
+        model = _load("VLM", model_cls.from_pretrained, path, dtype=dtype)
+        tokenizer = _load("VLM tokenizer", tf.AutoTokenizer.from_pretrained, path)
+        if cfg.kind == "qwen2_5_vl" and (Path(path) / "preprocessor_config.json").exists():
+            image_processor = tf.Qwen2VLImageProcessorPil.from_pretrained(path)
+        elif cfg.kind == "qwen2_5_vl":
+            image_processor = _load("image processor", tf.Qwen2VLImageProcessorPil.from_pretrained, path)
+    backbone_cls = BACKBONES[cfg.kind]
+    if cfg.kind == "qwen2_5_vl":
+        return backbone_cls(model, tokenizer, cfg, image_processor=image_processor)
+    return backbone_cls(model, tokenizer, cfg)
+
+
+def save_vlm(vlm: VLMBackbone, folder: str | Path) -> None:
+    """Write the VLM, its tokenizer (and image processor) as a Hugging Face folder."""
+    vlm.model.save_pretrained(folder)
+    vlm.tokenizer.save_pretrained(folder)
+    processor = getattr(vlm, "image_processor", None)
+    if processor is not None:
+        processor.save_pretrained(folder)
+
+
+def _diffusers_config(what: str, model_cls, cfg, root) -> dict:
+    """The config dict of a diffusers model folder / id (no weights), for meta builds."""
+    if cfg.path is None:
+        raise ComponentLoadError(f"{what} has neither a path nor an arch dict")
+    kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
+    return _load(f"{what} config", model_cls.load_config, resolve_path(cfg.path, root), **kwargs)
+
+
+def load_dit(cfg: DiTConfig, root: str | Path | None = None, meta: bool = False, seed: int = 0) -> nn.Module:
+    """The ``SanaTransformer2DModel`` of ``cfg``."""
+    from diffusers import SanaTransformer2DModel
+
+    dtype = DTYPES[cfg.dtype]
+    if meta or cfg.path is None:
+        arch = cfg.arch or _diffusers_config("DiT", SanaTransformer2DModel, cfg, root)
+        with _build_context(meta, seed, dtype):
+            return SanaTransformer2DModel.from_config(arch)
+    kwargs = {"torch_dtype": dtype}
+    if cfg.subfolder:
+        kwargs["subfolder"] = cfg.subfolder
+    return _load("DiT", SanaTransformer2DModel.from_pretrained, resolve_path(cfg.path, root), **kwargs)
+
+
+def load_vae(
+    cfg: VAEConfig, root: str | Path | None = None, meta: bool = False, seed: int = 0
+) -> nn.Module | None:
+    """The ``AutoencoderDC`` of ``cfg``, frozen, or None for pixel space."""
+    from diffusers import AutoencoderDC
+
+    if cfg.kind == "none":
+        return None
+    dtype = DTYPES[cfg.dtype]
+    if meta or cfg.path is None:
+        arch = cfg.arch or _diffusers_config("VAE", AutoencoderDC, cfg, root)
+        with _build_context(meta, seed, dtype):
+            model = AutoencoderDC.from_config(arch)
+    else:
+        kwargs = {"torch_dtype": dtype}
+        if cfg.subfolder:
+            kwargs["subfolder"] = cfg.subfolder
+        model = _load("VAE", AutoencoderDC.from_pretrained, resolve_path(cfg.path, root), **kwargs)
+    model.requires_grad_(False)
+    return model.eval()

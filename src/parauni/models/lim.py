@@ -1,0 +1,241 @@
+"""The Layer Integration Module (LIM) and layer selection (paper section 3.2, system.md section 1).
+
+For the query states of the selected VLM layers ``q_i`` (each ``(B, Q, D)``) the LIM computes
+
+    c_i = LN(projector(connector(q_i)))        c = mean_i c_i
+
+with ONE shared connector, projector and LayerNorm for every layer. All selected layers go through the
+connector in one batched call: the layer axis is folded into the batch axis.
+
+The connector is a bidirectional pre-LN transformer encoder with the same module names as OpenUni's
+(``layers.{i}.self_attn.{q,k,v,out}_proj``, ``layer_norm1``, ``mlp.fc1/fc2``, ``layer_norm2``) so that its
+checkpoints map key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ZONES = ("shallow", "middle", "deep")
+
+
+def zone_layers(
+    num_layers: int, zone: str, bounds: tuple[float, float] | list[float] = (12 / 28, 24 / 28)
+) -> list[int]:
+    """0-based layer indices of a depth zone.
+
+    For 28 layers and the default bounds: shallow = 0-11, middle = 12-23, deep = 24-27; other depths scale
+    the boundaries by ``num_layers / 28``.
+    """
+    if zone not in ZONES:
+        raise ValueError(f"unknown zone {zone!r}; choose one of {list(ZONES)}")
+    lo = round(bounds[0] * num_layers)
+    hi = round(bounds[1] * num_layers)
+    start, stop = {"shallow": (0, lo), "middle": (lo, hi), "deep": (hi, num_layers)}[zone]
+    return list(range(start, stop))
+
+
+def select_layers(
+    num_layers: int,
+    mode: str = "all",
+    layer_list: list[int] | None = None,
+    interval: int = 2,
+    bounds: tuple[float, float] | list[float] = (12 / 28, 24 / 28),
+) -> list[int]:
+    """The 0-based decoder layers whose query states condition the DiT.
+
+    Modes: ``all``; ``last`` (the OpenUni baseline); ``list`` (explicit, negative indices allowed);
+    ``drop_shallow`` / ``drop_middle`` / ``drop_deep`` (remove one zone); ``interval`` (every ``interval``-th
+    layer, ending at the last one).
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers} must be >= 1")
+    if mode == "all":
+        return list(range(num_layers))
+    if mode == "last":
+        return [num_layers - 1]
+    if mode == "list":
+        if not layer_list:
+            raise ValueError("layer selection 'list' needs a non-empty layer_list")
+        out = []
+        for i in layer_list:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ValueError(f"layer {i} is out of range for a VLM with {num_layers} decoder layers")
+            out.append(j)
+        if len(set(out)) != len(out):
+            raise ValueError(f"layer_list {layer_list} repeats a layer")
+        return sorted(out)
+    if mode.startswith("drop_"):
+        dropped = set(zone_layers(num_layers, mode[len("drop_") :], bounds))
+        kept = [i for i in range(num_layers) if i not in dropped]
+        if not kept:
+            raise ValueError(f"{mode} removes every layer of a {num_layers}-layer VLM")
+        return kept
+    if mode == "interval":
+        if interval < 1:
+            raise ValueError(f"interval={interval} must be >= 1")
+        return sorted(range(num_layers - 1, -1, -interval))
+    raise ValueError(f"unknown layer selection {mode!r}")
+
+
+class ConnectorAttention(nn.Module):
+    """Bidirectional multi-head self-attention (no mask, no positional embedding)."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"connector width {hidden} is not divisible by its {heads} heads")
+        self.heads = heads
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, S, W) -> (N, S, W)."""
+        n, s, w = x.shape
+        q, k, v = (
+            p(x).view(n, s, self.heads, w // self.heads).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, S, W/H)
+        return self.out_proj(out.transpose(1, 2).reshape(n, s, w))
+
+
+class ConnectorMLP(nn.Module):
+    """fc1 -> gelu(tanh) -> fc2."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, intermediate)
+        self.fc2 = nn.Linear(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class ConnectorLayer(nn.Module):
+    """Pre-LN block: x += SelfAttn(LN(x)); x += MLP(LN(x)); LayerNorm eps 1e-6."""
+
+    def __init__(self, hidden: int, intermediate: int, heads: int) -> None:
+        super().__init__()
+        self.self_attn = ConnectorAttention(hidden, heads)
+        self.layer_norm1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.mlp = ConnectorMLP(hidden, intermediate)
+        self.layer_norm2 = nn.LayerNorm(hidden, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Connector(nn.Module):
+    """A stack of :class:`ConnectorLayer` without a final norm (OpenUni's connector)."""
+
+    def __init__(self, hidden: int, intermediate: int, num_layers: int, heads: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([ConnectorLayer(hidden, intermediate, heads) for _ in range(num_layers)])
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, S, W) -> (N, S, W)."""
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return x
+
+
+class LayerIntegrationModule(nn.Module):
+    """Shared connector + projector + LayerNorm applied to every selected layer, then the mean.
+
+    Args:
+        in_dim: the VLM width D.
+        out_dim: the DiT's ``caption_channels`` C.
+        layers: the 0-based VLM layers that condition the DiT (see :func:`select_layers`).
+        num_vlm_layers: L, the VLM's decoder depth (the states handed to :meth:`forward` have all L).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        layers: list[int],
+        num_vlm_layers: int,
+        use_connector: bool = True,
+        connector_hidden: int | None = None,
+        connector_intermediate: int = 8960,
+        connector_layers: int = 6,
+        connector_heads: int = 24,
+        use_layernorm: bool = True,
+    ) -> None:
+        super().__init__()
+        if not layers or min(layers) < 0 or max(layers) >= num_vlm_layers:
+            raise ValueError(f"layers {layers} do not fit a VLM with {num_vlm_layers} decoder layers")
+        self.layers = list(layers)
+        self.num_vlm_layers = num_vlm_layers
+        self.register_buffer("layer_index", torch.tensor(self.layers, dtype=torch.long), persistent=False)
+        width = connector_hidden or in_dim
+        # OpenUni's "proj_enc_proj" layout when the connector is narrower/wider than the VLM.
+        self.connector_in = nn.Linear(in_dim, width) if use_connector and width != in_dim else None
+        self.connector = (
+            Connector(width, connector_intermediate, connector_layers, connector_heads)
+            if use_connector
+            else None
+        )
+        self.projector = nn.Linear(width if use_connector else in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim) if use_layernorm else None
+
+    def per_layer(self, states: torch.Tensor) -> torch.Tensor:
+        """Per-layer conditions ``c_i``.
+
+        Args:
+            states: (B, L, Q, D) query states of ALL VLM layers, or (B, L_sel, Q, D) already selected.
+
+        Returns:
+            (B, L_sel, Q, C).
+        """
+        if states.dim() != 4:
+            raise ValueError(f"expected query states of shape (B, L, Q, D), got {tuple(states.shape)}")
+        if states.shape[1] == self.num_vlm_layers and len(self.layers) != self.num_vlm_layers:
+            states = states.index_select(1, self.layer_index)
+        elif states.shape[1] != len(self.layers):
+            raise ValueError(
+                f"got states of {states.shape[1]} layers; expected {self.num_vlm_layers} (all) or "
+                f"{len(self.layers)} (the selected ones)"
+            )
+        b, n_layers, q, d = states.shape
+        x = states.reshape(b * n_layers, q, d)  # layers folded into the batch: one connector call
+        if self.connector_in is not None:
+            x = self.connector_in(x)
+        if self.connector is not None:
+            x = self.connector(x)
+        x = self.projector(x)  # (B * L_sel, Q, C)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x.view(b, n_layers, q, -1)
+
+    @staticmethod
+    def aggregate(per_layer: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over layers, optionally after a multiplicative per-layer factor (LDAM's ``1 + gamma*eps``).
+
+        per_layer: (B, L_sel, Q, C); scale: broadcastable to it. Returns (B, Q, C).
+        """
+        if scale is not None:
+            per_layer = per_layer * scale
+        return per_layer.mean(dim=1)
+
+    def forward(self, states: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """states: (B, L, Q, D) -> condition (B, Q, C)."""
+        return self.aggregate(self.per_layer(states), scale)

@@ -1,0 +1,347 @@
+"""The ParaUni model: frozen VLM + learnable queries + Layer Integration Module + SANA DiT (+ DC-AE).
+
+    prompt (+ image) -> VLM with Q queries appended -> query states of every layer (B, L, Q, D)
+                     -> LIM: c = mean_i LN(projector(connector(q_i)))  (B, Q, C)
+                     -> cross-attention condition of the DiT, which predicts the flow velocity.
+
+Paper section 3; system.md sections 1-3. The model owns: building from a config (weights, random or meta),
+the condition, the velocity, the training loss (``forward``), its optimizer groups, and a strict
+``save_pretrained`` / ``from_pretrained`` of what was trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ConfigError, ModelConfig, TrainableConfig, from_dict, load_yaml, save_yaml, to_dict
+from ..diffusion.flow import dit_timestep, flow_loss, interpolate
+from .components import load_dit, load_vae, load_vlm, resolve_path, save_vlm
+from .lim import LayerIntegrationModule, select_layers
+from .vlm import PromptBatch, VLMBackbone
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or does not match the model; the message names the problem."""
+
+
+def check_widths(vlm_hidden: int, config: ModelConfig, dit_config, vae_config) -> None:
+    """Fail early, with the numbers, when components do not fit together."""
+    lim = config.lim
+    width = lim.connector_hidden or vlm_hidden
+    if lim.use_connector and width % lim.connector_heads:
+        raise ConfigError(
+            f"connector width {width} is not divisible by lim.connector_heads={lim.connector_heads}; "
+            "pick a head count that divides it"
+        )
+    inner = dit_config.num_attention_heads * dit_config.attention_head_dim
+    cross = dit_config.num_cross_attention_heads * dit_config.cross_attention_head_dim
+    if not inner == cross == dit_config.cross_attention_dim:
+        raise ConfigError(
+            f"DiT widths do not agree: heads x head_dim = {inner}, cross heads x cross head_dim = {cross}, "
+            f"cross_attention_dim = {dit_config.cross_attention_dim}; all three must be equal"
+        )
+    channels = 3 if vae_config is None else vae_config.latent_channels
+    source = "pixel space (3 channels)" if vae_config is None else f"the VAE's latent_channels={channels}"
+    if dit_config.in_channels != channels or (dit_config.out_channels or dit_config.in_channels) != channels:
+        raise ConfigError(
+            f"DiT in/out channels {dit_config.in_channels}/{dit_config.out_channels} do not match {source}"
+        )
+
+
+class ParaUni(nn.Module):
+    """ParaUni: see the module docstring. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+
+    def __init__(self, config: ModelConfig, vlm: VLMBackbone, dit: nn.Module, vae: nn.Module | None) -> None:
+        super().__init__()
+        check_widths(vlm.hidden_size, config, dit.config, None if vae is None else vae.config)
+        self.config = config
+        self.vlm = vlm
+        self.dit = dit
+        self.vae = vae
+        lim = config.lim
+        layers = select_layers(vlm.num_layers, lim.layers, lim.layer_list, lim.interval, lim.zone_bounds)
+        device = next(dit.parameters()).device
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(config.seed)
+            d = vlm.hidden_size
+            self.queries = nn.Parameter(torch.randn(lim.num_queries, d) / math.sqrt(d))  # (Q, D)
+            self.lim = LayerIntegrationModule(
+                in_dim=d,
+                out_dim=dit.config.caption_channels,
+                layers=layers,
+                num_vlm_layers=vlm.num_layers,
+                use_connector=lim.use_connector,
+                connector_hidden=lim.connector_hidden,
+                connector_intermediate=lim.connector_intermediate,
+                connector_layers=lim.connector_layers,
+                connector_heads=lim.connector_heads,
+                use_layernorm=lim.use_layernorm,
+            )
+        self.set_trainable(config.trainable)
+
+    # ---------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: ModelConfig, root: str | Path | None = None, meta: bool = False) -> ParaUni:
+        """Build every component from ``config`` (weights from paths; arch dicts give random or meta ones)."""
+        config = copy.deepcopy(config)
+        vlm = load_vlm(config.vlm, root, meta=meta, seed=config.seed)
+        dit = load_dit(config.dit, root, meta=meta, seed=config.seed + 1)
+        vae = load_vae(config.vae, root, meta=meta, seed=config.seed + 2)
+        if not meta:
+            # Record where components really came from, so a later save refers to them correctly.
+            for part in (config.vlm, config.dit, config.vae):
+                if getattr(part, "path", None):
+                    part.path = resolve_path(part.path, root)
+        return cls(config, vlm, dit, vae)
+
+    def set_trainable(self, trainable: TrainableConfig) -> None:
+        """Apply what trains (queries, LIM, DiT full or LoRA); the VLM and VAE are always frozen."""
+        self.config.trainable = trainable
+        self.vlm.requires_grad_(False)
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
+        self.queries.requires_grad_(trainable.queries)
+        self.lim.requires_grad_(trainable.lim)
+        if trainable.dit_lora_rank > 0 and not self.has_lora:
+            from peft import LoraConfig
+
+            self.dit.add_adapter(
+                LoraConfig(
+                    r=trainable.dit_lora_rank,
+                    lora_alpha=trainable.dit_lora_alpha,
+                    target_modules=list(trainable.dit_lora_targets),
+                    init_lora_weights="gaussian",
+                )
+            )
+        self.dit.requires_grad_(trainable.dit)
+        for name, p in self.dit.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(trainable.dit_lora_rank > 0)
+
+    @property
+    def has_lora(self) -> bool:
+        return any("lora_" in n for n, _ in self.dit.named_parameters())
+
+    def train(self, mode: bool = True) -> ParaUni:
+        super().train(mode)
+        self.vlm.train(False)
+        if self.vae is not None:
+            self.vae.train(False)
+        return self
+
+    # ---------------------------------------------------------------------------------------- geometry
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel (the VAE's spatial compression, 1 in pixel space)."""
+        return 1 if self.vae is None else self.vae.spatial_compression_ratio
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE factor x DiT patch size."""
+        return self.latent_factor * self.dit.config.patch_size
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a ValueError naming the valid sizes when (height, width) does not fit the VAE and DiT."""
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < m or value % m:
+                lo = max(m, (int(value) // m) * m) if isinstance(value, (int, float)) else m
+                raise ValueError(
+                    f"{name}={value} does not fit this model: sides must be positive multiples of {m} "
+                    f"(VAE factor {self.latent_factor} x DiT patch {self.dit.config.patch_size}), e.g. {lo} or {lo + m}"
+                )
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the DiT's input for an image of height x width."""
+        self.check_size(height, width)
+        f = self.latent_factor
+        return self.dit.config.in_channels, height // f, width // f
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) in [-1, 1] -> DiT input space (B, C, H/f, W/f)."""
+        if self.vae is None:
+            return pixels
+        z = self.vae.encode(pixels.to(self.vae.dtype)).latent
+        return z * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> pixels (B, 3, H, W), clamped to [-1, 1]."""
+        if self.vae is None:
+            return latents.float().clamp(-1, 1)
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return x.float().clamp(-1, 1)
+
+    # ---------------------------------------------------------------------------------------- condition
+    def encode_prompts(self, captions: list[str | None], images: torch.Tensor | None = None) -> PromptBatch:
+        """Tokenised prompts on the model's device (``None`` caption = unconditional template)."""
+        return self.vlm.encode_prompts(captions, images).to(self.device)
+
+    def query_states(self, batch: PromptBatch) -> torch.Tensor:
+        """(B, L, Q, D) query states of every VLM layer; the VLM graph is kept only if the queries train."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.queries.requires_grad):
+            return self.vlm.query_states(batch, self.queries)
+
+    def per_layer_conditions(self, batch: PromptBatch) -> torch.Tensor:
+        """(B, L_sel, Q, C): the LIM's output for each selected layer, before the mean (LDAM perturbs these)."""
+        return self.lim.per_layer(self.query_states(batch))
+
+    def condition(self, batch: PromptBatch, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Q, C) cross-attention condition; ``scale`` multiplies the per-layer conditions (LDAM)."""
+        return self.lim(self.query_states(batch), scale)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Flow velocity v(x_t, t | cond). x_t: (B, C, h, w); t: (B,) in [0, 1]; cond: (B, Q, C')."""
+        dtype = self.dit.dtype
+        v = self.dit(
+            hidden_states=x_t.to(dtype),
+            encoder_hidden_states=cond.to(dtype),
+            timestep=dit_timestep(t).to(dtype),
+            return_dict=False,
+        )[0]
+        return v
+
+    def forward(
+        self, batch: PromptBatch, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """The flow-matching training loss for clean inputs x0 (B, C, h, w) at times t (B,)."""
+        cond = self.condition(batch)
+        return flow_loss(self.velocity(interpolate(x0, noise, t), t, cond), x0, noise)
+
+    # ---------------------------------------------------------------------------------------- training
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: weight decay on matrices (and the queries), none on 1-D parameters."""
+        decay, no_decay = [], []
+        for _, p in self.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """Per component: trainable and frozen parameter counts (shared tensors counted once)."""
+        parts = {"vlm": self.vlm, "queries": None, "lim": self.lim, "dit": self.dit, "vae": self.vae}
+        out = {}
+        for name, module in parts.items():
+            params = (
+                [self.queries] if name == "queries" else ([] if module is None else list(module.parameters()))
+            )
+            out[name] = {
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+                "frozen": sum(p.numel() for p in params if not p.requires_grad),
+            }
+        return out
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What ParaUni adds to its components: queries, the LIM and, if used, the DiT's LoRA weights."""
+        sd = {"queries": self.queries}
+        sd.update({f"lim.{k}": v for k, v in self.lim.state_dict().items()})
+        if self.has_lora:
+            sd.update({f"dit.{k}": v for k, v in self.dit.state_dict().items() if "lora_" in k})
+        return {k: v.detach() for k, v in sd.items()}
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Strict load of :meth:`trained_state_dict`: missing, unexpected or mis-shaped keys are errors."""
+        expected = self.trained_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{source} does not match the model built from its config: missing keys {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}; unexpected keys {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''}"
+            )
+        for key, value in expected.items():
+            if tuple(state[key].shape) != tuple(value.shape):
+                raise CheckpointError(
+                    f"{source}: {key} has shape {tuple(state[key].shape)} but the model expects {tuple(value.shape)}"
+                )
+        with torch.no_grad():
+            self.queries.copy_(state["queries"])
+        self.lim.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("lim.")}, strict=True)
+        lora = {k[4:]: v for k, v in state.items() if k.startswith("dit.")}
+        if lora:
+            result = self.dit.load_state_dict(lora, strict=False)
+            if result.unexpected_keys:
+                raise CheckpointError(
+                    f"{source}: DiT LoRA keys not in the model: {result.unexpected_keys[:8]}"
+                )
+
+    def _base_dit(self) -> nn.Module:
+        """The DiT without LoRA layers (a copy when LoRA is attached), for saving as a diffusers folder."""
+        if not self.has_lora:
+            return self.dit
+        base = type(self.dit).from_config(self.dit.config)
+        state = {
+            k.replace(".base_layer", ""): v for k, v in self.dit.state_dict().items() if "lora_" not in k
+        }
+        base.load_state_dict(state, strict=True)
+        return base
+
+    def save_pretrained(self, folder: str | Path, copy_frozen: bool = False) -> Path:
+        """Write ``config.yaml`` + ``model.safetensors`` (what was trained) to ``folder``.
+
+        A fully trained DiT is written as a diffusers folder ``transformer/``. Frozen components are referred
+        to by path / Hugging Face id; they are copied in (``vlm/``, ``transformer/``, ``vae/``) when
+        ``copy_frozen`` or when they have no path (built from an arch dict).
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        if copy_frozen or config.vlm.path is None:
+            save_vlm(self.vlm, folder / "vlm")
+            config.vlm.path = "vlm"
+        if config.trainable.dit or copy_frozen or config.dit.path is None:
+            self._base_dit().save_pretrained(folder / "transformer")
+            config.dit.path, config.dit.subfolder = "transformer", None
+        if self.vae is not None and (copy_frozen or config.vae.path is None):
+            self.vae.save_pretrained(folder / "vae")
+            config.vae.path, config.vae.subfolder = "vae", None
+        tensors = {k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "parauni": "1"})
+        tmp.replace(folder / WEIGHTS_FILE)
+        save_yaml(config, folder / CONFIG_FILE)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, overrides: list[str] | None = None) -> ParaUni:
+        """Load a folder written by :meth:`save_pretrained` (strict)."""
+        from ..config import apply_overrides
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file():
+            raise CheckpointError(
+                f"{folder} is not a ParaUni model folder: {CONFIG_FILE} is missing "
+                "(expected config.yaml + model.safetensors written by save_pretrained / parauni train)"
+            )
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} is missing; the model folder is incomplete")
+        data = apply_overrides(load_yaml(folder / CONFIG_FILE), overrides or [])
+        config = from_dict(ModelConfig, data)
+        try:
+            state = load_file(str(folder / WEIGHTS_FILE))
+        except Exception as err:  # safetensors raises its own error type for truncated / corrupt files
+            raise CheckpointError(
+                f"{folder / WEIGHTS_FILE} could not be read (truncated or not a safetensors file): {err}"
+            ) from err
+        model = cls.from_config(config, root=folder)
+        model.load_trained_state_dict(state, source=str(folder / WEIGHTS_FILE))
+        return model
+
+
+def config_as_dict(model: ParaUni) -> dict:
+    """The model's resolved config as a plain dict."""
+    return to_dict(model.config)

@@ -1,0 +1,322 @@
+"""Frozen VLM backbones that return the query states of EVERY decoder layer from one forward pass.
+
+The learnable queries are appended after the (right-padded) prompt, the attention mask is extended with ones
+and position ids continue from the last real token (``cumsum(mask) - 1``), so each row's queries follow its
+own prompt; the decoder runs once with ``output_hidden_states=True`` and the query positions are read out of
+``hidden_states[1:]`` (the outputs of the L decoder layers; HF applies the final norm to the last one).
+Paper section 3.1; system.md section 1.
+
+Adapters:
+* :class:`InternVLBackbone` - ``transformers.InternVLForConditionalGeneration`` (InternVL3 ``-hf``); text
+  prompts, and input images through the vision tower into the ``<IMG_CONTEXT>`` placeholders.
+* :class:`Qwen25VLBackbone` - ``Qwen2_5_VLForConditionalGeneration`` (BLIP-3o's base), with 3-D rotary
+  positions (mrope) for image prompts.
+* :class:`CausalLMBackbone` - any decoder-only language model loaded by ``AutoModel`` (text only).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VLMConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PromptBatch:
+    """Tokenised prompts. input_ids / attention_mask: (B, S), right padded; images: (B, 3, H, W) or None."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PromptBatch(
+            *(move(t) for t in (self.input_ids, self.attention_mask, self.pixel_values, self.image_grid_thw))
+        )
+
+
+def check_prompts(prompts: object) -> list[str]:
+    """Validate user prompts: a non-empty list of non-empty strings. Returns them stripped."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings")
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is a {type(p).__name__}, not text: {p!r}")
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty; give a description of the image to generate")
+        out.append(p.strip())
+    return out
+
+
+class VLMBackbone(nn.Module):
+    """Common part of the adapters: templating, truncation, padding, queries and the one forward pass."""
+
+    supports_images = False
+
+    def __init__(self, model: nn.Module, tokenizer, config: VLMConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model.requires_grad_(False)
+        self.model.eval()
+        if tokenizer is not None and tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    # --- structure -------------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The decoder-only language model whose layers are read out."""
+        raise NotImplementedError
+
+    @property
+    def text_config(self):
+        return self.decoder.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    def train(self, mode: bool = True) -> VLMBackbone:
+        # The VLM is frozen in every stage: it stays in eval mode (no dropout) whatever the parent does.
+        super().train(False)
+        return self
+
+    # --- prompts -------------------------------------------------------------------------------------
+    def _truncate(self, caption: str, template: str) -> str:
+        def length(text: str) -> int:
+            return len(self.tokenizer(template.format(caption=text), add_special_tokens=True).input_ids)
+
+        limit = self.config.max_length
+        if length(caption) <= limit:
+            return caption
+        ids = self.tokenizer(caption, add_special_tokens=False).input_ids
+        budget = max(limit - length(""), 0)
+        # A caption tokenizes differently inside the template (merges at its start) and decoding a cut inside a
+        # multi-byte character adds tokens, so shorten until the whole templated prompt fits.
+        n = budget
+        text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        while n > 0 and length(text) > limit:
+            n -= 1
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        warnings.warn(
+            f"prompt of {len(ids)} tokens is longer than vlm.max_length={limit} allows "
+            f"({budget} caption tokens); it was truncated",
+            stacklevel=3,
+        )
+        return text
+
+    def format_prompts(self, captions: list[str | None]) -> list[str]:
+        """Apply the conditional template (or the unconditional one for ``None``) with truncation."""
+        cfg = self.config
+        return [
+            cfg.uncond_template if c is None else cfg.template.format(caption=self._truncate(c, cfg.template))
+            for c in captions
+        ]
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(texts, padding="longest", padding_side="right", return_tensors="pt")
+        return enc.input_ids, enc.attention_mask
+
+    def encode_prompts(self, captions: list[str | None], images: torch.Tensor | None = None) -> PromptBatch:
+        """Tokenise captions (``None`` = unconditional), or images with the image instruction.
+
+        images: (B, 3, H, W) in [-1, 1] for image-to-image; then ``captions`` is ignored except for its length.
+        """
+        if images is not None:
+            if not self.supports_images:
+                raise ValueError(
+                    f"the {self.config.kind} backbone reads text only; it cannot take an input image"
+                )
+            return self.encode_images(images)
+        input_ids, mask = self.tokenize(self.format_prompts(captions))
+        return PromptBatch(input_ids, mask)
+
+    def encode_images(self, images: torch.Tensor) -> PromptBatch:
+        raise NotImplementedError
+
+    # --- forward ------------------------------------------------------------------------------------
+    def prompt_embeds(self, batch: PromptBatch) -> torch.Tensor:
+        """Input embeddings of the prompt, images scattered into their placeholders: (B, S, D)."""
+        return self.decoder.get_input_embeddings()(batch.input_ids)
+
+    def position_ids(self, batch: PromptBatch, num_queries: int) -> torch.Tensor:
+        """Positions of prompt + queries: (B, S + Q); queries continue after each row's last real token."""
+        mask = torch.cat(
+            [batch.attention_mask, batch.attention_mask.new_ones(len(batch.attention_mask), num_queries)], 1
+        )
+        return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+    def query_states(self, batch: PromptBatch, queries: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the query positions at every decoder layer.
+
+        Args:
+            batch: tokenised prompts (B, S).
+            queries: (Q, D) learnable queries (gradients flow back to them through the frozen VLM).
+
+        Returns:
+            (B, L, Q, D) in the queries' dtype.
+        """
+        embeds = self.prompt_embeds(batch)  # (B, S, D)
+        b, q = embeds.shape[0], queries.shape[0]
+        x = torch.cat([embeds, queries[None].expand(b, -1, -1).to(embeds.dtype)], dim=1)  # (B, S + Q, D)
+        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(b, q)], dim=1)
+        out = self.decoder(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=self.position_ids(batch, q),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        states = torch.stack([h[:, -q:] for h in out.hidden_states[1:]], dim=1)  # (B, L, Q, D)
+        return states.to(queries.dtype)
+
+
+def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a (B, 3, H, W) tensor in [-1, 1], got shape {tuple(images.shape)}")
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+class InternVLBackbone(VLMBackbone):
+    """InternVL3 through ``InternVLForConditionalGeneration`` (``model.model.language_model`` is Qwen2)."""
+
+    supports_images = True
+    start_image_token = "<img>"
+    end_image_token = "</img>"
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.config.vision_config.image_size
+        return size[0] if isinstance(size, (list, tuple)) else size
+
+    def encode_images(self, images: torch.Tensor) -> PromptBatch:
+        cfg = self.model.config
+        context = self.tokenizer.convert_ids_to_tokens(cfg.image_token_id)
+        image_text = self.start_image_token + context * cfg.image_seq_length + self.end_image_token
+        text = self.config.image_template.format(image=image_text, instruction=self.config.image_instruction)
+        input_ids, mask = self.tokenize([text] * len(images))
+        x = F.interpolate(
+            _to_unit_range(images),
+            size=(self.image_size, self.image_size),
+            mode="bicubic",
+            align_corners=False,
+        )
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return PromptBatch(input_ids, mask, pixel_values=(x.clamp(0, 1) - mean) / std)
+
+    def prompt_embeds(self, batch: PromptBatch) -> torch.Tensor:
+        embeds = self.decoder.get_input_embeddings()(batch.input_ids)
+        if batch.pixel_values is None:
+            return embeds
+        feats = self.model.model.get_image_features(
+            pixel_values=batch.pixel_values.to(embeds.device, self.model.dtype)
+        ).pooler_output  # (B, image_seq_length, D)
+        slots = (batch.input_ids == self.model.config.image_token_id).unsqueeze(-1)
+        if int(slots.sum()) * embeds.shape[-1] != feats.numel():
+            raise ValueError(
+                f"{int(slots.sum())} image placeholder tokens but {feats.shape[0] * feats.shape[1]} image features; "
+                "check image_seq_length in the VLM config"
+            )
+        return embeds.masked_scatter(slots, feats.to(embeds.dtype))
+
+
+class Qwen25VLBackbone(VLMBackbone):
+    """Qwen2.5-VL through ``Qwen2_5_VLForConditionalGeneration``: 3-D (mrope) positions for image prompts."""
+
+    supports_images = True
+
+    def __init__(self, model: nn.Module, tokenizer, config: VLMConfig, image_processor=None) -> None:
+        super().__init__(model, tokenizer, config)
+        self.image_processor = image_processor
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def encode_images(self, images: torch.Tensor) -> PromptBatch:
+        if self.image_processor is None:
+            raise ValueError(
+                "this Qwen2.5-VL backbone was loaded without an image processor; it cannot take images"
+            )
+        arrays = [
+            (x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for x in _to_unit_range(images)
+        ]
+        proc = self.image_processor(images=arrays, return_tensors="pt")
+        merge = self.model.config.vision_config.spatial_merge_size
+        pad = self.tokenizer.convert_ids_to_tokens(self.model.config.image_token_id)
+        texts = []
+        for thw in proc["image_grid_thw"]:
+            n = int(thw.prod()) // merge**2
+            image_text = "<|vision_start|>" + pad * n + "<|vision_end|>"
+            texts.append(
+                self.config.image_template.format(image=image_text, instruction=self.config.image_instruction)
+            )
+        input_ids, mask = self.tokenize(texts)
+        return PromptBatch(
+            input_ids, mask, pixel_values=proc["pixel_values"], image_grid_thw=proc["image_grid_thw"]
+        )
+
+    def prompt_embeds(self, batch: PromptBatch) -> torch.Tensor:
+        embeds = self.decoder.get_input_embeddings()(batch.input_ids)
+        if batch.pixel_values is None:
+            return embeds
+        feats = self.model.model.get_image_features(
+            batch.pixel_values.to(embeds.device), batch.image_grid_thw
+        ).pooler_output
+        feats = torch.cat(list(feats), dim=0).to(embeds.dtype)
+        slots = (batch.input_ids == self.model.config.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(slots, feats)
+
+    def position_ids(self, batch: PromptBatch, num_queries: int) -> torch.Tensor:
+        """(3, B, S + Q) positions: mrope for image tokens, queries after the largest prompt position."""
+        if batch.pixel_values is None:
+            return super().position_ids(batch, num_queries)[None].expand(3, -1, -1)
+        token_type = (batch.input_ids == self.model.config.image_token_id).int()
+        pos, _ = self.model.model.get_rope_index(
+            batch.input_ids,
+            mm_token_type_ids=token_type,
+            image_grid_thw=batch.image_grid_thw,
+            attention_mask=batch.attention_mask,
+        )  # (3, B, S)
+        start = pos.amax(dim=(0, 2)) + 1  # (B,)
+        queries = start[:, None] + torch.arange(num_queries, device=pos.device)[None]  # (B, Q)
+        return torch.cat([pos, queries[None].expand(3, -1, -1)], dim=2)
+
+
+class CausalLMBackbone(VLMBackbone):
+    """Any Hugging Face decoder-only language model loaded by ``AutoModel`` (its base model, text only)."""
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model
+
+
+BACKBONES: dict[str, type[VLMBackbone]] = {
+    "internvl": InternVLBackbone,
+    "qwen2_5_vl": Qwen25VLBackbone,
+    "causal_lm": CausalLMBackbone,
+}

@@ -1,0 +1,69 @@
+"""Training configuration for Stages I and II (supplementary Table 1, system.md section 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, _check_choice
+from ..diffusion.flow import TIMESTEP_SAMPLING
+
+# The paper's recipe per stage; a TrainConfig starts from these and takes overrides.
+STAGE_DEFAULTS: dict[int, dict] = {
+    1: {"lr": 1e-4, "batch_size": 512, "steps": 100_000, "warmup": 1_000},
+    2: {"lr": 1e-5, "batch_size": 512, "steps": 10_000, "warmup": 100},
+}
+
+
+@dataclass
+class TrainConfig:
+    """One training stage. Stage I trains queries + LIM (DiT frozen); Stage II also the DiT."""
+
+    stage: int = field(default=1, metadata={"help": "1 (align: queries + LIM) or 2 (fine-tune: + DiT)"})
+    steps: int = field(default=100_000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=512, metadata={"help": "global batch size (all processes, all micro-steps)"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation micro-steps per optimizer step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=1_000, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine decays to lr * min_lr_ratio"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on 1-D params)"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "probability of the unconditional template"})
+    timestep_sampling: str = field(default="uniform", metadata={"help": f"one of {TIMESTEP_SAMPLING}"})
+    logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean"})
+    logit_std: float = field(default=1.0, metadata={"help": "logit-normal std"})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (accelerate)"})
+    image_size: int = field(default=1024, metadata={"help": "training images are resized and centre-cropped to this"})
+    save_every: int = field(default=1_000, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_last: int = field(default=3, metadata={"help": "number of step checkpoints kept"})
+    log_every: int = field(default=10, metadata={"help": "log every N steps"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, noise, times and dropout"})
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise ConfigError(f"train.stage={self.stage} must be 1 or 2 (Stage III is `parauni rl`)")
+        _check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"train.caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas={self.betas} must be two numbers")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"
+            )
+
+
+def stage_config(stage: int, overrides: dict | None = None) -> TrainConfig:
+    """The paper's defaults for ``stage`` with ``overrides`` (a dict of TrainConfig fields) applied."""
+    from ..config import from_dict
+
+    if stage not in STAGE_DEFAULTS:
+        raise ConfigError(f"stage {stage} must be 1 or 2")
+    data = {"stage": stage, **STAGE_DEFAULTS[stage], **(overrides or {})}
+    return from_dict(TrainConfig, data, prefix="train.")

@@ -1,0 +1,165 @@
+"""Training data: image-caption sources addressed by example index, so that a run resumes exactly.
+
+A source maps a global example index to ``(image, caption)``; the trainer asks for the indices of its step.
+* :class:`FolderSource` - your own data: a folder with a JSONL of ``{"image": path, "caption": text}`` or
+  ``name.png`` + ``name.txt`` pairs. Images are read once, resized and centre-cropped, unreadable ones are
+  skipped and counted, and the prepared tensors (VAE latents when the model has a VAE) are cached on disk.
+* the shapes world's endless stream (:mod:`parauni.world`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..utils.images import ImageReadError, pil_to_tensor, read_image, resize_center_crop
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class Record:
+    """One image-caption pair on disk."""
+
+    image: Path
+    caption: str
+
+
+def scan_folder(root: str | Path) -> list[Record]:
+    """Image-caption records of a folder: every ``*.jsonl`` in it, else ``image`` + ``image.txt`` pairs."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data {root} is not a folder")
+    records: list[Record] = []
+    jsonls = sorted(root.glob("*.jsonl"))
+    for path in jsonls:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image, caption = row["image"], row["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f"{path}:{i} must be a JSON object with 'image' and 'caption' keys") from err
+            if not isinstance(caption, str) or not caption.strip():
+                raise DataError(f"{path}:{i} has an empty or non-text caption")
+            image_path = Path(image) if Path(image).is_absolute() else root / image
+            records.append(Record(image_path, caption.strip()))
+    if not jsonls:
+        for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            txt = image.with_suffix(".txt")
+            if txt.is_file() and txt.read_text().strip():
+                records.append(Record(image, txt.read_text().strip()))
+    if not records:
+        raise DataError(
+            f"no image-caption pairs in {root}: add a JSONL of {{'image': path, 'caption': text}} lines, or "
+            "image files each with a .txt caption of the same name"
+        )
+    return records
+
+
+class FolderSource:
+    """Your own image-caption data, prepared once (resize + centre crop, VAE latents) and cached.
+
+    Args:
+        root: the data folder.
+        image_size: side of the square training images.
+        encode: maps pixels (B, 3, S, S) in [-1, 1] to the DiT's input space (the model's VAE or identity).
+        cache_key: identifies ``encode`` (e.g. the VAE's path) so a cache is reused only for the same encoder.
+        cache_dir: where prepared tensors are cached (default: ``root/.parauni_cache``).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        encode=None,
+        cache_key: str = "pixels",
+        cache_dir: str | Path | None = None,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> None:
+        self.records = scan_folder(root)
+        self.image_size = image_size
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        fingerprint = hashlib.sha256()
+        for r in self.records:
+            stat = r.image.stat() if r.image.exists() else None
+            fingerprint.update(f"{r.image}|{r.caption}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+        fingerprint.update(f"{image_size}|{cache_key}".encode())
+        cache_dir = Path(cache_dir) if cache_dir else Path(root) / ".parauni_cache"
+        cache = cache_dir / f"data-{fingerprint.hexdigest()[:16]}.safetensors"
+        if cache.is_file():
+            stored = load_file(str(cache))
+            self.inputs, keep = stored["inputs"], stored["keep"].tolist()
+        else:
+            self.inputs, keep = self._prepare(encode, batch_size, progress)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            save_file({"inputs": self.inputs.contiguous(), "keep": torch.tensor(keep)}, str(tmp))
+            tmp.replace(cache)
+        self.skipped = [str(r.image) for r, k in zip(self.records, keep, strict=True) if not k]
+        self.captions = [r.caption for r, k in zip(self.records, keep, strict=True) if k]
+        if not self.captions:
+            raise DataError(f"none of the {len(self.records)} images in {root} could be read")
+        if self.skipped:
+            warnings.warn(
+                f"skipped {len(self.skipped)} unreadable image(s) of {len(self.records)}, e.g. {self.skipped[:3]}",
+                stacklevel=2,
+            )
+
+    def _prepare(self, encode, batch_size: int, progress: bool) -> tuple[torch.Tensor, list[bool]]:
+        keep, chunks, pending = [], [], []
+
+        def flush() -> None:
+            if pending:
+                x = torch.stack(pending)
+                with torch.no_grad():
+                    chunks.append((encode(x) if encode else x).float().cpu())
+                pending.clear()
+
+        for record in tqdm(self.records, desc="preparing images", disable=not progress):
+            try:
+                img = resize_center_crop(read_image(record.image), self.image_size, self.image_size)
+            except ImageReadError:
+                keep.append(False)
+                continue
+            keep.append(True)
+            pending.append(pil_to_tensor(img))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+        inputs = torch.cat(chunks) if chunks else torch.zeros(0)
+        return inputs, keep
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    encoded = True  # examples() returns inputs already in the DiT's space
+
+    def _order(self, epoch: int, seed: int) -> np.ndarray:
+        key = (epoch, seed)
+        if key not in self._orders:
+            self._orders = {key: np.random.default_rng([seed, epoch]).permutation(len(self))}
+        return self._orders[key]
+
+    def examples(self, indices: list[int], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+        """Inputs (n, C, h, w) already in the DiT's space and captions for global example indices.
+
+        Index i reads item ``perm_e[i mod N]`` with a fresh seeded permutation per epoch e = i // N.
+        """
+        n = len(self)
+        items = [int(self._order(i // n, seed)[i % n]) for i in indices]
+        return self.inputs[items], [self.captions[j] for j in items]
