@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion.sampling import denoise, guided_velocity, make_sampler
+from .diffusion.sampling import sample
 from .models.parauni import ParaUni
 from .models.vlm import check_prompts
 
@@ -82,9 +82,8 @@ def generate(
             per_layer = model.per_layer_conditions(batch)
             cond = model.lim.aggregate(per_layer, scale_fn(per_layer))
         uncond = model.condition(model.encode_prompts([None])).expand_as(cond)
-        sigmas, step = make_sampler(sampler, steps, shift, device=model.device)
         x = initial_noise(shape, list(range(seed + start, seed + stop)), model.device)
-        x = denoise(guided_velocity(model.velocity, cond, uncond, cfg), x, sigmas, step)
+        x = sample(model.velocity, cond, uncond, x, sampler=sampler, steps=steps, shift=shift, cfg=cfg)
         outputs.append(model.decode_latents(x).cpu())
         bar.update(stop - start)
     bar.close()

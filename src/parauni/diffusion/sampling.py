@@ -98,22 +98,44 @@ def make_sampler(kind: str, steps: int, shift: float = 3.0, device=None) -> tupl
     raise ValueError(f"unknown sampler {kind!r}; choose 'dpm' or 'euler'")
 
 
-def guided_velocity(
-    velocity: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor, scale: float
-) -> VelocityFn:
+def _cat(a, b):
+    """Concatenate conditions on the batch axis: tensors, or tuples of tensors (e.g. embeddings + mask)."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b], dim=0)
+    return tuple(torch.cat([x, y], dim=0) for x, y in zip(a, b, strict=True))
+
+
+def guided_velocity(velocity: Callable[..., torch.Tensor], cond, uncond, scale: float) -> VelocityFn:
     """Classifier-free guidance: ``v_u + scale * (v_c - v_u)`` from one batched call.
 
-    velocity(x, t, cond) -> v; cond / uncond: (B, Q, C). scale 1 skips the unconditional branch.
+    velocity(x, t, cond) -> v; cond / uncond: (B, Q, C) tensors, or tuples of (B, ...) tensors.
+    Scale 1 skips the unconditional branch.
     """
     if scale == 1.0:
         return lambda x, t: velocity(x, t, cond)
-    both = torch.cat([cond, uncond], dim=0)
+    both = _cat(cond, uncond)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v_c, v_u = velocity(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), both).chunk(2)
         return v_u + scale * (v_c - v_u)
 
     return fn
+
+
+def sample(
+    velocity: Callable[..., torch.Tensor],
+    cond,
+    uncond,
+    noise: torch.Tensor,
+    *,
+    sampler: str = "dpm",
+    steps: int = 20,
+    shift: float = 3.0,
+    cfg: float = 4.5,
+) -> torch.Tensor:
+    """Generate from ``noise`` (B, C, h, w) with CFG: the sampler's schedule and step through :func:`denoise`."""
+    sigmas, step = make_sampler(sampler, steps, shift, device=noise.device)
+    return denoise(guided_velocity(velocity, cond, uncond, cfg), noise, sigmas, step)
 
 
 def denoise(

@@ -18,7 +18,9 @@ STAGE_DEFAULTS: dict[int, dict] = {
 class TrainConfig:
     """One training stage. Stage I trains queries + LIM (DiT frozen); Stage II also the DiT."""
 
-    stage: int = field(default=1, metadata={"help": "1 (align: queries + LIM) or 2 (fine-tune: + DiT)"})
+    stage: int = field(
+        default=1, metadata={"help": "1 (align: queries + LIM), 2 (fine-tune: + DiT); 0 = the world's T2I pretraining"}
+    )
     steps: int = field(default=100_000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=512, metadata={"help": "global batch size (all processes, all micro-steps)"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation micro-steps per optimizer step"})
@@ -40,7 +42,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of data order, noise, times and dropout"})
 
     def __post_init__(self) -> None:
-        if self.stage not in (1, 2):
+        if self.stage not in (0, 1, 2):
             raise ConfigError(f"train.stage={self.stage} must be 1 or 2 (Stage III is `parauni rl`)")
         _check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))

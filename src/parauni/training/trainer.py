@@ -130,7 +130,9 @@ def train(
     """Train one stage and save the result to ``out_dir`` (a model folder ``parauni generate`` reads).
 
     Args:
-        model: a ParaUni model; its trainable parts are set from ``cfg.stage``.
+        model: a ParaUni model (its trainable parts are set from ``cfg.stage``), or any model with the same
+            training interface (``encode_prompts``, ``forward``, ``param_groups``, ``encode_images``,
+            ``save_pretrained``), such as the shapes world's Stage-0 text-to-image model (stage 0).
         source: an object with ``examples(indices, seed) -> (inputs, captions)`` and ``encoded`` (bool:
             inputs are already in the DiT's space; otherwise they are pixels and go through the model's VAE).
         resume: continue from the newest checkpoint in ``out_dir/checkpoints`` if there is one.
@@ -146,7 +148,8 @@ def train(
             f"train.grad_accum={cfg.grad_accum}"
         )
     micro = cfg.batch_size // (world * cfg.grad_accum)
-    model.set_trainable(stage_trainable(cfg.stage, model.config.trainable))
+    if cfg.stage in (1, 2):
+        model.set_trainable(stage_trainable(cfg.stage, model.config.trainable))
     model.train()
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     start = 0
@@ -155,6 +158,8 @@ def train(
         acc.print(f"resuming from {ckpt} at step {start}")
     wrapped, optimizer = acc.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter of the model requires a gradient")
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out_dir / "train_config.yaml")
