@@ -1,9 +1,13 @@
 """The ``parauni`` command line.
 
+    parauni demo [--quick]                          the whole pipeline on the embedded shapes world
     parauni info PRESET_OR_DIR                      components, depth, queries, parameter counts
     parauni generate --model DIR --prompt TEXT ...  text-to-image (or image-to-image with --image)
+    parauni train --stage 1|2 --data DIR --model M  Stage I / II on your own image-caption folder
+    parauni import-openuni CKPT --preset P --out D  an OpenUni / ParaUni .pth checkpoint as a model folder
 
-Every command takes ``--section.key=value`` overrides of the model config (unknown keys are errors).
+Commands take ``--section.key=value`` overrides of the model config, ``--train.key=value`` of the training
+config and ``--world.key=value`` of the world config (unknown keys are errors).
 """
 
 from __future__ import annotations
@@ -30,22 +34,29 @@ def _fmt(n: int) -> str:
     return f"{n:>15,}" + (f" ({n / 1e9:.2f}B)" if n >= 1e8 else f" ({n / 1e6:.2f}M)" if n >= 1e5 else "")
 
 
-def load_model(source: str, overrides: list[str], meta: bool = False):
-    """A ParaUni model from a model folder (config.yaml + weights) or a preset name / YAML file."""
-    from .config import load_model_config
-    from .models.parauni import CONFIG_FILE, ParaUni
+def model_config(source: str, overrides: list[str]):
+    """The ModelConfig of a model folder (its config.yaml) or a preset name / YAML file, without weights."""
+    from .config import ModelConfig, apply_overrides, from_dict, load_model_config, load_yaml
+    from .models.parauni import CONFIG_FILE
 
     path = Path(source)
     if path.is_dir():
-        if meta:
-            from .config import ModelConfig, apply_overrides, from_dict, load_yaml
+        if not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"{path} has no {CONFIG_FILE}; it is not a ParaUni model folder")
+        return from_dict(ModelConfig, apply_overrides(load_yaml(path / CONFIG_FILE), overrides))
+    return load_model_config(source, overrides)
 
-            if not (path / CONFIG_FILE).is_file():
-                raise ConfigError(f"{path} has no {CONFIG_FILE}; it is not a ParaUni model folder")
-            config = from_dict(ModelConfig, apply_overrides(load_yaml(path / CONFIG_FILE), overrides))
-            return ParaUni.from_config(config, root=path, meta=True)
+
+def load_model(source: str, overrides: list[str], meta: bool = False):
+    """A ParaUni model from a model folder (config.yaml + weights) or a preset name / YAML file."""
+    from .models.parauni import ParaUni
+
+    path = Path(source)
+    if path.is_dir() and not meta:
         return ParaUni.from_pretrained(path, overrides)
-    return ParaUni.from_config(load_model_config(source, overrides), meta=meta)
+    return ParaUni.from_config(
+        model_config(source, overrides), root=path if path.is_dir() else None, meta=meta
+    )
 
 
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -129,12 +140,15 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def _read_images(spec: str, height: int, width: int):
     import torch
 
+    from .training.data import IMAGE_SUFFIXES
     from .utils.images import ImageReadError, pil_to_tensor, read_image, resize_center_crop
 
     path = Path(spec)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    )
     if not files:
-        raise ImageReadError(f"--image folder {path} holds no files")
+        raise ImageReadError(f"--image folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     return torch.stack([pil_to_tensor(resize_center_crop(read_image(f), height, width)) for f in files])
 
 
@@ -156,13 +170,11 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError("nothing to generate: give --prompt TEXT, --prompts-file FILE or --image IN")
     if args.image is not None and prompts:
         raise ConfigError("--image (image-to-image) and --prompt / --prompts-file exclude each other")
-    model = load_model(args.model, overrides)
-    s = model.config.sampling
+    s = model_config(args.model, overrides).sampling
     height, width = args.height or s.height, args.width or s.width
+    images = None if args.image is None else _read_images(args.image, height, width)
+    model = load_model(args.model, overrides)
     model.check_size(height, width)
-    images = None
-    if args.image is not None:
-        images = _read_images(args.image, height, width)
     pixels = generate(
         model,
         prompts or None,
@@ -183,11 +195,115 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _route(overrides: list[str], prefix: str) -> tuple[list[str], list[str]]:
+    """Split overrides into those under ``prefix.`` (prefix removed) and the rest."""
+    mine = [o[len(prefix) + 3 :] for o in overrides if o.startswith(f"--{prefix}.")]
+    rest = [o for o in overrides if not o.startswith(f"--{prefix}.")]
+    return mine, rest
+
+
+def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .world.demo import run_demo
+
+    world, rest = _route(overrides, "world")
+    if rest:
+        raise ConfigError(f"parauni demo takes --world.* overrides only, got {rest}")
+    run_demo(args.out, args.cache, quick=args.quick, overrides=world, progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import apply_overrides
+    from .training.config import stage_config
+    from .training.data import FolderSource
+    from .training.trainer import train
+
+    train_items, model_overrides = _route(overrides, "train")
+    train_dict = apply_overrides({}, train_items)
+    if args.image_size:
+        train_dict["image_size"] = args.image_size
+    cfg = stage_config(args.stage, train_dict)
+    model = load_model(args.model, model_overrides)
+    model.check_size(cfg.image_size, cfg.image_size)
+    vae = model.config.vae
+    source = FolderSource(
+        args.data,
+        cfg.image_size,
+        encode=model.encode_images,
+        cache_key=f"{vae.kind}:{vae.path}",
+        progress=not args.quiet,
+    )
+    print(
+        f"data: {len(source)} image-caption pairs from {args.data}"
+        + (f"; skipped {len(source.skipped)} unreadable image(s)" if source.skipped else "")
+    )
+    result = train(model, source, cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(
+        f"stage {args.stage}: {result.steps} steps in {result.seconds:.1f} s, final loss {result.final_loss:.4f}; "
+        f"model written to {result.model_dir}"
+    )
+    return 0
+
+
+def cmd_import_openuni(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_model_config
+    from .models.openuni import import_openuni
+
+    config = load_model_config(args.preset, overrides)
+    model = import_openuni(args.checkpoint, config, args.out, layers=args.layers)
+    print(
+        f"imported {args.checkpoint}: layers '{model.config.lim.layers}', LayerNorm "
+        f"{'on' if model.config.lim.use_layernorm else 'off'}, DiT {'fine-tuned' if model.config.trainable.dit else 'from the preset'}; "
+        f"written to {args.out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parauni", description="ParaUni: all-layer VLM conditioning for diffusion."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "demo",
+        help="train and measure the whole pipeline on the embedded shapes world",
+        epilog="world overrides as --world.section.key=value, e.g. --world.t2i.steps=500",
+    )
+    p.add_argument("--out", default="parauni-demo", help="report folder (default: parauni-demo)")
+    p.add_argument("--cache", help="Stage-0 cache (default: $PARAUNI_CACHE or ~/.cache/parauni/world)")
+    p.add_argument("--quick", action="store_true", help="every stage for a few steps (smoke test)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("train", help="Stage I / II on your own image-caption folder", epilog=OVERRIDE_HELP)
+    p.add_argument("--stage", type=int, required=True, choices=[1, 2], help="1: queries + LIM; 2: + DiT")
+    p.add_argument(
+        "--data", required=True, help="folder with a JSONL of {image, caption} or image + .txt pairs"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="preset, YAML or model folder to start from (Stage II: Stage I's output)",
+    )
+    p.add_argument(
+        "--out", required=True, help="run folder: the trained model, checkpoints/ and train_log.jsonl"
+    )
+    p.add_argument("--image-size", type=int, help="square training size (default: train.image_size)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser(
+        "import-openuni", help="convert an OpenUni / ParaUni .pth checkpoint", epilog=OVERRIDE_HELP
+    )
+    p.add_argument("checkpoint", help="the .pth state dict (read with weights_only=True)")
+    p.add_argument("--preset", default="paper", help="the components it was trained with (default: paper)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument(
+        "--layers", help="override the layer selection (default: all with its LayerNorm, else last)"
+    )
+    p.set_defaults(fn=cmd_import_openuni)
 
     p = sub.add_parser("info", help="components, layers, queries and parameter counts", epilog=OVERRIDE_HELP)
     p.add_argument("model", help="a preset name (paper, openuni_b, tiny, ...), a YAML file or a model folder")
@@ -220,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .models.components import ComponentLoadError
     from .models.parauni import CheckpointError
+    from .training.data import DataError
     from .utils.images import ImageReadError
 
     parser = build_parser()
@@ -227,7 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = split_overrides(extra)
         return args.fn(args, overrides)
-    except (ConfigError, CheckpointError, ComponentLoadError, ImageReadError, ValueError, TypeError) as err:
+    except (
+        ConfigError,
+        CheckpointError,
+        ComponentLoadError,
+        ImageReadError,
+        DataError,
+        ValueError,
+        TypeError,
+    ) as err:
         print(f"parauni {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -54,9 +54,16 @@ def generate(
         (N, 3, H, W) pixels in [-1, 1] on the CPU.
     """
     s = model.config.sampling
-    steps, cfg = steps or s.steps, s.cfg if cfg is None else cfg
-    sampler, shift = sampler or s.sampler, s.shift if shift is None else shift
-    height, width = height or s.height, width or s.width
+    steps = s.steps if steps is None else steps
+    cfg = s.cfg if cfg is None else cfg
+    sampler = s.sampler if sampler is None else sampler
+    shift = s.shift if shift is None else shift
+    height = s.height if height is None else height
+    width = s.width if width is None else width
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    if prompts is not None and images is not None:
+        raise ValueError("give prompts (text-to-image) or images (image-to-image), not both")
     if images is None:
         prompts = check_prompts(prompts)
         n = len(prompts)

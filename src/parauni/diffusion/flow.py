@@ -17,9 +17,15 @@ NUM_TRAIN_TIMESTEPS = 1000
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
-def dit_timestep(t: torch.Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
-    """The DiT's timestep input for flow time ``t`` in [0, 1] (SANA was trained on ``sigma * 1000``)."""
-    return t * num_train_timesteps
+def dit_timestep(
+    t: torch.Tensor, scale: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> torch.Tensor:
+    """The DiT's timestep input for flow time ``t`` in [0, 1]: ``t * 1000 * scale`` in fp32.
+
+    SANA was trained on ``sigma * 1000``; ``scale`` is the DiT's ``timestep_scale`` (1.0 for SANA-1.5), as
+    ``SanaPipeline`` applies it. Kept in fp32 even for a bf16 DiT (bf16 would round 999 to 1000).
+    """
+    return t.float() * (num_train_timesteps * scale)
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:

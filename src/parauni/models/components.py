@@ -123,10 +123,12 @@ def load_vlm(
         path = resolve_path(cfg.path, root)
         model = _load("VLM", model_cls.from_pretrained, path, dtype=dtype)
         tokenizer = _load("VLM tokenizer", tf.AutoTokenizer.from_pretrained, path)
-        if cfg.kind == "qwen2_5_vl" and (Path(path) / "preprocessor_config.json").exists():
-            image_processor = tf.Qwen2VLImageProcessorPil.from_pretrained(path)
-        elif cfg.kind == "qwen2_5_vl":
-            image_processor = _load("image processor", tf.Qwen2VLImageProcessorPil.from_pretrained, path)
+        if cfg.kind == "qwen2_5_vl":
+            # Text-only use needs no image processor; encode_images says so clearly when it is missing.
+            try:
+                image_processor = tf.Qwen2VLImageProcessorPil.from_pretrained(path)
+            except OSError:
+                image_processor = None
     backbone_cls = BACKBONES[cfg.kind]
     if cfg.kind == "qwen2_5_vl":
         return backbone_cls(model, tokenizer, cfg, image_processor=image_processor)

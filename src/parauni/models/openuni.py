@@ -86,7 +86,9 @@ def convert_openuni_state_dict(state: dict[str, torch.Tensor]) -> ConvertedCheck
     return ConvertedCheckpoint(trained, dit, has_ln, ignored)
 
 
-def import_openuni(path: str | Path, config: ModelConfig, out: str | Path, layers: str | None = None) -> ParaUni:
+def import_openuni(
+    path: str | Path, config: ModelConfig, out: str | Path, layers: str | None = None
+) -> ParaUni:
     """Build the model of ``config`` (components from their paths), load the checkpoint strictly, save to ``out``.
 
     ``layers`` overrides the layer selection (default: ``all`` for a ParaUni checkpoint with its LayerNorm,
@@ -97,7 +99,9 @@ def import_openuni(path: str | Path, config: ModelConfig, out: str | Path, layer
     config.lim.use_layernorm = conv.has_layernorm
     config.lim.layers = layers or ("all" if conv.has_layernorm else "last")
     config.lim.num_queries = conv.trained["queries"].shape[0]
-    config.lim.connector_layers = len({k.split(".")[3] for k in conv.trained if k.startswith("lim.connector.layers.")})
+    config.lim.connector_layers = len(
+        {k.split(".")[3] for k in conv.trained if k.startswith("lim.connector.layers.")}
+    )
     config.lim.use_connector = config.lim.connector_layers > 0
     if config.lim.use_connector:
         fc1 = conv.trained["lim.connector.layers.0.mlp.fc1.weight"]  # (intermediate, width)

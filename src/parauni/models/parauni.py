@@ -114,14 +114,16 @@ class ParaUni(nn.Module):
         if trainable.dit_lora_rank > 0 and not self.has_lora:
             from peft import LoraConfig
 
-            self.dit.add_adapter(
-                LoraConfig(
-                    r=trainable.dit_lora_rank,
-                    lora_alpha=trainable.dit_lora_alpha,
-                    target_modules=list(trainable.dit_lora_targets),
-                    init_lora_weights="gaussian",
+            with torch.random.fork_rng(devices=[]):  # LoRA's gaussian init is seeded like every new parameter
+                torch.manual_seed(self.config.seed + 3)
+                self.dit.add_adapter(
+                    LoraConfig(
+                        r=trainable.dit_lora_rank,
+                        lora_alpha=trainable.dit_lora_alpha,
+                        target_modules=list(trainable.dit_lora_targets),
+                        init_lora_weights="gaussian",
+                    )
                 )
-            )
         self.dit.requires_grad_(trainable.dit)
         for name, p in self.dit.named_parameters():
             if "lora_" in name:
@@ -205,13 +207,12 @@ class ParaUni(nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Flow velocity v(x_t, t | cond). x_t: (B, C, h, w); t: (B,) in [0, 1]; cond: (B, Q, C')."""
         dtype = self.dit.dtype
-        v = self.dit(
+        return self.dit(
             hidden_states=x_t.to(dtype),
             encoder_hidden_states=cond.to(dtype),
-            timestep=dit_timestep(t).to(dtype),
+            timestep=dit_timestep(t, self.dit.config.get("timestep_scale", 1.0)),
             return_dict=False,
         )[0]
-        return v
 
     def forward(
         self, batch: PromptBatch, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor

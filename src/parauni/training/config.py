@@ -19,24 +19,35 @@ class TrainConfig:
     """One training stage. Stage I trains queries + LIM (DiT frozen); Stage II also the DiT."""
 
     stage: int = field(
-        default=1, metadata={"help": "1 (align: queries + LIM), 2 (fine-tune: + DiT); 0 = the world's T2I pretraining"}
+        default=1,
+        metadata={"help": "1 (align: queries + LIM), 2 (fine-tune: + DiT); 0 = the world's T2I pretraining"},
     )
     steps: int = field(default=100_000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=512, metadata={"help": "global batch size (all processes, all micro-steps)"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation micro-steps per optimizer step"})
+    batch_size: int = field(
+        default=512, metadata={"help": "global batch size (all processes, all micro-steps)"}
+    )
+    grad_accum: int = field(
+        default=1, metadata={"help": "gradient accumulation micro-steps per optimizer step"}
+    )
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     warmup: int = field(default=1_000, metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine decays to lr * min_lr_ratio"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on 1-D params)"})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
-    caption_dropout: float = field(default=0.1, metadata={"help": "probability of the unconditional template"})
+    caption_dropout: float = field(
+        default=0.1, metadata={"help": "probability of the unconditional template"}
+    )
     timestep_sampling: str = field(default="uniform", metadata={"help": f"one of {TIMESTEP_SAMPLING}"})
     logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean"})
     logit_std: float = field(default=1.0, metadata={"help": "logit-normal std"})
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (accelerate)"})
-    image_size: int = field(default=1024, metadata={"help": "training images are resized and centre-cropped to this"})
-    save_every: int = field(default=1_000, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    image_size: int = field(
+        default=1024, metadata={"help": "training images are resized and centre-cropped to this"}
+    )
+    save_every: int = field(
+        default=1_000, metadata={"help": "checkpoint every N steps (0 = only at the end)"}
+    )
     keep_last: int = field(default=3, metadata={"help": "number of step checkpoints kept"})
     log_every: int = field(default=10, metadata={"help": "log every N steps"})
     seed: int = field(default=0, metadata={"help": "seed of data order, noise, times and dropout"})

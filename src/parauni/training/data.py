@@ -97,7 +97,9 @@ class FolderSource:
         fingerprint = hashlib.sha256()
         for r in self.records:
             stat = r.image.stat() if r.image.exists() else None
-            fingerprint.update(f"{r.image}|{r.caption}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+            fingerprint.update(
+                f"{r.image}|{r.caption}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()
+            )
         fingerprint.update(f"{image_size}|{cache_key}".encode())
         cache_dir = Path(cache_dir) if cache_dir else Path(root) / ".parauni_cache"
         cache = cache_dir / f"data-{fingerprint.hexdigest()[:16]}.safetensors"

@@ -77,7 +77,9 @@ def trainable_tensors(model: ParaUni) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, model: ParaUni, optimizer: torch.optim.Optimizer, step: int, keep_last: int) -> Path:
+def save_checkpoint(
+    folder: Path, model: ParaUni, optimizer: torch.optim.Optimizer, step: int, keep_last: int
+) -> Path:
     """Write ``checkpoints/step_N`` atomically (a temporary folder renamed when complete); prune old ones."""
     root = folder / CHECKPOINT_DIR
     final = root / f"step_{step:07d}"
@@ -140,7 +142,9 @@ def train(
     from accelerate import Accelerator
 
     out_dir = Path(out_dir)
-    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    acc = accelerator or Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
+    )
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
@@ -167,7 +171,12 @@ def train(
     if acc.is_main_process and start == 0 and log_path.exists():
         log_path.unlink()
     t0, bad_in_a_row, loss_value, grad_norm = time.time(), 0, float("nan"), float("nan")
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"stage {cfg.stage}", disable=not (progress and acc.is_main_process))
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=f"stage {cfg.stage}",
+        disable=not (progress and acc.is_main_process),
+    )
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -209,7 +218,13 @@ def train(
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             with log_path.open("a") as f:
-                row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "seconds": time.time() - t0}
+                row = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "seconds": time.time() - t0,
+                }
                 f.write(json.dumps(row) + "\n")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             acc.wait_for_everyone()

@@ -1,0 +1,120 @@
+"""The demo's report: loss curves, sample grids per GenEval tag, and a Markdown summary that shows them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..eval.geneval_rules import GENEVAL_TAGS  # noqa: E402
+from ..utils.images import make_grid  # noqa: E402
+
+
+def read_log(path: str | Path, key: str = "loss") -> tuple[list[int], list[float]]:
+    """(steps, values) of a JSONL training log."""
+    steps, values = [], []
+    path = Path(path)
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            steps.append(row["step"])
+            values.append(row[key])
+    return steps, values
+
+
+def plot_losses(curves: dict[str, Path], out: str | Path) -> Path:
+    """One panel per training log (name -> JSONL path); raw values and an EMA (smoothing 0.1)."""
+    curves = {k: v for k, v in curves.items() if Path(v).is_file()}
+    fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(4 * max(1, len(curves)), 3.2), squeeze=False)
+    for ax, (name, path) in zip(axes[0], curves.items(), strict=False):
+        steps, values = read_log(path)
+        ax.plot(steps, values, alpha=0.35, label="loss")
+        ema, smooth = [], values[0] if values else 0.0
+        for v in values:
+            smooth = 0.9 * smooth + 0.1 * v
+            ema.append(smooth)
+        ax.plot(steps, ema, label="EMA 0.1")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def plot_tag_grids(samples: dict[str, dict], out_dir: str | Path, upscale: int = 3) -> dict[str, Path]:
+    """One PNG per tag: for each model (columns) the images of the same prompts and seeds (rows).
+
+    samples: {model_name: {tag: [(prompt, [uint8 images])]}} as returned by ``run_shapeseval``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = list(samples)
+    paths = {}
+    for tag in GENEVAL_TAGS:
+        rows = [samples[m].get(tag, []) for m in models]
+        if not rows[0]:
+            continue
+        prompts = [p for p, _ in rows[0]]
+        fig, axes = plt.subplots(
+            1, len(models), figsize=(2.4 * len(models) + 2.6, 0.62 * len(prompts) + 0.8), squeeze=False
+        )
+        for ax, name, model_rows in zip(axes[0], models, rows, strict=True):
+            tiles = [_upscale(img, upscale) for _, imgs in model_rows for img in imgs]
+            cols = len(model_rows[0][1])
+            grid = make_grid(tiles, cols=cols, pad=2)
+            ax.imshow(grid, interpolation="nearest")
+            ax.set_title(name, fontsize=9)
+            ax.set_xticks([])
+            tile = tiles[0].shape[0] + 2
+            ax.set_yticks([2 + tile * (i + 0.5) for i in range(len(prompts))])
+            ax.set_yticklabels(prompts if ax is axes[0][0] else [], fontsize=7)
+        fig.suptitle(f"ShapesEval samples: {tag}", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"samples_{tag}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths[tag] = path
+    return paths
+
+
+def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) -> Path:
+    """``report.md``: the ShapesEval table, the timings, the loss curves and the sample grids."""
+    out_dir = Path(out_dir)
+    scores = metrics["shapeseval"]
+    lines = ["# ParaUni on the shapes world", ""]
+    lines += [
+        "Every model here was trained on this machine by `parauni demo`: Stage 0 (the world's VLM and its "
+        "text-to-image DiT with its own text encoder), then ParaUni's Stage I (queries + LIM, DiT frozen) "
+        "and Stage II (+ DiT). ShapesEval applies GenEval's rules with a detector that knows the world.",
+        "",
+        "## ShapesEval",
+        "",
+        "| model | overall | " + " | ".join(GENEVAL_TAGS) + " |",
+        "|---|---|" + "---|" * len(GENEVAL_TAGS),
+    ]
+    for name, s in scores.items():
+        cells = " | ".join(f"{s['tags'].get(t, float('nan')):.3f}" for t in GENEVAL_TAGS)
+        lines.append(f"| {name} | **{s['overall']:.3f}** | {cells} |")
+    lines += ["", "## Time (seconds, wall clock)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in metrics["timings"].items()]
+    if "notes" in metrics:
+        lines += ["", "## Notes", ""] + [f"* {n}" for n in metrics["notes"]]
+    lines += ["", "## Training curves", "", f"![losses]({figures['losses']})", "", "## Samples", ""]
+    for key, path in figures.items():
+        if key != "losses":
+            lines += [f"### {key}", "", f"![{key}]({path})", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,132 @@
+"""The shapes world's Stage-0 text-to-image model: a SANA DiT with its OWN small text encoder.
+
+As SANA was trained with Gemma-2, the world's DiT is pretrained with a small text encoder of the Gemma-2
+architecture (``transformers.Gemma2Model``), trained together with it, never with the VLM. Stage I then has
+to align the VLM's queries to this DiT for real, and the last-layer vs all-layer comparison is fair.
+
+It exposes the training interface of :func:`parauni.training.trainer.train` (``encode_prompts``,
+``forward``, ``param_groups``, ``encode_images``, ``save_pretrained``) and the velocity of the sampler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..diffusion.flow import dit_timestep, flow_loss, interpolate
+from ..diffusion.sampling import sample
+from ..pipeline import initial_noise
+
+BOS = "<|im_start|>"
+
+
+class TextToImage(nn.Module):
+    """Text encoder (B, S) -> (B, S, C) and SANA DiT; pixel space (3 channels)."""
+
+    def __init__(self, text_encoder: nn.Module, tokenizer, dit: nn.Module, max_length: int = 64) -> None:
+        super().__init__()
+        if text_encoder.config.hidden_size != dit.config.caption_channels:
+            raise ValueError(
+                f"text encoder width {text_encoder.config.hidden_size} != DiT caption_channels "
+                f"{dit.config.caption_channels}"
+            )
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.dit = dit
+        self.max_length = max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    def encode_prompts(self, captions: list[str | None]) -> dict[str, torch.Tensor]:
+        """Token ids and mask (B, S); ``None`` is the empty (unconditional) caption."""
+        texts = [BOS + (c or "") for c in captions]
+        enc = self.tokenizer(
+            texts,
+            padding="longest",
+            padding_side="right",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": enc.input_ids.to(self.device),
+            "attention_mask": enc.attention_mask.to(self.device),
+        }
+
+    def condition(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings (B, S, C), mask (B, S))."""
+        out = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.last_hidden_state, batch["attention_mask"]
+
+    def velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        emb, mask = cond
+        return self.dit(
+            hidden_states=x_t,
+            encoder_hidden_states=emb,
+            encoder_attention_mask=mask,
+            timestep=dit_timestep(t, self.dit.config.get("timestep_scale", 1.0)),
+            return_dict=False,
+        )[0]
+
+    def forward(self, batch: dict, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return flow_loss(self.velocity(interpolate(x0, noise, t), t, self.condition(batch)), x0, noise)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        size: int,
+        steps: int = 20,
+        cfg: float = 4.5,
+        sampler: str = "dpm",
+        shift: float = 3.0,
+    ) -> torch.Tensor:
+        """(N, 3, size, size) in [-1, 1]; image i from noise seed ``seeds[i]``."""
+        self.eval()
+        n = len(prompts)
+        emb, mask = self.condition(self.encode_prompts(list(prompts) + [None] * n))
+        noise = initial_noise((3, size, size), seeds, self.device)
+        x = sample(
+            self.velocity,
+            (emb[:n], mask[:n]),
+            (emb[n:], mask[n:]),
+            noise,
+            sampler=sampler,
+            steps=steps,
+            shift=shift,
+            cfg=cfg,
+        )
+        return x.clamp(-1, 1)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        self.tokenizer.save_pretrained(folder / "text_encoder")
+        self.dit.save_pretrained(folder / "transformer")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, max_length: int = 64) -> TextToImage:
+        from diffusers import SanaTransformer2DModel
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(folder)
+        text_encoder = AutoModel.from_pretrained(folder / "text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(folder / "text_encoder")
+        dit = SanaTransformer2DModel.from_pretrained(folder / "transformer")
+        return cls(text_encoder, tokenizer, dit, max_length)

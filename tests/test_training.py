@@ -1,0 +1,226 @@
+"""Stage I / II training: schedule, own-data folders, what trains, checkpoints and exact resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parauni.cli import main
+from parauni.models.parauni import ParaUni
+from parauni.training.config import TrainConfig, stage_config
+from parauni.training.data import DataError, FolderSource, scan_folder
+from parauni.training.trainer import latest_checkpoint, lr_at, train
+
+
+def _write_images(folder, n, jsonl=True, bad=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        if jsonl:
+            rows.append({"image": f"{i}.png", "caption": f"a photo of thing number {i}"})
+        else:
+            (folder / f"{i}.txt").write_text(f"a photo of thing number {i}")
+    for j in range(bad):
+        (folder / f"bad{j}.png").write_bytes(b"\x89PNG but truncated")
+        if jsonl:
+            rows.append({"image": f"bad{j}.png", "caption": "broken"})
+        else:
+            (folder / f"bad{j}.txt").write_text("broken")
+    if jsonl:
+        (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=110, lr=1e-3, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_stage_defaults_follow_the_paper():
+    s1, s2 = stage_config(1), stage_config(2)
+    assert (s1.lr, s1.batch_size, s1.steps, s1.warmup) == (1e-4, 512, 100_000, 1_000)
+    assert (s2.lr, s2.steps, s2.warmup) == (1e-5, 10_000, 100)
+    assert (s1.betas, s1.weight_decay, s1.grad_clip, s1.caption_dropout) == ([0.9, 0.95], 0.05, 1.0, 0.1)
+
+
+def test_scan_folder_jsonl_and_pairs(tmp_path):
+    assert len(scan_folder(_write_images(tmp_path / "a", 3))) == 3
+    assert len(scan_folder(_write_images(tmp_path / "b", 4, jsonl=False))) == 4
+    with pytest.raises(DataError, match="no image-caption pairs"):
+        scan_folder((tmp_path / "empty").mkdir() or tmp_path / "empty")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.jsonl").write_text('{"image": "a.png"}\n')
+    with pytest.raises(DataError, match="x.jsonl:1"):
+        scan_folder(tmp_path / "c")
+
+
+def test_folder_source_skips_corrupt_images_and_caches(tmp_path):
+    folder = _write_images(tmp_path / "d", 5, bad=2)
+    calls = []
+
+    def encode(x):
+        calls.append(len(x))
+        return x * 0.5
+
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        src = FolderSource(folder, 16, encode=encode, cache_key="half", progress=False)
+    assert len(src) == 5 and len(src.skipped) == 2
+    inputs, captions = src.examples([0, 1, 7])
+    assert inputs.shape == (3, 3, 16, 16) and inputs.abs().max() <= 0.5
+    assert all(c.startswith("a photo of thing") for c in captions)
+    assert sum(calls) == 5
+    with pytest.warns(UserWarning):
+        again = FolderSource(folder, 16, encode=encode, cache_key="half", progress=False)
+    assert sum(calls) == 5, "the second source must come from the cache"
+    assert torch.equal(again.examples([3])[0], src.examples([3])[0])
+    # the order differs per epoch but each epoch visits every item once
+    epoch0 = sorted(src.examples(list(range(5)))[1])
+    assert epoch0 == sorted(src.captions)
+
+
+def _tiny_run(make_tiny, tmp_path, steps=4, stage=1, resume=False, out="run", model=None, save_every=2):
+    model = model or make_tiny()
+    src = FolderSource(
+        _write_images(tmp_path / "data", 6), 64, encode=model.encode_images, cache_key="tiny", progress=False
+    )
+    cfg = stage_config(
+        stage,
+        {
+            "steps": steps,
+            "batch_size": 4,
+            "warmup": 1,
+            "save_every": save_every,
+            "image_size": 64,
+            "log_every": 1,
+        },
+    )
+    return model, train(model, src, cfg, tmp_path / out, resume=resume, progress=False)
+
+
+def test_stage1_trains_queries_and_lim_only(make_tiny, tmp_path):
+    model = make_tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, result = _tiny_run(make_tiny, tmp_path, model=model)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert "queries" in changed and any(n.startswith("lim.") for n in changed)
+    assert not any(n.startswith(("vlm.", "dit.", "vae.")) for n in changed)
+    log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
+    assert (result.model_dir / "model.safetensors").is_file()
+    assert latest_checkpoint(result.model_dir).name == "step_0000002"
+
+
+def test_stage2_also_trains_the_dit_and_saves_it(make_tiny, tmp_path):
+    model = make_tiny()
+    dit_before = {n: p.detach().clone() for n, p in model.dit.named_parameters()}
+    model, result = _tiny_run(make_tiny, tmp_path, stage=2, model=model)
+    assert any(not torch.equal(dit_before[n], p) for n, p in model.dit.named_parameters())
+    assert (result.model_dir / "transformer").is_dir()
+    loaded = ParaUni.from_pretrained(result.model_dir)
+    for (n, a), (_, b) in zip(model.dit.state_dict().items(), loaded.dit.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_resume_continues_exactly(make_tiny, tmp_path):
+    full, _ = _tiny_run(make_tiny, tmp_path, steps=6, out="full", save_every=3)
+    _tiny_run(make_tiny, tmp_path, steps=6, out="broken", save_every=3)
+    # simulate a crash after the step-3 checkpoint: keep only that checkpoint and nothing else
+    broken = tmp_path / "broken"
+    for name in ("model.safetensors", "config.yaml"):
+        (broken / name).unlink()
+    resumed, _ = _tiny_run(make_tiny, tmp_path, steps=6, out="broken", resume=True, save_every=3)
+    a, b = full.trained_state_dict(), resumed.trained_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_train_then_generate(tmp_path, capsys):
+    data = _write_images(tmp_path / "data", 5, jsonl=False, bad=1)
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--stage",
+            "1",
+            "--data",
+            str(data),
+            "--model",
+            "tiny",
+            "--out",
+            str(run),
+            "--image-size",
+            "64",
+            "--quiet",
+            "--train.steps=2",
+            "--train.batch_size=2",
+            "--train.warmup=1",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "5 image-caption pairs" in out and "skipped 1 unreadable" in out
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(run),
+            "--prompt",
+            "a photo of thing number 1",
+            "--out",
+            str(tmp_path / "x.png"),
+            "--steps",
+            "2",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert Image.open(tmp_path / "x.png").size == (64, 64)
+
+
+def test_cli_train_bad_inputs(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "1",
+                "--data",
+                str(tmp_path / "nope"),
+                "--model",
+                "tiny",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
+    assert "is not a folder" in capsys.readouterr().err
+    data = _write_images(tmp_path / "data", 2)
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "1",
+                "--data",
+                str(data),
+                "--model",
+                "tiny",
+                "--out",
+                str(tmp_path / "r"),
+                "--train.batch_size=3",
+                "--train.grad_accum=2",
+            ]
+        )
+        == 2
+    )
+    assert "not divisible" in capsys.readouterr().err
