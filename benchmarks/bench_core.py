@@ -53,7 +53,9 @@ def generation_time(model: ParaUni, n: int, size: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=["tiny", "medium"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
@@ -61,7 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}")
-    print(f"{'preset':<8} {'layers':>7} {'step all (s)':>13} {'step last (s)':>14} {'ratio':>6} {'generate (s)':>13}")
+    print(
+        f"{'preset':<8} {'layers':>7} {'step all (s)':>13} {'step last (s)':>14} {'ratio':>6} {'generate (s)':>13}"
+    )
     for preset in args.presets:
         config = load_model_config(preset)
         size = config.sampling.height

@@ -4,6 +4,7 @@ stream (captions.py)."""
 import itertools
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,8 @@ from parauni.world.captions import (
 from parauni.world.scene import (
     BACKGROUND,
     COLORS,
+    MAX_SIZE_FRAC,
+    MIN_SIZE_FRAC,
     SHAPES,
     Scene,
     WorldObject,
@@ -49,7 +52,8 @@ from parauni.world.scene import (
     shape_mask,
 )
 
-OFFICIAL = "/work/shared/data/geneval/evaluation_metadata.jsonl"
+# The official GenEval metadata lives in ../shared beside the repository (never copied into it).
+OFFICIAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
 SIZES = (32, 48, 64)
 
 
@@ -78,7 +82,7 @@ def test_place_objects_inside_apart_and_sized(size):
         boxes = place_objects(np.random.default_rng(seed), n, size)
         assert len(boxes) == n
         for cx, cy, side in boxes:
-            assert 0.22 * size <= side <= 0.38 * size
+            assert MIN_SIZE_FRAC * size <= side <= MAX_SIZE_FRAC * size
             assert side / 2 <= cx <= size - side / 2 and side / 2 <= cy <= size - side / 2
         for a, b in itertools.combinations(boxes, 2):
             assert boxes_apart(a, b, gap=1.0)
@@ -284,9 +288,9 @@ def test_position_scenes_hold_only_the_wanted_relation_with_margin():
 def test_dense_caption_wording():
     scene = Scene(
         [
-            WorldObject("circle", "red", 5.0, 5.0, 11.0),
-            WorldObject("square", "blue", 27.0, 27.0, 7.5),
-            WorldObject("cross", "green", 16.0, 16.0, 9.5),
+            WorldObject("circle", "red", 6.5, 6.5, 12.5),
+            WorldObject("square", "blue", 27.0, 27.0, 9.5),
+            WorldObject("cross", "green", 16.0, 16.0, 11.0),
         ],
         32,
     )
@@ -294,7 +298,7 @@ def test_dense_caption_wording():
         "three objects on a grey background: a large red circle at the top left, a small blue square at the "
         "bottom right and a medium green cross in the centre."
     )
-    single = Scene([WorldObject("triangle", "orange", 5.0, 16.0, 9.5)], 32)
+    single = Scene([WorldObject("triangle", "orange", 6.0, 16.0, 11.0)], 32)
     assert dense_caption(single) == "one object on a grey background: a medium orange triangle on the left."
 
 

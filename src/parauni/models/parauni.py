@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, TrainableConfig, from_dict, load_yaml, save_yaml, to_dict
+from ..config import ConfigError, ModelConfig, TrainableConfig, from_dict, load_yaml, save_yaml
 from ..diffusion.flow import dit_timestep, flow_loss, interpolate
 from .components import load_dit, load_vae, load_vlm, resolve_path, save_vlm
 from .lim import LayerIntegrationModule, select_layers
@@ -341,8 +341,3 @@ class ParaUni(nn.Module):
         model = cls.from_config(config, root=folder)
         model.load_trained_state_dict(state, source=str(folder / WEIGHTS_FILE))
         return model
-
-
-def config_as_dict(model: ParaUni) -> dict:
-    """The model's resolved config as a plain dict."""
-    return to_dict(model.config)

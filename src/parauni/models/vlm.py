@@ -190,6 +190,13 @@ class VLMBackbone(nn.Module):
         return states.to(queries.dtype)
 
 
+def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> normalised by the ImageNet mean / std (InternVL's vision preprocessing)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a (B, 3, H, W) tensor in [-1, 1], got shape {tuple(images.shape)}")
@@ -224,9 +231,7 @@ class InternVLBackbone(VLMBackbone):
             mode="bicubic",
             align_corners=False,
         )
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return PromptBatch(input_ids, mask, pixel_values=(x.clamp(0, 1) - mean) / std)
+        return PromptBatch(input_ids, mask, pixel_values=imagenet_normalize(x.clamp(0, 1)))
 
     def prompt_embeds(self, batch: PromptBatch) -> torch.Tensor:
         embeds = self.decoder.get_input_embeddings()(batch.input_ids)

@@ -45,13 +45,18 @@ class TrainResult:
     log_path: Path
 
 
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int, min_ratio: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to lr * min_ratio."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    floor = lr * min_ratio
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to lr * min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    """The learning rate of ``step`` under ``cfg`` (warm-up, then cosine)."""
+    return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
 
 
 def stage_trainable(stage: int, current: TrainableConfig) -> TrainableConfig:
@@ -189,9 +194,9 @@ def train(
             drop = (torch.rand(micro, generator=gen) < cfg.caption_dropout).tolist()
             captions = [None if d else c for c, d in zip(captions, drop, strict=True)]
             t = sample_timesteps(micro, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=gen)
-            noise = torch.randn(inputs.shape, generator=gen)
             with torch.no_grad():
                 x0 = inputs if source.encoded else model.encode_images(inputs.to(model.device))
+            noise = torch.randn(x0.shape, generator=gen)
             batch = model.encode_prompts(captions)
             with acc.accumulate(wrapped):
                 loss = wrapped(batch, x0.to(model.device), t.to(model.device), noise.to(model.device))

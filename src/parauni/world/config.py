@@ -27,10 +27,27 @@ class WorldVLMConfig:
     vision_heads: int = 2
     patch: int = field(default=4, metadata={"help": "vision patch size (pixel shuffle 0.5 follows)"})
     vocab_size: int = field(default=512, metadata={"help": "byte-level BPE vocabulary trained on the world"})
-    steps: int = 500
+    steps: int = 100
     batch_size: int = 64
     lr: float = 2e-3
-    warmup: int = 50
+    warmup: int = 30
+
+
+@dataclass
+class WorldAEConfig:
+    """The world's autoencoder (diffusers ``AutoencoderDC``, ResBlocks); ``enabled=false`` = pixel space."""
+
+    enabled: bool = True
+    latent_channels: int = 8
+    channels: list[int] = field(
+        default_factory=lambda: [16, 32, 64], metadata={"help": "per stage; f = 2^(n-1)"}
+    )
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 2e-3
+    latent_noise: float = field(
+        default=0.1, metadata={"help": "noise added to latents in training (diffusability)"}
+    )
 
 
 @dataclass
@@ -42,14 +59,23 @@ class WorldT2IConfig:
         default=128, metadata={"help": "text encoder width = the DiT's caption_channels"}
     )
     text_heads: int = 4
+    text_steps: int = field(
+        default=100, metadata={"help": "language-model pretraining steps of the text encoder"}
+    )
+    text_batch_size: int = 64
+    text_lr: float = 2e-3
+    tune_text_encoder: bool = field(
+        default=True,
+        metadata={"help": "keep training the text encoder with the DiT (else frozen, as in SANA)"},
+    )
     dit_layers: int = 6
     dit_heads: int = field(default=4, metadata={"help": "DiT heads of width 32"})
-    dit_patch: int = 4
+    dit_patch: int = field(default=2, metadata={"help": "DiT patch size on its input (latents, or pixels)"})
     mlp_ratio: float = 2.5
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 100
+    lr: float = 2e-3
+    warmup: int = 50
     timestep_sampling: str = "logit_normal"
 
 
@@ -61,13 +87,16 @@ class WorldParaUniConfig:
     connector_layers: int = 2
     connector_heads: int = 4
     connector_intermediate: int = 384
-    stage1_steps: int = 600
-    stage1_lr: float = 1e-3
-    stage1_warmup: int = 50
-    stage2_steps: int = 400
-    stage2_lr: float = 1e-4
-    stage2_warmup: int = 20
-    batch_size: int = 64
+    stage1_steps: int = 300
+    stage1_lr: float = 3e-3
+    stage1_warmup: int = 20
+    stage2_steps: int = 150
+    stage2_lr: float = 3e-4
+    stage2_warmup: int = 10
+    batch_size: int = 32
+    timestep_sampling: str = field(
+        default="logit_normal", metadata={"help": "as in Stage 0 (the paper: uniform)"}
+    )
 
 
 @dataclass
@@ -77,7 +106,7 @@ class WorldEvalConfig:
     per_tag: int = 40
     images_per_prompt: int = 4
     steps: int = 20
-    cfg: float = 4.5
+    cfg: float = 2.0
     sampler: str = "dpm"
     batch_size: int = 64
 
@@ -89,24 +118,31 @@ class WorldConfig:
     image_size: int = field(default=32, metadata={"help": "side of the world's square images"})
     seed: int = 0
     vlm: WorldVLMConfig = field(default_factory=WorldVLMConfig)
+    ae: WorldAEConfig = field(default_factory=WorldAEConfig)
     t2i: WorldT2IConfig = field(default_factory=WorldT2IConfig)
     parauni: WorldParaUniConfig = field(default_factory=WorldParaUniConfig)
     eval: WorldEvalConfig = field(default_factory=WorldEvalConfig)
 
     def __post_init__(self) -> None:
-        if self.image_size % (4 * self.vlm.patch) or self.image_size % self.t2i.dit_patch:
+        dit_multiple = self.t2i.dit_patch * (2 ** (len(self.ae.channels) - 1) if self.ae.enabled else 1)
+        if self.image_size % (4 * self.vlm.patch) or self.image_size % dit_multiple:
             raise ConfigError(
                 f"world.image_size={self.image_size} must be a multiple of 4 x vlm.patch ({4 * self.vlm.patch}) "
-                f"and of t2i.dit_patch ({self.t2i.dit_patch})"
+                f"and of the autoencoder factor x t2i.dit_patch ({dit_multiple})"
             )
 
     def quick(self) -> WorldConfig:
-        """A copy with every stage shortened to a few steps (CI smoke runs)."""
+        """A copy with every stage shortened to a few steps and smaller models (CI smoke runs)."""
         q = copy.deepcopy(self)
         q.vlm.steps, q.vlm.warmup, q.vlm.batch_size = 4, 1, 8
+        q.vlm.hidden, q.vlm.intermediate, q.vlm.layers = 64, 128, 4
+        q.ae.steps, q.ae.batch_size = 3, 8
         q.t2i.steps, q.t2i.warmup, q.t2i.batch_size = 4, 1, 8
+        q.t2i.text_steps, q.t2i.text_batch_size = 3, 8
+        q.t2i.dit_layers, q.t2i.text_layers, q.t2i.text_hidden = 2, 1, 64
+        q.parauni.connector_intermediate = 128
         q.parauni.stage1_steps = q.parauni.stage2_steps = 3
         q.parauni.stage1_warmup = q.parauni.stage2_warmup = 1
         q.parauni.batch_size = 8
-        q.eval.per_tag, q.eval.images_per_prompt, q.eval.steps = 2, 2, 4
+        q.eval.per_tag, q.eval.images_per_prompt, q.eval.steps = 1, 2, 4
         return q

@@ -60,6 +60,7 @@ def stage_train_config(cfg: WorldConfig, stage: int) -> TrainConfig:
         lr=lr,
         warmup=warmup,
         image_size=cfg.image_size,
+        timestep_sampling=p.timestep_sampling,
         save_every=max(1, steps // 4),
         keep_last=1,
         log_every=5,

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig, from_dict
 from ..models.tokenizer import train_bpe_tokenizer
-from ..models.vlm import IMAGENET_MEAN, IMAGENET_STD
+from ..models.vlm import imagenet_normalize
 from ..training.config import TrainConfig
-from ..training.trainer import train
+from ..training.trainer import train, warmup_cosine
 from ..utils.images import pil_to_tensor
 from .captions import WorldStream, world_vocabulary
 from .config import WorldConfig
@@ -34,7 +34,16 @@ STAGE0_VERSION = 1
 CAPTION_INSTRUCTION = "Describe the image."
 DONE_FILE = "stage0.json"
 # Each stage draws its own stream of world examples.
-STREAM_OFFSETS = {"tokenizer": 101, "vlm": 202, "t2i": 303, "stage1": 404, "stage2": 505, "heldout": 606}
+STREAM_OFFSETS = {
+    "tokenizer": 101,
+    "vlm": 202,
+    "t2i": 303,
+    "stage1": 404,
+    "stage2": 505,
+    "heldout": 606,
+    "text": 707,
+    "ae": 808,
+}
 
 
 class WorldSource:
@@ -58,6 +67,7 @@ def stage0_key(cfg: WorldConfig) -> str:
         "seed": cfg.seed,
         "vlm": dataclasses.asdict(cfg.vlm),
         "t2i": dataclasses.asdict(cfg.t2i),
+        "ae": dataclasses.asdict(cfg.ae),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -140,9 +150,7 @@ def _vlm_batch(model, tokenizer, items: list[dict], text_only: list[bool]) -> di
         labels[i, :n] = -100
     out = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
     if images:
-        x = (torch.stack(images) + 1) / 2
-        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        out["pixel_values"] = (x - mean) / std
+        out["pixel_values"] = imagenet_normalize((torch.stack(images) + 1) / 2)
     return out
 
 
@@ -182,7 +190,7 @@ def train_world_vlm(model, tokenizer, cfg: WorldConfig, progress: bool = True) -
     model.train()
     curve = []
     for step in tqdm(range(v.steps), desc="stage 0: VLM", disable=not progress):
-        lr = v.lr * min(1.0, (step + 1) / v.warmup) * 0.5 * (1 + math.cos(math.pi * step / v.steps))
+        lr = warmup_cosine(step, v.lr, v.warmup, v.steps)
         for group in opt.param_groups:
             group["lr"] = lr
         loss, acc = vlm_loss(model, tokenizer, stream.batch(step * v.batch_size, v.batch_size))
@@ -190,7 +198,7 @@ def train_world_vlm(model, tokenizer, cfg: WorldConfig, progress: bool = True) -
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        curve.append({"step": step, "loss": float(loss), "accuracy": float(acc)})
+        curve.append({"step": step, "loss": loss.item(), "accuracy": acc.item()})
     model.eval()
     heldout = WorldStream(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size).batch(0, 128)
     with torch.no_grad():
@@ -198,9 +206,73 @@ def train_world_vlm(model, tokenizer, cfg: WorldConfig, progress: bool = True) -
     return {"curve": curve, "heldout_loss": float(loss), "heldout_token_accuracy": float(acc)}
 
 
+# ----------------------------------------------------------------------------------------------- the autoencoder
+def world_autoencoder(cfg: WorldConfig):
+    """A small DC-AE (diffusers ``AutoencoderDC`` of ResBlocks) for the world's images."""
+    from diffusers import AutoencoderDC
+
+    a = cfg.ae
+    n = len(a.channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        return AutoencoderDC(
+            in_channels=3,
+            latent_channels=a.latent_channels,
+            attention_head_dim=8,
+            encoder_block_types="ResBlock",
+            decoder_block_types="ResBlock",
+            encoder_block_out_channels=tuple(a.channels),
+            decoder_block_out_channels=tuple(a.channels),
+            encoder_layers_per_block=(1,) * n,
+            decoder_layers_per_block=(1,) * n,
+            encoder_qkv_multiscales=((),) * n,
+            decoder_qkv_multiscales=((),) * n,
+            upsample_block_type="interpolate",
+            downsample_block_type="conv",
+            decoder_norm_types="rms_norm",
+            decoder_act_fns="silu",
+            scaling_factor=1.0,
+        )
+
+
+def train_world_autoencoder(ae, cfg: WorldConfig, progress: bool = True) -> dict:
+    """Train the autoencoder to reconstruct world images (decoder robust to latent noise), then set its
+    ``scaling_factor`` to 1 / std of the latents, as DC-AE's is set for SANA."""
+    a = cfg.ae
+    source = WorldSource(cfg.seed + STREAM_OFFSETS["ae"], cfg.image_size)
+    opt = torch.optim.AdamW(ae.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ae.train()
+    curve = []
+    for step in tqdm(range(a.steps), desc="stage 0: autoencoder", disable=not progress):
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, a.lr, 20, a.steps)
+        x, _ = source.examples(list(range(step * a.batch_size, (step + 1) * a.batch_size)))
+        z = ae.encode(x).latent
+        z = z + a.latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+        loss = torch.nn.functional.mse_loss(ae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        curve.append({"step": step, "loss": loss.item()})
+    ae.eval().requires_grad_(False)
+    x, _ = WorldSource(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size).examples(list(range(256)))
+    with torch.no_grad():
+        z = ae.encode(x).latent
+        mse = torch.nn.functional.mse_loss(ae.decode(z).sample.clamp(-1, 1), x).item()
+    ae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return {
+        "curve": curve,
+        "heldout_psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
+        "latent_std": float(z.std()),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- the T2I model
-def world_t2i(cfg: WorldConfig, tokenizer) -> TextToImage:
-    """A randomly initialised SANA DiT (pixel space) with its Gemma-2-architecture text encoder."""
+def world_t2i(cfg: WorldConfig, tokenizer, vae=None) -> TextToImage:
+    """A randomly initialised SANA DiT (on the autoencoder's latents, or pixels) with its Gemma-2-architecture
+    text encoder."""
     from diffusers import SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
@@ -219,12 +291,18 @@ def world_t2i(cfg: WorldConfig, tokenizer) -> TextToImage:
         pad_token_id=tokenizer.pad_token_id,
     )
     width = 32 * t.dit_heads
+    f = 1 if vae is None else vae.spatial_compression_ratio
+    channels, patch, grid = (
+        (3 if vae is None else cfg.ae.latent_channels),
+        t.dit_patch,
+        cfg.image_size // f // t.dit_patch,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         text_encoder = Gemma2Model(text_config)
         dit = SanaTransformer2DModel(
-            in_channels=3,
-            out_channels=3,
+            in_channels=channels,
+            out_channels=channels,
             num_attention_heads=t.dit_heads,
             attention_head_dim=32,
             num_layers=t.dit_layers,
@@ -233,14 +311,42 @@ def world_t2i(cfg: WorldConfig, tokenizer) -> TextToImage:
             cross_attention_dim=width,
             caption_channels=t.text_hidden,
             mlp_ratio=t.mlp_ratio,
-            sample_size=cfg.image_size // t.dit_patch,
-            patch_size=t.dit_patch,
+            sample_size=grid,
+            patch_size=patch,
             interpolation_scale=1,
             norm_elementwise_affine=False,
             norm_eps=1e-6,
             qk_norm=None,
         )
-    return TextToImage(text_encoder, tokenizer, dit)
+    return TextToImage(text_encoder, tokenizer, dit, vae=vae)
+
+
+def train_text_encoder(t2i: TextToImage, cfg: WorldConfig, progress: bool = True) -> dict:
+    """Pretrain the text encoder as a language model on world captions (as Gemma-2 was pretrained on text),
+    with its input embedding as the output layer; then it is frozen, as SANA keeps its text encoder frozen."""
+    t = cfg.t2i
+    encoder = t2i.text_encoder
+    stream = WorldStream(cfg.seed + STREAM_OFFSETS["text"], cfg.image_size)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=t.text_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    encoder.train()
+    curve = []
+    for step in tqdm(range(t.text_steps), desc="stage 0: text encoder", disable=not progress):
+        lr = warmup_cosine(step, t.text_lr, 20, t.text_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        captions = [e["caption"] for e in stream.batch(step * t.text_batch_size, t.text_batch_size)]
+        batch = t2i.encode_prompts(captions)
+        hidden = encoder(**batch).last_hidden_state[:, :-1]  # (B, S - 1, C)
+        logits = hidden @ encoder.get_input_embeddings().weight.T  # tied output layer
+        labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        opt.step()
+        curve.append({"step": step, "loss": loss.item()})
+    encoder.eval().requires_grad_(t.tune_text_encoder)
+    return {"final_loss": curve[-1]["loss"] if curve else float("nan"), "curve": curve}
 
 
 def t2i_train_config(cfg: WorldConfig, save_every: int = 0) -> TrainConfig:
@@ -294,11 +400,28 @@ def run_stage0(cfg: WorldConfig, cache_dir: str | Path, progress: bool = True, l
     )
 
     t0 = time.time()
-    t2i = world_t2i(cfg, tokenizer)
+    vae = None
+    if cfg.ae.enabled:
+        vae = world_autoencoder(cfg)
+        ae_metrics = train_world_autoencoder(vae, cfg, progress)
+        (folder / "ae_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ae_metrics.pop("curve")))
+        metrics["ae"] = ae_metrics
+        timings["stage0_ae"] = time.time() - t0
+        log(
+            f"stage 0: autoencoder f{vae.spatial_compression_ratio}c{cfg.ae.latent_channels}, held-out PSNR "
+            f"{ae_metrics['heldout_psnr']:.1f} dB ({timings['stage0_ae']:.0f} s)"
+        )
+        t0 = time.time()
+    t2i = world_t2i(cfg, tokenizer, vae)
     log(
         f"stage 0: text-to-image DiT {sum(p.numel() for p in t2i.dit.parameters()) / 1e6:.2f}M + text encoder "
         f"{sum(p.numel() for p in t2i.text_encoder.parameters()) / 1e6:.2f}M parameters"
     )
+    text_metrics = train_text_encoder(t2i, cfg, progress)
+    (folder / "text_encoder_log.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in text_metrics.pop("curve"))
+    )
+    metrics["text_encoder"] = text_metrics
     source = WorldSource(cfg.seed + STREAM_OFFSETS["t2i"], cfg.image_size)
     result = train(t2i, source, t2i_train_config(cfg), folder / "t2i", progress=progress)
     timings["stage0_t2i"] = time.time() - t0
@@ -335,7 +458,11 @@ def world_model_config(cfg: WorldConfig, stage0: Path) -> ModelConfig:
                 "subfolder": None,
                 "dtype": "float32",
             },
-            "vae": {"kind": "none", "path": None},
+            "vae": (
+                {"kind": "dcae", "path": str(Path(stage0, "t2i", "vae").resolve()), "dtype": "float32"}
+                if cfg.ae.enabled
+                else {"kind": "none", "path": None}
+            ),
             "sampling": {
                 "sampler": cfg.eval.sampler,
                 "steps": cfg.eval.steps,

@@ -34,8 +34,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 
 # Object sides are drawn in [MIN_SIZE_FRAC, MAX_SIZE_FRAC] x the image size.
-MIN_SIZE_FRAC = 0.22
-MAX_SIZE_FRAC = 0.38
+MIN_SIZE_FRAC = 0.28
+MAX_SIZE_FRAC = 0.40
 SUPERSAMPLE = 4
 MIN_IMAGE_SIZE = 16
 # Width of a cross's arms as a fraction of the cross's size.

@@ -23,9 +23,11 @@ BOS = "<|im_start|>"
 
 
 class TextToImage(nn.Module):
-    """Text encoder (B, S) -> (B, S, C) and SANA DiT; pixel space (3 channels)."""
+    """Text encoder (B, S) -> (B, S, C) and SANA DiT, on an autoencoder's latents or in pixel space."""
 
-    def __init__(self, text_encoder: nn.Module, tokenizer, dit: nn.Module, max_length: int = 64) -> None:
+    def __init__(
+        self, text_encoder: nn.Module, tokenizer, dit: nn.Module, max_length: int = 64, vae=None
+    ) -> None:
         super().__init__()
         if text_encoder.config.hidden_size != dit.config.caption_channels:
             raise ValueError(
@@ -35,6 +37,9 @@ class TextToImage(nn.Module):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.dit = dit
+        self.vae = vae
+        if vae is not None:
+            vae.requires_grad_(False).eval()
         self.max_length = max_length
 
     @property
@@ -58,8 +63,10 @@ class TextToImage(nn.Module):
         }
 
     def condition(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings (B, S, C), mask (B, S))."""
-        out = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        """(embeddings (B, S, C), mask (B, S)); no graph through a frozen text encoder."""
+        trains = any(p.requires_grad for p in self.text_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+            out = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.last_hidden_state, batch["attention_mask"]
 
     def velocity(
@@ -78,7 +85,15 @@ class TextToImage(nn.Module):
         return flow_loss(self.velocity(interpolate(x0, noise, t), t, self.condition(batch)), x0, noise)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels
+        """pixels (B, 3, H, W) -> the DiT's input space."""
+        if self.vae is None:
+            return pixels
+        return self.vae.encode(pixels).latent * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
@@ -100,7 +115,8 @@ class TextToImage(nn.Module):
         self.eval()
         n = len(prompts)
         emb, mask = self.condition(self.encode_prompts(list(prompts) + [None] * n))
-        noise = initial_noise((3, size, size), seeds, self.device)
+        f = 1 if self.vae is None else self.vae.spatial_compression_ratio
+        noise = initial_noise((self.dit.config.in_channels, size // f, size // f), seeds, self.device)
         x = sample(
             self.velocity,
             (emb[:n], mask[:n]),
@@ -111,22 +127,25 @@ class TextToImage(nn.Module):
             shift=shift,
             cfg=cfg,
         )
-        return x.clamp(-1, 1)
+        return self.decode_latents(x)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
         self.text_encoder.save_pretrained(folder / "text_encoder")
         self.tokenizer.save_pretrained(folder / "text_encoder")
         self.dit.save_pretrained(folder / "transformer")
+        if self.vae is not None:
+            self.vae.save_pretrained(folder / "vae")
         return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, max_length: int = 64) -> TextToImage:
-        from diffusers import SanaTransformer2DModel
+        from diffusers import AutoencoderDC, SanaTransformer2DModel
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder)
-        text_encoder = AutoModel.from_pretrained(folder / "text_encoder")
+        text_encoder = AutoModel.from_pretrained(folder / "text_encoder").requires_grad_(False).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder / "text_encoder")
         dit = SanaTransformer2DModel.from_pretrained(folder / "transformer")
-        return cls(text_encoder, tokenizer, dit, max_length)
+        vae = AutoencoderDC.from_pretrained(folder / "vae") if (folder / "vae").is_dir() else None
+        return cls(text_encoder, tokenizer, dit, max_length, vae=vae)

@@ -1,0 +1,64 @@
+"""The demo's targets, measured: wall-clock time from a cold cache and the Stage-II ShapesEval scores.
+
+    python benchmarks/bench_demo.py [--out bench-demo] [--keep-cache] [world overrides ...]
+
+Targets (issue 3): the whole `parauni demo` in at most 15 minutes on 2 CPU cores from a cold cache; the
+Stage II model (all layers) at ShapesEval overall >= 0.70, single object >= 0.95, colours >= 0.90.
+It prints every figure and whether each target was met; it never fails on a missed target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import torch
+
+from parauni.world.demo import run_demo
+
+TARGETS = {"overall": 0.70, "single_object": 0.95, "colors": 0.90}
+TIME_TARGET_S = 15 * 60
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="bench-demo")
+    parser.add_argument(
+        "--cache", help="Stage-0 cache to use (default: a fresh temporary folder = cold cache)"
+    )
+    args, overrides = parser.parse_known_args()
+    cache = args.cache or tempfile.mkdtemp(prefix="parauni-cold-cache-")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); cache {cache}"
+    )
+    t0 = time.time()
+    metrics = run_demo(args.out, cache, overrides=overrides, progress=False)
+    total = time.time() - t0
+    if not args.cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    print("\nstage timings (s):")
+    for name, seconds in metrics["timings"].items():
+        print(f"  {name:<32} {seconds:8.1f}")
+    print(
+        f"\ntotal wall clock: {total:.1f} s  (target <= {TIME_TARGET_S} s: {'met' if total <= TIME_TARGET_S else 'MISSED'})"
+    )
+    print("\nShapesEval:")
+    for model, scores in metrics["shapeseval"].items():
+        tags = " ".join(f"{k}={v:.3f}" for k, v in scores["tags"].items())
+        print(f"  {model:<12} overall={scores['overall']:.3f}  {tags}")
+    final = metrics["shapeseval"]["stage2"]
+    print("\ntargets for the Stage II model:")
+    for key, target in TARGETS.items():
+        value = final["overall"] if key == "overall" else final["tags"][key]
+        print(f"  {key:<14} {value:.3f} (target >= {target}: {'met' if value >= target else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The world's Stage 0 (tokenizer, VLM, text-to-image), its ParaUni model, and the demo, as quick runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from parauni.cli import main
+from parauni.models.parauni import ParaUni
+from parauni.world.config import WorldConfig
+from parauni.world.demo import world_config
+from parauni.world.pretrain import WorldSource, run_stage0, stage0_key, world_model_config
+from parauni.world.t2i import TextToImage
+
+
+@pytest.fixture(scope="module")
+def stage0(tmp_path_factory):
+    cfg = WorldConfig().quick()
+    return cfg, run_stage0(cfg, tmp_path_factory.mktemp("cache"), progress=False, log=lambda *_: None)
+
+
+def test_stage0_writes_and_reuses_its_artefacts(stage0):
+    cfg, folder = stage0
+    info = json.loads((folder / "stage0.json").read_text())
+    assert info["key"] == stage0_key(cfg) and set(info["timings"]) == {
+        "stage0_vlm",
+        "stage0_ae",
+        "stage0_t2i",
+    }
+    assert 0.0 <= info["metrics"]["vlm"]["heldout_token_accuracy"] <= 1.0
+    messages = []
+    assert run_stage0(cfg, folder.parent, progress=False, log=messages.append) == folder
+    assert "reusing" in messages[0]
+
+
+def test_stage0_key_changes_with_what_it_trains():
+    base = WorldConfig()
+    assert stage0_key(base) == stage0_key(WorldConfig())
+    assert stage0_key(base) != stage0_key(world_config(["t2i.steps=7"]))
+    assert stage0_key(base) == stage0_key(world_config(["parauni.stage1_steps=7"]))
+
+
+def test_world_model_uses_the_stage0_vlm_and_dit(stage0):
+    cfg, folder = stage0
+    model = ParaUni.from_config(world_model_config(cfg, folder))
+    assert model.vlm.num_layers == cfg.vlm.layers
+    assert model.vae is not None and model.latent_factor == 2 ** (len(cfg.ae.channels) - 1)
+    assert model.dit.config.caption_channels == cfg.t2i.text_hidden
+    t2i = TextToImage.from_pretrained(folder / "t2i")
+    ref = t2i.dit.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.dit.state_dict().items())
+    x, captions = WorldSource(0, cfg.image_size).examples([0, 1, 2])
+    assert x.shape == (3, 3, cfg.image_size, cfg.image_size) and x.min() >= -1 and x.max() <= 1
+    with torch.no_grad():
+        x0 = model.encode_images(x)
+        loss = model(model.encode_prompts(captions), x0, torch.rand(3), torch.randn_like(x0))
+    assert torch.isfinite(loss)
+
+
+def test_t2i_generates_the_requested_images(stage0):
+    cfg, folder = stage0
+    t2i = TextToImage.from_pretrained(folder / "t2i")
+    a = t2i.generate(["a photo of a red circle", "a photo of two squares"], [0, 1], cfg.image_size, steps=3)
+    b = t2i.generate(["a photo of a red circle"], [0], cfg.image_size, steps=3)
+    assert a.shape == (2, 3, cfg.image_size, cfg.image_size)
+    assert torch.allclose(a[:1], b, atol=1e-5), "image i depends only on its own prompt and seed"
+
+
+def test_world_config_overrides_are_checked():
+    assert world_config(["--world.t2i.steps=12"]).t2i.steps == 12
+    with pytest.raises(ValueError, match="world.t2i.bogus"):
+        world_config(["t2i.bogus=1"])
+    with pytest.raises(ValueError, match="image_size"):
+        world_config(["image_size=30"])
+
+
+def test_quick_demo_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--quiet", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["shapeseval"]) == {"stage0_t2i", "stage1", "stage2"}
+    for scores in metrics["shapeseval"].values():
+        assert 0.0 <= scores["overall"] <= 1.0 and len(scores["tags"]) == 6
+    assert {"stage0", "stage1", "stage2", "shapeseval_stage2", "total"} <= set(metrics["timings"])
+    for name in ["report.md", "losses.png", "samples_counting.png", "eval_metadata.jsonl"]:
+        assert (out / name).is_file(), name
+    assert "ShapesEval" in (out / "report.md").read_text()
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out / "stage2"),
+                "--prompt",
+                "a photo of a red circle",
+                "--out",
+                str(tmp_path / "x.png"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
