@@ -166,3 +166,10 @@ def test_describe_lists_every_key_with_help():
     assert "query" in rows["lim.num_queries"][1]
     assert "sampling.cfg" in rows and "trainable.dit_lora_rank" in rows and "vlm.kind" in rows
     assert [key for key, (_, help_) in rows.items() if not help_] == []
+
+
+def test_overrides_read_exponent_numbers_without_a_dot():
+    from parauni.config import apply_overrides
+
+    out = apply_overrides({}, ["--train.lr=1e-4", "--a.b=3", "--a.name=last", "--a.f=2.5E-3"])
+    assert out == {"train": {"lr": 1e-4}, "a": {"b": 3, "name": "last", "f": 2.5e-3}}

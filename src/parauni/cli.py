@@ -4,10 +4,12 @@
     parauni info PRESET_OR_DIR                      components, depth, queries, parameter counts
     parauni generate --model DIR --prompt TEXT ...  text-to-image (or image-to-image with --image)
     parauni train --stage 1|2 --data DIR --model M  Stage I / II on your own image-caption folder
+    parauni rl --model DIR --out DIR [--world]       Stage III: Flow-GRPO + LDAM with a reward curriculum
     parauni import-openuni CKPT --preset P --out D  an OpenUni / ParaUni .pth checkpoint as a model folder
 
 Commands take ``--section.key=value`` overrides of the model config, ``--train.key=value`` of the training
-config and ``--world.key=value`` of the world config (unknown keys are errors).
+config, ``--rl.key=value`` / ``--rewards.key=value`` of Stage III and ``--world.key=value`` of the world config
+(unknown keys are errors).
 """
 
 from __future__ import annotations
@@ -245,6 +247,99 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def build_rewards(cfg) -> dict:
+    """The reward models a :class:`~parauni.rl.config.RewardsConfig` names, by reward name."""
+    from .rl.rewards import Aesthetic, CLIPScore, PickScore
+
+    out = {}
+    if cfg.world:
+        from .world.reward_models import world_rewards
+
+        out.update(world_rewards(cfg.world, batch_size=cfg.batch_size))
+    if cfg.pickscore:
+        out["pickscore"] = PickScore.from_pretrained(cfg.pickscore, cfg.pickscore_processor, cfg.batch_size)
+    if cfg.aesthetic_mlp:
+        out["aesthetic"] = Aesthetic.from_pretrained(
+            cfg.aesthetic_mlp, cfg.aesthetic_clip, batch_size=cfg.batch_size
+        )
+    if cfg.clip:
+        out["clip"] = CLIPScore.from_pretrained(cfg.clip, cfg.batch_size)
+    if not out:
+        raise ConfigError(
+            "no reward model is configured: give --rewards.pickscore / --rewards.aesthetic_mlp / --rewards.clip "
+            "(local folders or Hugging Face ids), or --world for the shapes world's rewards"
+        )
+    return out
+
+
+def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
+    import dataclasses
+
+    from .config import apply_overrides, from_dict, load_yaml
+    from .rl.config import RewardsConfig, RLConfig
+    from .rl.grpo import PromptSource, WorldPromptSource, train_rl
+    from .rl.rewards import CombinedReward
+
+    rl_items, rest = _route(overrides, "rl")
+    reward_items, model_overrides = _route(rest, "rewards")
+    rl_dict, rewards_dict = {}, {}
+    model_dir = args.model
+    if args.world:
+        from .world.demo import default_cache_dir, world_config
+        from .world.pretrain import stage0_folder
+        from .world.rl import world_rl_config
+
+        wcfg = world_config()
+        stage0 = stage0_folder(wcfg, args.cache or default_cache_dir())
+        rl_dict = dataclasses.asdict(world_rl_config(wcfg.rl, wcfg.image_size))
+        rewards_dict = {"world": str(stage0)}
+        model_dir = model_dir or "parauni-demo/stage2"
+    if not model_dir:
+        raise ConfigError("parauni rl needs --model DIR (a Stage-II model folder), or --world")
+    if args.config:
+        data = load_yaml(args.config)
+        unknown = sorted(set(data) - {"rl", "rewards"})
+        if unknown:
+            raise ConfigError(
+                f"{args.config}: unknown section(s) {unknown}; an RL config has 'rl' and 'rewards'"
+            )
+        rl_dict = {**rl_dict, **data.get("rl", {})}
+        rewards_dict = {**rewards_dict, **data.get("rewards", {})}
+    cfg = from_dict(RLConfig, apply_overrides(rl_dict, rl_items), prefix="rl.")
+    rewards_cfg = from_dict(RewardsConfig, apply_overrides(rewards_dict, reward_items), prefix="rewards.")
+    if args.prompts:
+        prompts = PromptSource.from_file(args.prompts)
+    elif args.world:
+        prompts = WorldPromptSource()
+    else:
+        raise ConfigError("parauni rl needs --prompts FILE (.txt or GenEval-style .jsonl), or --world")
+    model = load_model(model_dir, model_overrides)
+    rewards = build_rewards(rewards_cfg)
+    combined = CombinedReward(rewards, {name: 1.0 for name in rewards})
+    print(
+        f"RL: {cfg.total_epochs} epochs over phases "
+        + ", ".join(f"{p.name} ({p.epochs} epochs, {p.rewards}, zone {p.zone})" for p in cfg.phases)
+        + f"; rewards available: {sorted(rewards)}"
+    )
+    result = train_rl(
+        model,
+        lambda images, prompts_, metadata: combined(images, prompts_, metadata)[1],
+        list(rewards),
+        prompts,
+        cfg,
+        args.out,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    first, last = result.history[0], result.history[-1]
+    for key in sorted(k for k in last if k.startswith("reward_") and not k.endswith("_std")):
+        print(f"{key[len('reward_') :]}: first epoch {first[key]:.4f} -> last epoch {last[key]:.4f}")
+    print(
+        f"LDAM triggers: {sum(bool(r.get('ldam_triggered')) for r in result.history)}; log {result.log_path}"
+    )
+    return 0
+
+
 def cmd_import_openuni(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_model_config
     from .models.openuni import import_openuni
@@ -295,6 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(
+        "rl",
+        help="Stage III: Flow-GRPO with LDAM and a reward curriculum",
+        epilog="overrides: --rl.key=value (e.g. --rl.group_size=8 --rl.ldam.enabled=false), "
+        "--rewards.key=value (e.g. --rewards.clip=openai/clip-vit-large-patch14), and model overrides",
+    )
+    p.add_argument("--model", help="the Stage-II model folder (with --world: default parauni-demo/stage2)")
+    p.add_argument("--out", required=True, help="run folder: the RL policy, checkpoints/ and rl_log.jsonl")
+    p.add_argument("--config", help="a YAML file with 'rl' (RLConfig) and 'rewards' (RewardsConfig) sections")
+    p.add_argument("--prompts", help="RL prompts: .txt (one a line) or .jsonl with 'prompt' (GenEval rows)")
+    p.add_argument("--world", action="store_true", help="the shapes world: its prompts, rewards and defaults")
+    p.add_argument("--cache", help="with --world: the Stage-0 cache (default: as parauni demo)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_rl)
+
+    p = sub.add_parser(
         "import-openuni", help="convert an OpenUni / ParaUni .pth checkpoint", epilog=OVERRIDE_HELP
     )
     p.add_argument("checkpoint", help="the .pth state dict (read with weights_only=True)")
@@ -336,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .models.components import ComponentLoadError
     from .models.parauni import CheckpointError
+    from .rl.rewards import RewardModelError
     from .training.data import DataError
     from .utils.images import ImageReadError
 
@@ -350,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         ComponentLoadError,
         ImageReadError,
         DataError,
+        RewardModelError,
+        FileNotFoundError,
         ValueError,
         TypeError,
     ) as err:

@@ -276,9 +276,15 @@ def to_dict(config: Any) -> dict:
 def _parse_value(text: str) -> Any:
     """A command-line value as YAML (``3``, ``1e-4``, ``true``, ``[0,1]``, ``null``), else the raw string."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string; people mean the number
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

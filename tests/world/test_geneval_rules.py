@@ -9,6 +9,7 @@ from parauni.eval.geneval_rules import (
     color_from_detection,
     evaluate_image,
     filter_detections,
+    partial_credit,
     relative_position,
     score_rows,
     validate_metadata,
@@ -304,3 +305,60 @@ def test_score_rows_rejects_bad_rows():
         score_rows([{"tag": "dense", "correct": True}])
     with pytest.raises(ValueError, match="no 'correct'"):
         score_rows([{"tag": "counting"}])
+
+
+# --- partial_credit (Flow-GRPO's GenEval reward) -----------------------------------------------------------
+
+
+def credit(dets, metadata):
+    return partial_credit(filter_detections(dets, metadata["tag"]), metadata, colors_of)
+
+
+COLOR_ATTR = {
+    "tag": "color_attr",
+    "include": [
+        {"class": "circle", "count": 1, "color": "red"},
+        {"class": "square", "count": 1, "color": "blue"},
+    ],
+    "prompt": "a photo of a red circle and a blue square",
+}
+
+
+def test_partial_credit_count_term_is_exact_and_goes_negative_for_many_extras():
+    assert credit([det("circle")], SINGLE) == 1.0
+    assert credit([], SINGLE) == 0.0
+    assert credit([det("circle", cx=10 * i) for i in range(3)], SINGLE) == -1.0  # 1 - |1 - 3| / 1
+    three = [det("circle", cx=10 * i) for i in range(3)]
+    assert credit(three, COUNTING) == pytest.approx(0.5)  # 1 - |2 - 3| / 2; excludes add nothing
+    assert credit(three[:2], COUNTING) == 1.0
+    assert credit(three[:2] + [det("circle", cx=70, score=0.85)], COUNTING) == 1.0  # 0.9 threshold
+
+
+def test_partial_credit_colour_terms_bind_colours_to_classes():
+    assert credit([det("circle", color="red"), det("square", cx=10, color="blue")], COLOR_ATTR) == 1.0
+    # counts right (1 + 1), circle colour wrong (0), square right (1)
+    assert credit([det("circle", color="green"), det("square", cx=10, color="blue")], COLOR_ATTR) == 0.75
+    # a missing object loses its count and its colour term
+    assert credit([det("circle", color="red")], COLOR_ATTR) == 0.5
+    two_red = {
+        "tag": "colors",
+        "include": [{"class": "circle", "count": 2, "color": "red"}],
+        "prompt": "a photo of two red circles",
+    }
+    assert credit([det("circle", color="red"), det("circle", cx=10, color="blue")], two_red) == 0.75
+
+
+def test_partial_credit_position_term():
+    left = [det("square", cx=70), det("circle", cx=30)]
+    assert credit(left, position_metadata("left of")) == 1.0
+    assert credit(left, position_metadata("right of")) == pytest.approx(2 / 3)  # counts 1 + 1, relation 0
+    assert credit([det("circle", cx=30)], position_metadata("left of")) == pytest.approx(1 / 3)  # no target
+    meta = position_metadata("left of")
+    meta["include"][1]["color"] = "red"  # a colour failure also fails the position term
+    dets = [det("square", cx=70, color="red"), det("circle", cx=30, color="blue")]
+    assert credit(dets, meta) == pytest.approx(2 / 4)
+
+
+def test_partial_credit_needs_an_include_clause():
+    with pytest.raises(ValueError, match="no include clause"):
+        credit([], {"tag": "single_object", "include": [], "prompt": "nothing"})

@@ -28,8 +28,11 @@ def test_stage0_writes_and_reuses_its_artefacts(stage0):
         "stage0_vlm",
         "stage0_ae",
         "stage0_t2i",
+        "stage0_clip",
     }
     assert 0.0 <= info["metrics"]["vlm"]["heldout_token_accuracy"] <= 1.0
+    assert 0.0 <= info["metrics"]["clip"]["heldout_retrieval_top1"] <= 1.0
+    assert (folder / "clip" / "config.json").is_file() and (folder / "aesthetic.safetensors").is_file()
     messages = []
     assert run_stage0(cfg, folder.parent, progress=False, log=messages.append) == folder
     assert "reusing" in messages[0]
@@ -39,6 +42,7 @@ def test_stage0_key_changes_with_what_it_trains():
     base = WorldConfig()
     assert stage0_key(base) == stage0_key(WorldConfig())
     assert stage0_key(base) != stage0_key(world_config(["t2i.steps=7"]))
+    assert stage0_key(base) != stage0_key(world_config(["reward.steps=7"]))
     assert stage0_key(base) == stage0_key(world_config(["parauni.stage1_steps=7"]))
 
 
@@ -80,13 +84,19 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--quiet", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["shapeseval"]) == {"stage0_t2i", "stage1", "stage2"}
+    assert set(metrics["shapeseval"]) == {"stage0_t2i", "stage1", "stage2", "stage3"}
     for scores in metrics["shapeseval"].values():
         assert 0.0 <= scores["overall"] <= 1.0 and len(scores["tags"]) == 6
-    assert {"stage0", "stage1", "stage2", "shapeseval_stage2", "total"} <= set(metrics["timings"])
-    for name in ["report.md", "losses.png", "samples_counting.png", "eval_metadata.jsonl"]:
+    assert {"stage0", "stage1", "stage2", "shapeseval_stage2", "stage3_rl", "total"} <= set(
+        metrics["timings"]
+    )
+    assert set(metrics["rl"]["rewards_first_last"]) == {"aesthetic", "clip", "geneval"}
+    for name in ["report.md", "losses.png", "rl_rewards.png", "samples_counting.png", "eval_metadata.jsonl"]:
         assert (out / name).is_file(), name
-    assert "ShapesEval" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "ShapesEval" in report and "Stage III (RL)" in report
+    rl_rows = [json.loads(line) for line in (out / "stage3" / "rl_log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rl_rows] == ["aesthetic", "clip+geneval"]
     assert (
         main(
             [

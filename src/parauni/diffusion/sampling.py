@@ -5,13 +5,15 @@ The loop walks a decreasing sigma schedule ``sigmas[0] = 1 -> sigmas[-1] = 0``, 
 
 * :func:`euler_step` - deterministic flow Euler (used with :func:`flow_sigmas`, shift 3.0);
 * :class:`SchedulerStep` - any diffusers scheduler, here SANA's DPM-Solver++ (flow prediction, shift 3.0);
-* the RL rollout's SDE step with log-probability (Flow-GRPO) plugs into the same loop.
+* :class:`SDEStep` - Flow-GRPO's stochastic step with its log-probability (the RL rollout), with
+  :func:`sde_step` as the pure function that both the rollout and the policy update call.
 
 Classifier-free guidance is a wrapper around the velocity function (:func:`guided_velocity`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +48,76 @@ def flow_sigmas(steps: int, shift: float = 3.0, device: torch.device | str | Non
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> StepOutput:
     """x_next = x + (sigma_next - sigma) * v (flow ODE, fp32 arithmetic)."""
     return StepOutput((x.float() + (sigma_next - sigma) * v.float()).to(x.dtype))
+
+
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    *,
+    eta: float,
+    sigma_max: float,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> StepOutput:
+    """Flow-GRPO's SDE step with the log-probability of its result, all in fp32 (system.md section 4).
+
+    With ``dt = sigma_next - sigma < 0`` and ``s = eta * sqrt(sigma / (1 - sigma'))`` (``sigma' = sigma_max``
+    when ``sigma == 1``, else ``sigma``)::
+
+        mean = x (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt
+        x'   = mean + s sqrt(-dt) noise
+
+    Args:
+        x: (B, C, h, w) current sample; v: (B, C, h, w) velocity at (x, sigma).
+        eta: noise level; 0 gives exactly the Euler step (and no log-probability).
+        sigma_max: the schedule's second sigma, used in place of sigma = 1 (where 1 - sigma = 0).
+        noise: (B, C, h, w) standard normal draw for the new sample (ignored when ``prev_sample`` is given).
+        prev_sample: an already drawn x' whose log-probability is wanted (the policy update recomputes the
+            rollout's log-probabilities this way).
+
+    Returns:
+        :class:`StepOutput` with ``sample`` x', ``mean``, ``std`` (the scalar step standard deviation
+        ``s sqrt(-dt)``) and ``log_prob`` (B,): the Gaussian log-density of x', averaged over C, h, w.
+    """
+    x32, v32 = x.float(), v.float()
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device)
+    dt = sigma_next - sigma
+    if eta == 0:
+        return StepOutput((x32 + dt * v32).to(x.dtype) if prev_sample is None else prev_sample)
+    denom = 1 - torch.where(sigma >= 1, torch.as_tensor(sigma_max, device=x.device), sigma)
+    s = eta * torch.sqrt(sigma / denom)
+    mean = x32 * (1 + s**2 / (2 * sigma) * dt) + v32 * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = s * torch.sqrt(-dt)
+    if prev_sample is None:
+        if noise is None:
+            raise ValueError("sde_step needs either noise (to draw x') or prev_sample (to score it)")
+        prev = mean + std * noise.float()
+    else:
+        prev = prev_sample.float()
+    log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return StepOutput(prev, mean=mean, std=std, log_prob=log_prob.mean(dim=tuple(range(1, x.dim()))))
+
+
+class SDEStep:
+    """The rollout's step function: :func:`sde_step` with per-image seeded noise.
+
+    ``generators`` holds one ``torch.Generator`` per image, so an image's trajectory depends only on its own
+    seed (not on the batch it was drawn in or the number of processes).
+    """
+
+    def __init__(self, eta: float, sigma_max: float, generators: list[torch.Generator]) -> None:
+        self.eta = eta
+        self.sigma_max = float(sigma_max)
+        self.generators = generators
+
+    def __call__(
+        self, x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+    ) -> StepOutput:
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in self.generators]).to(x.device)
+        return sde_step(x, v, sigma, sigma_next, eta=self.eta, sigma_max=self.sigma_max, noise=noise)
 
 
 class SchedulerStep:

@@ -9,6 +9,8 @@ world's ShapesEval (`parauni.world.detector`) turn an image into `Detection`s an
 * `evaluate_image`: GenEval's per-image decision from the metadata row's include / exclude clauses,
   including the colour clause (via a `classify_colors` callable) and the position clause (`relative_position`).
 * `score_rows`: per-tag accuracy and the overall score, the unweighted mean of the per-tag means.
+* `partial_credit`: Flow-GRPO's GenEval reward for Stage III (system.md section 4), the mean of per-clause
+  credits, with the same colour and position checks as `evaluate_image`.
 
 The metadata format is GenEval's `evaluation_metadata.jsonl`: {"tag", "include": [{"class", "count",
 optional "color", optional "position": [relation, target_index]}], optional "exclude", "prompt"}.
@@ -223,6 +225,51 @@ def evaluate_image(
             correct = False
             reasons.append(f"expected {cls}<{count}, found {n}")
     return correct, "\n".join(reasons)
+
+
+def partial_credit(
+    kept: dict[str, list[Detection]], metadata: dict, classify_colors: ColorClassifier
+) -> float:
+    """Flow-GRPO's GenEval reward for one image: the mean of per-requirement credits of the include clauses.
+
+    Each include clause of class `cls` asking for `count` objects, with `n` kept detections of `cls`, adds:
+
+    * a count credit ``1 - |count - n| / count`` (below 0 when more than twice the count is found, as in
+      Flow-GRPO); the clause is matched only when ``n == count`` exactly (GenEval accepts ``n >= count``);
+    * if it asks for a colour: ``matches / count`` over the colours of its `n` objects when matched, else 0;
+      a colour mismatch unmatches the clause;
+    * if it asks for a position: 1 when the clause is still matched, its target clause was matched and every
+      object has the relation to every target object (the rule of `evaluate_image`), else 0.
+
+    Exclude clauses add nothing (the exact count already penalises extra objects). Two deliberate
+    departures from Flow-GRPO's reward server, both only where its bookkeeping is inconsistent: a failed
+    position check adds a single 0 (the server adds a 0 and a 1), and a position requirement skipped
+    because the colour failed adds 0 (the server adds nothing), so every clause has a fixed number of terms.
+    Returns a float, 1.0 for an image GenEval's strict rule accepts with exact counts, 0.0 for an empty one.
+    """
+    validate_metadata(metadata)
+    if not metadata["include"]:
+        raise ValueError(f"metadata row {_row_name(metadata)} has no include clause to give credit for")
+    credits: list[float] = []
+    matched_groups: list[list[Detection] | None] = []
+    for clause in metadata["include"]:
+        cls, count = clause["class"], clause["count"]
+        found = kept.get(cls, [])
+        credits.append(1.0 - abs(count - len(found)) / count)
+        matched = len(found) == count
+        if "color" in clause:
+            matches = classify_colors(found, cls).count(clause["color"]) if matched else 0
+            credits.append(matches / count)
+            matched = matched and matches == count
+        if "position" in clause:
+            relation, target_index = clause["position"]
+            targets = matched_groups[target_index]
+            matched = (
+                matched and targets is not None and _position_reason(cls, relation, found, targets) is None
+            )
+            credits.append(float(matched))
+        matched_groups.append(found if matched else None)
+    return sum(credits) / len(credits)
 
 
 def color_from_detection(dets: list[Detection], cls: str) -> list[str]:

@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass, field
 
 from ..config import ConfigError
+from .rl import WorldRLConfig
 
 
 @dataclass
@@ -112,6 +113,41 @@ class WorldEvalConfig:
 
 
 @dataclass
+class WorldRewardConfig:
+    """The world's reward models, trained at the end of Stage 0: a small CLIP (contrastive on world captions,
+    the stand-in for CLIP ViT-L/14) and an aesthetic MLP on its image embeddings (LAION's predictor's
+    stand-in) that ranks clean renders above blurred, noised and jittered ones."""
+
+    patch: int = field(default=4, metadata={"help": "CLIP vision patch size"})
+    vision_hidden: int = field(default=96, metadata={"help": "CLIP vision width"})
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_text_length: int = field(default=64, metadata={"help": "CLIP text positions (world captions <= 43)"})
+    projection_dim: int = 64
+    steps: int = field(default=300, metadata={"help": "contrastive training steps"})
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 20
+    hard_negatives: bool = field(
+        default=True,
+        metadata={
+            "help": "add one caption per GenEval-style example with a swapped colour / relation / count"
+        },
+    )
+    aesthetic_hidden: list[int] = field(
+        default_factory=lambda: [64, 16],
+        metadata={"help": "hidden widths of the aesthetic MLP (LAION's: 1024-128-64-16)"},
+    )
+    aesthetic_dropout: float = 0.1
+    aesthetic_steps: int = 100
+    aesthetic_batch_size: int = 64
+    aesthetic_lr: float = 1e-3
+
+
+@dataclass
 class WorldConfig:
     """Everything about the embedded default world."""
 
@@ -122,6 +158,8 @@ class WorldConfig:
     t2i: WorldT2IConfig = field(default_factory=WorldT2IConfig)
     parauni: WorldParaUniConfig = field(default_factory=WorldParaUniConfig)
     eval: WorldEvalConfig = field(default_factory=WorldEvalConfig)
+    reward: WorldRewardConfig = field(default_factory=WorldRewardConfig)
+    rl: WorldRLConfig = field(default_factory=WorldRLConfig)
 
     def __post_init__(self) -> None:
         dit_multiple = self.t2i.dit_patch * (2 ** (len(self.ae.channels) - 1) if self.ae.enabled else 1)
@@ -129,6 +167,10 @@ class WorldConfig:
             raise ConfigError(
                 f"world.image_size={self.image_size} must be a multiple of 4 x vlm.patch ({4 * self.vlm.patch}) "
                 f"and of the autoencoder factor x t2i.dit_patch ({dit_multiple})"
+            )
+        if self.image_size % self.reward.patch:
+            raise ConfigError(
+                f"world.image_size={self.image_size} must be a multiple of reward.patch ({self.reward.patch})"
             )
 
     def quick(self) -> WorldConfig:
@@ -145,4 +187,10 @@ class WorldConfig:
         q.parauni.stage1_warmup = q.parauni.stage2_warmup = 1
         q.parauni.batch_size = 8
         q.eval.per_tag, q.eval.images_per_prompt, q.eval.steps = 1, 2, 4
+        q.reward.vision_hidden = q.reward.text_hidden = 32
+        q.reward.vision_layers = q.reward.text_layers = 1
+        q.reward.steps, q.reward.warmup, q.reward.batch_size = 3, 1, 8
+        q.reward.aesthetic_steps, q.reward.aesthetic_batch_size = 3, 8
+        q.rl.aesthetic_epochs = q.rl.clip_epochs = 1
+        q.rl.prompts_per_epoch, q.rl.group_size, q.rl.steps, q.rl.micro_batch = 2, 2, 3, 4
         return q

@@ -1,8 +1,9 @@
 """``parauni demo``: the whole pipeline on the shapes world, trained and measured on this machine.
 
-Stage 0 (cached) -> Stage I -> ShapesEval -> Stage II -> ShapesEval, then a report folder with
-``metrics.json`` (ShapesEval per model under ``shapeseval``, seconds per stage under ``timings``), loss
-curves, sample grids per GenEval tag and ``report.md``.
+Stage 0 (cached) -> Stage I -> ShapesEval -> Stage II -> ShapesEval -> Stage III (RL) -> ShapesEval, then a
+report folder with ``metrics.json`` (ShapesEval per model under ``shapeseval``, seconds per stage under
+``timings``, the RL rewards under ``rl``), loss and reward curves, sample grids per GenEval tag and
+``report.md``.
 """
 
 from __future__ import annotations
@@ -157,6 +158,26 @@ def run_demo(
         scores[f"stage{stage}"] = result
         samples[f"ParaUni Stage {'I' * stage} (all layers)"] = result["samples"]
 
+    rl_metrics = None
+    if cfg.rl.enabled:
+        from .rl import run_world_rl
+
+        t = time.time()
+        result = run_world_rl(
+            model, cfg.rl, cfg.image_size, stage0, out / "stage3", progress=progress, log=log
+        )
+        timings["stage3_rl"] = time.time() - t
+        history = result.history
+        names = sorted(k for k in history[0] if k.startswith("reward_") and not k.endswith("_std"))
+        rl_metrics = {
+            "rewards_first_last": {k[len("reward_") :]: [history[0][k], history[-1][k]] for k in names},
+            "ldam_triggers": sum(bool(r.get("ldam_triggered")) for r in history),
+            "epochs": len(history),
+        }
+        result = evaluate("stage3", paraunigen(model))
+        scores["stage3"] = result
+        samples["ParaUni Stage III (RL)"] = result["samples"]
+
     timings["total"] = time.time() - start
     metrics = {
         "shapeseval": {
@@ -167,6 +188,8 @@ def run_demo(
         "world": dataclasses.asdict(cfg),
         "quick": quick,
     }
+    if rl_metrics is not None:
+        metrics["rl"] = rl_metrics
     figures = {"losses": "losses.png"}
     plot_losses(
         {
@@ -177,6 +200,11 @@ def run_demo(
         },
         out / "losses.png",
     )
+    if rl_metrics is not None:
+        from ..rl.plots import plot_reward_curves, read_log
+
+        plot_reward_curves({"Stage III": read_log(out / "stage3" / "rl_log.jsonl")}, out / "rl_rewards.png")
+        figures["rewards"] = "rl_rewards.png"
     for tag, path in plot_tag_grids(samples, out).items():
         figures[tag] = path.name
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

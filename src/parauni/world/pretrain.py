@@ -43,6 +43,8 @@ STREAM_OFFSETS = {
     "heldout": 606,
     "text": 707,
     "ae": 808,
+    "clip": 909,
+    "aesthetic": 1010,
 }
 
 
@@ -68,6 +70,7 @@ def stage0_key(cfg: WorldConfig) -> str:
         "vlm": dataclasses.asdict(cfg.vlm),
         "t2i": dataclasses.asdict(cfg.t2i),
         "ae": dataclasses.asdict(cfg.ae),
+        "reward": dataclasses.asdict(cfg.reward),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -371,8 +374,9 @@ def t2i_train_config(cfg: WorldConfig, save_every: int = 0) -> TrainConfig:
 def run_stage0(cfg: WorldConfig, cache_dir: str | Path, progress: bool = True, log=print) -> Path:
     """Train (or reuse from the cache) the world's tokenizer, VLM and text-to-image model.
 
-    Returns the artefact folder: ``vlm/`` (InternVL + tokenizer), ``t2i/`` (text encoder + DiT) and
-    ``stage0.json`` (timings and metrics), which is written last and marks the folder complete.
+    Returns the artefact folder: ``vlm/`` (InternVL + tokenizer), ``t2i/`` (text encoder + DiT), ``clip/`` +
+    ``aesthetic.safetensors`` (the world's reward models) and ``stage0.json`` (timings and metrics), which
+    is written last and marks the folder complete.
     """
     folder = Path(cache_dir) / f"stage0-{stage0_key(cfg)}"
     if (folder / DONE_FILE).is_file():
@@ -427,9 +431,45 @@ def run_stage0(cfg: WorldConfig, cache_dir: str | Path, progress: bool = True, l
     timings["stage0_t2i"] = time.time() - t0
     metrics["t2i"] = {"final_loss": result.final_loss}
     log(f"stage 0: text-to-image final loss {result.final_loss:.4f} ({timings['stage0_t2i']:.0f} s)")
+    t0 = time.time()
+    metrics["clip"] = train_world_reward_models(folder, tokenizer, cfg, progress, log)
+    timings["stage0_clip"] = time.time() - t0
     (folder / DONE_FILE).write_text(
         json.dumps({"timings": timings, "metrics": metrics, "key": stage0_key(cfg)}, indent=2)
     )
+    return folder
+
+
+def train_world_reward_models(
+    folder: Path, tokenizer, cfg: WorldConfig, progress: bool = True, log=print
+) -> dict:
+    """Stage 0's last step: the world CLIP and the aesthetic MLP on its embeddings (Stage III's rewards),
+    saved into ``folder``; returns their held-out metrics."""
+    from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
+
+    t0 = time.time()
+    clip = world_clip(cfg, tokenizer)
+    clip_metrics = train_world_clip(clip, tokenizer, cfg, progress)
+    mlp, aesthetic_metrics = train_world_aesthetic(clip, cfg, progress)
+    save_world_reward_models(folder, clip, tokenizer, mlp, cfg)
+    (folder / "clip_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clip_metrics.pop("curve")))
+    aesthetic_metrics.pop("curve")
+    log(
+        f"stage 0: world CLIP held-out retrieval top-1 {clip_metrics['heldout_retrieval_top1']:.3f}, hard-negative "
+        f"accuracy {clip_metrics['heldout_hard_negative_accuracy']:.3f}; aesthetic ranking accuracy "
+        f"{aesthetic_metrics['heldout_ranking_accuracy']:.3f} ({time.time() - t0:.0f} s)"
+    )
+    return {**clip_metrics, "aesthetic": aesthetic_metrics}
+
+
+def stage0_folder(cfg: WorldConfig, cache_dir: str | Path) -> Path:
+    """The complete Stage-0 folder of ``cfg`` in ``cache_dir``; a clear error when Stage 0 has not run."""
+    folder = Path(cache_dir) / f"stage0-{stage0_key(cfg)}"
+    if not (folder / DONE_FILE).is_file():
+        raise FileNotFoundError(
+            f"no complete Stage-0 world models in {folder}: run `parauni demo` first (same --world overrides "
+            "and cache), which trains and caches them"
+        )
     return folder
 
 

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..eval.geneval_rules import GENEVAL_TAGS  # noqa: E402
+from ..rl.plots import ema  # noqa: E402
 from ..utils.images import make_grid  # noqa: E402
 
 
@@ -34,11 +35,7 @@ def plot_losses(curves: dict[str, Path], out: str | Path) -> Path:
     for ax, (name, path) in zip(axes[0], curves.items(), strict=False):
         steps, values = read_log(path)
         ax.plot(steps, values, alpha=0.35, label="loss")
-        ema, smooth = [], values[0] if values else 0.0
-        for v in values:
-            smooth = 0.9 * smooth + 0.1 * v
-            ema.append(smooth)
-        ax.plot(steps, ema, label="EMA 0.1")
+        ax.plot(steps, ema(values, 0.1), label="EMA 0.1")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -97,7 +94,8 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
     lines += [
         "Every model here was trained on this machine by `parauni demo`: Stage 0 (the world's VLM and its "
         "text-to-image DiT with its own text encoder), then ParaUni's Stage I (queries + LIM, DiT frozen) "
-        "and Stage II (+ DiT). ShapesEval applies GenEval's rules with a detector that knows the world.",
+        "and Stage II (+ DiT), then Stage III (Flow-GRPO with LDAM on the world's rewards) when enabled. "
+        "ShapesEval applies GenEval's rules with a detector that knows the world.",
         "",
         "## ShapesEval",
         "",
@@ -111,9 +109,15 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
     lines += [f"| {k} | {v:.1f} |" for k, v in metrics["timings"].items()]
     if "notes" in metrics:
         lines += ["", "## Notes", ""] + [f"* {n}" for n in metrics["notes"]]
-    lines += ["", "## Training curves", "", f"![losses]({figures['losses']})", "", "## Samples", ""]
+    lines += ["", "## Training curves", "", f"![losses]({figures['losses']})", ""]
+    if "rl" in metrics:
+        rl = metrics["rl"]
+        lines += ["## Stage III (RL)", "", "| reward | first epoch | last epoch |", "|---|---|---|"]
+        lines += [f"| {k} | {v[0]:.4f} | {v[1]:.4f} |" for k, v in rl["rewards_first_last"].items()]
+        lines += ["", f"LDAM triggers: {rl['ldam_triggers']}", "", f"![rewards]({figures['rewards']})", ""]
+    lines += ["## Samples", ""]
     for key, path in figures.items():
-        if key != "losses":
+        if key not in ("losses", "rewards"):
             lines += [f"### {key}", "", f"![{key}]({path})", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,1 @@
+"""Stage III: Flow-GRPO reinforcement learning with LDAM and the reward models."""

@@ -1,0 +1,165 @@
+"""Configuration of Stage III: Flow-GRPO (system.md section 4), the reward curriculum and LDAM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, TrainableConfig, _check_choice
+from .ldam import LDAMConfig
+
+ZONE_CHOICES = ("shallow", "middle", "deep", "all")
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of the reward curriculum: which rewards are optimised (by weight), for how long, and the
+    layer zone LDAM perturbs while they are."""
+
+    name: str = field(default="phase", metadata={"help": "label in logs and plots"})
+    rewards: dict[str, float] = field(
+        default_factory=lambda: {"clip": 1.0}, metadata={"help": "reward name -> weight"}
+    )
+    epochs: int = field(default=100, metadata={"help": "RL epochs (rollout + update) of this phase"})
+    zone: str = field(default="deep", metadata={"help": f"LDAM's zone, one of {ZONE_CHOICES}"})
+    beta: float = field(default=0.02, metadata={"help": "KL weight against the reference policy"})
+
+    def __post_init__(self) -> None:
+        _check_choice("rl.phases[].zone", self.zone, ZONE_CHOICES)
+        if not self.rewards:
+            raise ConfigError(f"rl phase {self.name!r} optimises no reward; give rewards: {{name: weight}}")
+        if self.epochs < 1:
+            raise ConfigError(f"rl phase {self.name!r}: epochs={self.epochs} must be >= 1")
+        if self.beta < 0:
+            raise ConfigError(f"rl phase {self.name!r}: beta={self.beta} must be >= 0")
+
+
+def paper_phases() -> list[PhaseConfig]:
+    """The paper's curriculum: Aesthetic and PickScore on the middle zone, then CLIP score on the deep zone."""
+    return [
+        PhaseConfig("aesthetic+pickscore", {"aesthetic": 1.0, "pickscore": 1.0}, 1000, "middle", 0.01),
+        PhaseConfig("clip", {"clip": 1.0}, 1000, "deep", 0.02),
+    ]
+
+
+@dataclass
+class RLConfig:
+    """Stage III on a Stage-II model. Defaults follow system.md section 4 at a single-GPU scale."""
+
+    phases: list[PhaseConfig] = field(
+        default_factory=paper_phases, metadata={"help": "the reward curriculum"}
+    )
+    prompts_per_epoch: int = field(default=8, metadata={"help": "distinct prompts per epoch (all processes)"})
+    group_size: int = field(default=4, metadata={"help": "images per prompt, k (the reference: 24)"})
+    steps: int = field(default=10, metadata={"help": "sampling steps of the SDE rollout"})
+    eta: float = field(default=0.7, metadata={"help": "SDE noise level"})
+    cfg: float = field(default=4.5, metadata={"help": "CFG scale of rollout and update"})
+    shift: float = field(default=3.0, metadata={"help": "flow shift of the sigmas"})
+    height: int | None = field(
+        default=None, metadata={"help": "image height (default: the model's sampling)"}
+    )
+    width: int | None = field(default=None, metadata={"help": "image width (default: the model's sampling)"})
+    timestep_fraction: float = field(default=0.99, metadata={"help": "fraction of the steps trained on"})
+    adv_std: str = field(default="global", metadata={"help": "advantage std: 'global' (batch) or 'group'"})
+    adv_clip: float = field(default=5.0, metadata={"help": "advantages clipped to +-adv_clip"})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon"})
+    inner_epochs: int = field(default=1, metadata={"help": "policy-update passes over each rollout"})
+    updates_per_epoch: int = field(default=2, metadata={"help": "optimizer steps per inner epoch"})
+    micro_batch: int = field(default=8, metadata={"help": "samples per forward/backward (per process)"})
+    rollout_batch: int = field(default=16, metadata={"help": "samples per rollout forward (per process)"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant, no warm-up)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (none on 1-D params)"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights (0 = off); saved"})
+    trainable: TrainableConfig = field(
+        default_factory=lambda: TrainableConfig(
+            queries=False, lim=False, dit=False, dit_lora_rank=32, dit_lora_alpha=64.0
+        ),
+        metadata={"help": "what RL trains: the DiT (full or LoRA) and/or queries + LIM"},
+    )
+    ldam: LDAMConfig = field(default_factory=LDAMConfig)
+    log_all_rewards: bool = field(
+        default=True,
+        metadata={"help": "score and log every configured reward each epoch, not only the phase's"},
+    )
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (accelerate)"})
+    save_every: int = field(default=10, metadata={"help": "checkpoint every N epochs (0 = only at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "step checkpoints kept"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of prompts, initial noise, SDE noise and LDAM noise"}
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("rl.adv_std", self.adv_std, ("global", "group"))
+        _check_choice("rl.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        for name in (
+            "prompts_per_epoch",
+            "steps",
+            "inner_epochs",
+            "updates_per_epoch",
+            "micro_batch",
+            "rollout_batch",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 1")
+        if self.group_size < 2:
+            raise ConfigError(
+                f"rl.group_size={self.group_size} must be >= 2 (advantages compare within a group)"
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"rl.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if self.eta <= 0:
+            raise ConfigError(f"rl.eta={self.eta} must be > 0: the policy needs a stochastic step")
+        if not self.phases:
+            raise ConfigError("rl.phases is empty; give at least one reward phase")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"rl.ema={self.ema} must be in [0, 1)")
+        t = self.trainable
+        if not (t.queries or t.lim or t.dit or t.dit_lora_rank > 0):
+            raise ConfigError("rl.trainable trains nothing; enable dit, dit_lora_rank, lim or queries")
+
+    @property
+    def train_steps(self) -> int:
+        """How many of the sampling steps are trained on (the last is skipped at fraction 0.99)."""
+        return max(1, int(self.steps * self.timestep_fraction))
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.prompts_per_epoch * self.group_size
+
+
+@dataclass
+class RewardsConfig:
+    """Where the reward models' weights are: local folders or Hugging Face ids (nothing is fetched here).
+
+    A reward is available when its weights are given; the phases may only use available rewards.
+    """
+
+    pickscore: str | None = field(
+        default=None, metadata={"help": "PickScore model, e.g. yuvalkirstain/PickScore_v1"}
+    )
+    pickscore_processor: str = field(
+        default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        metadata={"help": "PickScore's processor / tokenizer"},
+    )
+    aesthetic_mlp: str | None = field(
+        default=None,
+        metadata={"help": "LAION aesthetic MLP weights (.safetensors, or .pth read weights-only)"},
+    )
+    aesthetic_clip: str = field(
+        default="openai/clip-vit-large-patch14", metadata={"help": "CLIP ViT-L/14 under the aesthetic MLP"}
+    )
+    clip: str | None = field(
+        default=None, metadata={"help": "CLIP score model, e.g. openai/clip-vit-large-patch14"}
+    )
+    world: str | None = field(
+        default=None,
+        metadata={
+            "help": "a shapes-world Stage-0 folder: its aesthetic, clip and geneval (ShapesEval) rewards"
+        },
+    )
+    batch_size: int = field(default=16, metadata={"help": "images per reward-model forward"})

@@ -1,0 +1,580 @@
+"""Stage III: Flow-GRPO on a ParaUni model, with LDAM and a sequential reward curriculum, under ``accelerate``.
+
+One epoch, read top to bottom:
+
+    prompts (P) -> each repeated k times (N = P k samples, split evenly over the processes)
+    rollout: per sample, SDE sampling with CFG from seeded noise, keeping every latent x_0..x_T and the
+             log-probability of every step; LDAM's perturbation noise (when active) is drawn and stored
+    rewards: every reward model scores the decoded images; the phase's weighted sum is the reward optimised
+    advantages: (r - mean of the prompt's group) / (std + 1e-4), clipped to +-5 (gathered over processes)
+    update: for the trained steps (the first 99%), recompute the step's log-probability under the current
+            policy (same stored condition noise) -> clipped policy loss + beta x KL to the reference policy;
+            accumulate, clip the gradient norm, AdamW step (``updates_per_epoch`` times per pass)
+    LDAM: record the phase reward's epoch mean and the gradient norm; maybe trigger a perturbation
+
+All randomness of an epoch derives from ``(seed, epoch, sample index)``, so the run is the same on any number
+of processes and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import save_yaml
+from ..diffusion.sampling import SDEStep, denoise, flow_sigmas, sde_step
+from ..models.lim import zone_layers
+from ..models.parauni import CheckpointError, ParaUni
+from ..pipeline import initial_noise
+from .config import PhaseConfig, RLConfig
+from .ldam import LDAM, perturbation_scale
+
+LOG_FILE = "rl_log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+# rewards(images (N, 3, H, W) in [-1, 1], prompts, metadata) -> {reward name: N floats}
+RewardFn = Callable[[torch.Tensor, list[str], list[dict | None]], dict[str, list[float]]]
+
+
+def _seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 1) % (2**62)
+    return h
+
+
+def _generators(*prefix: int, indices: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(_seed(*prefix, i)) for i in indices]
+
+
+# --------------------------------------------------------------------------------------------- prompts
+class PromptSource:
+    """Prompts for RL: a list of (prompt, GenEval metadata or None); an epoch draws ``n`` of them."""
+
+    def __init__(self, items: list[tuple[str, dict | None]]) -> None:
+        if not items:
+            raise ValueError("the RL prompt set is empty")
+        self.items = items
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PromptSource:
+        """A ``.txt`` file (one prompt a line) or a ``.jsonl`` file of {"prompt", ...} rows (GenEval format)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"RL prompt file {path} does not exist")
+        items = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                row = json.loads(line)
+                if "prompt" not in row:
+                    raise ValueError(f"{path}:{n} has no 'prompt' field")
+                items.append((row["prompt"], row if "include" in row else None))
+            else:
+                items.append((line.strip(), None))
+        return cls(items)
+
+    def epoch(self, seed: int, epoch: int, n: int) -> list[tuple[str, dict | None]]:
+        """``n`` prompts for ``epoch``: a seeded draw without replacement (with replacement if n > size)."""
+        rng = np.random.default_rng([seed, epoch, 7])
+        idx = rng.choice(len(self.items), size=n, replace=n > len(self.items))
+        return [self.items[i] for i in idx]
+
+
+class WorldPromptSource(PromptSource):
+    """Endless GenEval-format prompts of the shapes world, drawn uniformly over the six tags."""
+
+    def __init__(self) -> None:
+        pass
+
+    def epoch(self, seed: int, epoch: int, n: int) -> list[tuple[str, dict | None]]:
+        from ..eval.geneval_rules import GENEVAL_TAGS
+        from ..world.captions import metadata_for
+
+        rng = np.random.default_rng([seed, epoch, 11])
+        rows = [metadata_for(GENEVAL_TAGS[int(rng.integers(len(GENEVAL_TAGS)))], rng) for _ in range(n)]
+        return [(r["prompt"], r) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------- rollout
+@dataclass
+class Rollout:
+    """One epoch's samples on this process (n of them)."""
+
+    prompts: list[str]
+    metadata: list[dict | None]
+    groups: torch.Tensor  # (n,) index of the prompt in the epoch
+    latents: torch.Tensor  # (n, T + 1, C, h, w): x_0 (noise) .. x_T
+    log_probs: torch.Tensor  # (n, T)
+    sigmas: torch.Tensor  # (T + 1,)
+    ldam_eps: torch.Tensor | None  # (n, |zone|, Q, C) or None
+    gamma: float
+    images: torch.Tensor  # (n, 3, H, W) in [-1, 1], CPU
+    advantages: torch.Tensor | None = None  # (n,)
+    rewards: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def policy_condition(
+    model: ParaUni, batch, eps: torch.Tensor | None, gamma: float, zone: list[int]
+) -> torch.Tensor:
+    """(B, Q, C): the LIM's condition, the zone's per-layer outputs scaled by ``1 + gamma * eps`` (LDAM)."""
+    if eps is None:
+        return model.condition(batch)
+    per_layer = model.per_layer_conditions(batch)
+    scale = perturbation_scale(eps.to(per_layer.device, per_layer.dtype), gamma, zone, per_layer.shape[1])
+    return model.lim.aggregate(per_layer, scale)
+
+
+def cfg_velocity(
+    model: ParaUni, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Guided velocity ``v_u + scale (v_c - v_u)`` with the unconditional branch detached (no graph).
+
+    Rollout and policy update both use this function, in two DiT calls (not one batched call), so that the
+    update recomputes the rollout's log-probabilities with the same arithmetic. x: (B, C, h, w); t: (B,).
+    """
+    v_c = model.velocity(x, t, cond)
+    if scale == 1.0:
+        return v_c
+    with torch.no_grad():
+        v_u = model.velocity(x, t, uncond)
+    return v_u + scale * (v_c - v_u)
+
+
+@torch.no_grad()
+def rollout(
+    model: ParaUni,
+    items: list[tuple[str, dict | None]],
+    groups: list[int],
+    indices: list[int],
+    cfg: RLConfig,
+    epoch: int,
+    ldam: LDAM | None,
+    progress: bool = False,
+) -> Rollout:
+    """Sample the given global sample ``indices`` (their prompts ``items``) with the SDE sampler + CFG."""
+    model.eval()
+    s = model.config.sampling
+    height, width = cfg.height or s.height, cfg.width or s.width
+    shape = model.latent_shape(height, width)
+    sigmas = flow_sigmas(cfg.steps, cfg.shift, device=model.device)
+    uncond_one = model.condition(model.encode_prompts([None]))
+    lat, logp, eps_all, images = [], [], [], []
+    gamma = ldam.gamma if ldam is not None and ldam.active else 0.0
+    for start in tqdm(
+        range(0, len(items), cfg.rollout_batch), desc="rollout", leave=False, disable=not progress
+    ):
+        chunk = items[start : start + cfg.rollout_batch]
+        idx = indices[start : start + len(chunk)]
+        batch = model.encode_prompts([p for p, _ in chunk])
+        eps = None
+        if gamma > 0:
+            per_shape = (
+                len(chunk),
+                len(model.lim.layers),
+                model.queries.shape[0],
+                model.lim.projector.out_features,
+            )
+            eps = ldam.noise(per_shape, _generators(cfg.seed, epoch, 2, indices=idx))
+        cond = policy_condition(model, batch, eps, gamma, ldam.zone if ldam is not None else [])
+        x = initial_noise(shape, [_seed(cfg.seed, epoch, 0, i) for i in idx], model.device)
+        step = SDEStep(cfg.eta, float(sigmas[1]), _generators(cfg.seed, epoch, 1, indices=idx))
+        uncond = uncond_one.expand_as(cond)
+        final, outs = denoise(
+            functools.partial(cfg_velocity, model, cond=cond, uncond=uncond, scale=cfg.cfg),
+            x,
+            sigmas,
+            step,
+            record=True,
+        )
+        lat.append(torch.stack([x.float()] + [o.sample.float() for o in outs], dim=1))
+        logp.append(torch.stack([o.log_prob for o in outs], dim=1))
+        if eps is not None:
+            eps_all.append(eps)
+        images.append(model.decode_latents(final).cpu())
+    return Rollout(
+        prompts=[p for p, _ in items],
+        metadata=[m for _, m in items],
+        groups=torch.tensor(groups),
+        latents=torch.cat(lat),
+        log_probs=torch.cat(logp),
+        sigmas=sigmas,
+        ldam_eps=torch.cat(eps_all) if eps_all else None,
+        gamma=gamma,
+        images=torch.cat(images),
+    )
+
+
+# --------------------------------------------------------------------------------------------- objective
+def group_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, std: str = "global", clip: float = 5.0
+) -> torch.Tensor:
+    """Per-prompt advantages: ``(r - mean_group(r)) / (std + 1e-4)``, clipped to +-clip.
+
+    rewards, groups: (N,). ``std`` 'global' uses the standard deviation of the whole batch, 'group' each
+    group's own. Returns (N,) float32; each group's advantages have zero mean (before clipping).
+    """
+    r = rewards.double()
+    out = torch.empty_like(r)
+    global_std = r.std(unbiased=False)
+    for g in groups.unique():
+        m = groups == g
+        spread = r[m].std(unbiased=False) if std == "group" else global_std
+        out[m] = (r[m] - r[m].mean()) / (spread + 1e-4)
+    return out.clamp(-clip, clip).float()
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    mean: torch.Tensor | None = None,
+    ref_mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow-GRPO's clipped objective for one step of a batch, plus beta x KL to the reference policy.
+
+    log_prob, old_log_prob, advantages: (B,). mean, ref_mean: (B, C, h, w) step means under the policy and
+    the reference; std: the step's scalar standard deviation. Returns (loss, statistics).
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    policy = torch.maximum(unclipped, clipped).mean()
+    loss = policy
+    kl = torch.zeros((), device=log_prob.device)
+    if beta > 0 and mean is not None and ref_mean is not None:
+        kl = (((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * std**2)).mean()
+        loss = loss + beta * kl
+    stats = {
+        "policy_loss": float(policy.detach()),
+        "kl": float(kl.detach()),
+        "clipfrac": float(((ratio.detach() - 1).abs() > clip_range).float().mean()),
+        "approx_kl": float(0.5 * ((log_prob.detach() - old_log_prob) ** 2).mean()),
+        "ratio_mean": float(ratio.detach().mean()),
+        "ratio_min": float(ratio.detach().min()),
+        "ratio_max": float(ratio.detach().max()),
+    }
+    return loss, stats
+
+
+class PolicyStep(nn.Module):
+    """The policy's view of one rollout step, as a module so that DDP / FSDP see a ``forward``.
+
+    forward(batch, uncond, x, prev, sigma, sigma_next, eps, gamma) -> StepOutput fields (log_prob, mean, std)
+    of the stored next latent ``prev`` under the current weights, with CFG (unconditional branch detached).
+    """
+
+    def __init__(self, model: ParaUni, cfg: RLConfig, zone: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.zone = zone
+
+    def forward(self, batch, uncond, x, prev, sigma, sigma_next, eps, gamma: float):
+        m, c = self.model, self.cfg
+        t = sigma.expand(x.shape[0])
+        cond = policy_condition(m, batch, eps, gamma, self.zone)
+        v = cfg_velocity(m, x, t, cond, uncond.expand_as(cond), c.cfg)
+        out = sde_step(x, v, sigma, sigma_next, eta=c.eta, sigma_max=self._sigma_max, prev_sample=prev)
+        return out.log_prob, out.mean, out.std
+
+    _sigma_max: float = 0.0
+
+
+@contextlib.contextmanager
+def swapped(params: list[nn.Parameter], values: list[torch.Tensor]):
+    """Temporarily give ``params`` other values (the reference policy); no autograd graph may span it."""
+    saved = [p.data for p in params]
+    try:
+        for p, v in zip(params, values, strict=True):
+            p.data = v
+        yield
+    finally:
+        for p, v in zip(params, saved, strict=True):
+            p.data = v
+
+
+# --------------------------------------------------------------------------------------------- the loop
+@dataclass
+class RLResult:
+    epochs: int
+    model_dir: Path
+    log_path: Path
+    seconds: float
+    history: list[dict]
+
+
+def _zone_positions(model: ParaUni, zone: str) -> list[int]:
+    """Positions within the LIM's selected layers of the VLM layers of ``zone`` ('all' = every one)."""
+    selected = list(model.lim.layers)
+    if zone == "all":
+        return list(range(len(selected)))
+    wanted = set(zone_layers(model.vlm.num_layers, zone, model.config.lim.zone_bounds))
+    return [i for i, layer in enumerate(selected) if layer in wanted]
+
+
+def _phase_at(cfg: RLConfig, epoch: int) -> tuple[int, PhaseConfig]:
+    end = 0
+    for i, phase in enumerate(cfg.phases):
+        end += phase.epochs
+        if epoch < end:
+            return i, phase
+    raise IndexError(epoch)
+
+
+def _save_checkpoint(
+    out: Path, params: dict[str, nn.Parameter], optimizer, ema, state: dict, keep: int
+) -> None:
+    root = out / CHECKPOINT_DIR
+    final, tmp = root / f"epoch_{state['epoch']:06d}", root / f".tmp_epoch_{state['epoch']:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors")
+    )
+    if ema is not None:
+        save_file({n: t.contiguous().cpu() for n, t in ema.items()}, str(tmp / "ema.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("epoch_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    done = [p for p in sorted((out / CHECKPOINT_DIR).glob("epoch_*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def train_rl(
+    model: ParaUni,
+    rewards: RewardFn,
+    reward_names: list[str],
+    prompts: PromptSource,
+    cfg: RLConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    accelerator=None,
+    log=print,
+) -> RLResult:
+    """Run Stage III and save the final policy to ``out_dir`` (a model folder ``parauni generate`` reads).
+
+    Args:
+        model: a ParaUni model (Stage II); what trains is ``cfg.trainable``.
+        rewards: scores images -> {reward name: floats}; must return every name of ``reward_names``.
+        reward_names: every reward the phases use (checked up front).
+        prompts: the RL prompt source.
+        resume: continue from the newest epoch checkpoint in ``out_dir``.
+    """
+    from accelerate import Accelerator
+
+    missing = sorted({r for p in cfg.phases for r in p.rewards} - set(reward_names))
+    if missing:
+        raise ValueError(
+            f"rl phases use rewards {missing} that are not configured; available: {reward_names}"
+        )
+    out = Path(out_dir)
+    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    world, rank = acc.num_processes, acc.process_index
+    n_total = cfg.samples_per_epoch
+    if n_total % world:
+        raise ValueError(
+            f"rl.prompts_per_epoch x rl.group_size = {n_total} samples must divide over {world} processes"
+        )
+    n_local = n_total // world
+    model.set_trainable(cfg.trainable)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    reference = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    ema = {n: p.detach().clone() for n, p in named.items()} if cfg.ema > 0 else None
+    ldams = [
+        LDAM(cfg.ldam, _zone_positions(model, phase.zone), len(model.lim.layers)) for phase in cfg.phases
+    ]
+    start, history = 0, []
+    if resume and (ckpt := _latest_checkpoint(out)) is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        values = load_file(str(ckpt / "trainable.safetensors"))
+        if set(values) != set(named):
+            raise CheckpointError(f"{ckpt} does not match what RL trains now (was rl.trainable changed?)")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(values[n])
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        if ema is not None:
+            ema = load_file(str(ckpt / "ema.safetensors"))
+        for ldam, s in zip(ldams, state["ldam"], strict=True):
+            ldam.load_state_dict(s)
+        start, history = state["epoch"] + 1, state["history"]
+        acc.print(f"resuming RL from {ckpt} at epoch {start}")
+    policy = PolicyStep(model, cfg, [])
+    wrapped, optimizer = acc.prepare(policy, optimizer)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "rl_config.yaml")
+        # the log holds exactly the epochs done: none on a fresh start, the checkpoint's on a resume
+        (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
+    t0 = time.time()
+    bar = tqdm(
+        total=cfg.total_epochs, initial=start, desc="RL", disable=not (progress and acc.is_main_process)
+    )
+    for epoch in range(start, cfg.total_epochs):
+        phase_index, phase = _phase_at(cfg, epoch)
+        ldam = ldams[phase_index]
+        policy.zone = ldam.zone
+        te = time.time()
+        # ---- rollout on this process's share of the epoch's samples
+        items = prompts.epoch(cfg.seed, epoch, cfg.prompts_per_epoch)
+        indices = list(range(rank * n_local, (rank + 1) * n_local))
+        groups = [i // cfg.group_size for i in indices]
+        perturbed = ldam.active
+        ro = rollout(
+            model, [items[g] for g in groups], groups, indices, cfg, epoch, ldam if perturbed else None
+        )
+        # ---- rewards, gathered over processes, and advantages
+        names = (
+            sorted({r for p in cfg.phases for r in p.rewards})
+            if cfg.log_all_rewards
+            else sorted(phase.rewards)
+        )
+        scores = rewards(ro.images, ro.prompts, ro.metadata)
+        local = {n: torch.tensor(scores[n], dtype=torch.float32, device=model.device) for n in names}
+        gathered = {n: acc.gather(v).cpu() for n, v in local.items()}
+        total = sum(w * gathered[n] for n, w in phase.rewards.items())
+        all_groups = torch.arange(n_total) // cfg.group_size
+        adv = group_advantages(total, all_groups, cfg.adv_std, cfg.adv_clip)
+        ro.advantages = adv[rank * n_local : (rank + 1) * n_local].to(model.device)
+        # ---- policy update
+        stats, grad_norms = _update(
+            wrapped, policy, model, ro, cfg, phase, params, reference, optimizer, acc, epoch, ema
+        )
+        # ---- LDAM and the epoch log (identical on every process: inputs are gathered / all-reduced)
+        reward_mean = float(total.mean())
+        grad_norm = float(np.mean(grad_norms)) if grad_norms else float("nan")
+        ldam_state = ldam.update(reward_mean, grad_norm)
+        row = {
+            "epoch": epoch,
+            "phase": phase.name,
+            "phase_reward": reward_mean,
+            **{f"reward_{n}": float(v.mean()) for n, v in gathered.items()},
+            **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in gathered.items()},
+            "grad_norm": grad_norm,
+            **stats,
+            "ldam_perturbed": perturbed,
+            "ldam_gamma_used": ro.gamma,
+            **{f"ldam_{k}": v for k, v in ldam_state.items()},
+            "seconds": time.time() - te,
+        }
+        history.append(row)
+        if acc.is_main_process:
+            with (out / LOG_FILE).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        bar.set_postfix(phase=phase.name, reward=f"{reward_mean:.3f}", gn=f"{grad_norm:.2f}")
+        last = epoch == cfg.total_epochs - 1
+        if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and not last:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"epoch": epoch, "history": history, "ldam": [x.state_dict() for x in ldams]}
+                _save_checkpoint(out, named, optimizer, ema, state, cfg.keep_last)
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(ema[n])
+        model.save_pretrained(out)
+    log(f"RL: {cfg.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
+    return RLResult(cfg.total_epochs, out, out / LOG_FILE, time.time() - t0, history)
+
+
+def _update(
+    wrapped,
+    policy,
+    model,
+    ro: Rollout,
+    cfg: RLConfig,
+    phase: PhaseConfig,
+    params,
+    reference,
+    optimizer,
+    acc,
+    epoch: int,
+    ema,
+) -> tuple[dict, list[float]]:
+    """The policy update of one epoch: inner epochs x updates, each accumulating over micro-batches and the
+    trained steps. Returns the mean statistics and the gradient norm of every optimizer step."""
+    model.train()
+    policy._sigma_max = float(ro.sigmas[1])
+    n = len(ro.prompts)
+    steps = cfg.train_steps
+    uncond = model.condition(model.encode_prompts([None])).detach()
+    totals: dict[str, float] = {}
+    count, grad_norms = 0, []
+    for inner in range(cfg.inner_epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, 3, inner)))
+        chunks = [c for c in order.chunk(min(cfg.updates_per_epoch, n)) if len(c)]
+        for chunk in chunks:
+            micro = list(chunk.split(cfg.micro_batch))
+            n_backward = len(micro) * steps
+            done = 0
+            for mb in micro:
+                idx = mb.tolist()
+                batch = model.encode_prompts([ro.prompts[i] for i in idx])
+                eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
+                adv = ro.advantages[idx]
+                for j in range(steps):
+                    x, prev = ro.latents[idx, j], ro.latents[idx, j + 1]
+                    sigma, sigma_next = ro.sigmas[j], ro.sigmas[j + 1]
+                    ref_mean = None
+                    if phase.beta > 0:
+                        with torch.no_grad(), swapped(params, reference):
+                            _, ref_mean, _ = policy(batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma)
+                    done += 1
+                    sync = contextlib.nullcontext() if done == n_backward else acc.no_sync(wrapped)
+                    with sync:
+                        logp, mean, std = wrapped(batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma)
+                        loss, st = grpo_loss(
+                            logp, ro.log_probs[idx, j], adv, cfg.clip_range, mean, ref_mean, std, phase.beta
+                        )
+                        acc.backward(loss / n_backward)
+                    for k, v in st.items():
+                        totals[k] = totals.get(k, 0.0) + v
+                    count += 1
+            norm = (
+                float(acc.clip_grad_norm_(params, cfg.grad_clip))
+                if cfg.grad_clip > 0
+                else float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm())
+            )
+            if math.isfinite(norm):
+                optimizer.step()
+                grad_norms.append(norm)
+            else:
+                acc.print(f"RL epoch {epoch}: non-finite gradient, update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema.values(), params, strict=True):
+                        e.mul_(cfg.ema).add_(p.detach(), alpha=1 - cfg.ema)
+    model.eval()
+    return {k: v / max(1, count) for k, v in totals.items()}, grad_norms

@@ -1,0 +1,72 @@
+"""Plots of RL runs: each reward per epoch, raw and EMA-smoothed, LDAM triggers marked (paper supp. figs 1-3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The rows of an ``rl_log.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def ema(values: list[float], rate: float = 0.1) -> list[float]:
+    """Exponential moving average ``s_t = (1 - rate) s_{t-1} + rate x_t`` (s_0 = x_0): the paper's smoothing
+    rate 0.1 read as the weight of the newest value."""
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else (1 - rate) * out[-1] + rate * v)
+    return out
+
+
+def reward_names(rows: list[dict]) -> list[str]:
+    """Reward names logged in ``rows`` (keys ``reward_<name>``, without their ``_std`` companions)."""
+    names = {
+        k[len("reward_") :] for r in rows for k in r if k.startswith("reward_") and not k.endswith("_std")
+    }
+    return sorted(names)
+
+
+def plot_reward_curves(runs: dict[str, list[dict]], out: str | Path, rate: float = 0.1) -> Path:
+    """One panel per reward: every run's raw curve (thin) and EMA (thick); triangles mark LDAM triggers and
+    dotted lines the starts of curriculum phases. ``runs``: label -> log rows (e.g. LDAM on / off)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({n for rows in runs.values() for n in reward_names(rows)})
+    if not names:
+        raise ValueError("the RL logs hold no reward_<name> columns to plot")
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.3), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for i, (label, rows) in enumerate(runs.items()):
+            pts = [(r["epoch"], r[f"reward_{name}"]) for r in rows if f"reward_{name}" in r]
+            if not pts:
+                continue
+            x, y = zip(*pts, strict=True)
+            color = f"C{i}"
+            ax.plot(x, y, color=color, alpha=0.3, lw=1)
+            ax.plot(x, ema(list(y), rate), color=color, lw=2, label=f"{label} (EMA {rate})")
+            trig = [(r["epoch"], r[f"reward_{name}"]) for r in rows if r.get("ldam_triggered")]
+            if trig:
+                ax.scatter(*zip(*trig, strict=True), marker="^", color=color, s=30, zorder=3)
+        first = next(iter(runs.values()))
+        starts = [
+            r["epoch"]
+            for a, r in zip([None] + first[:-1], first, strict=True)
+            if a and a["phase"] != r["phase"]
+        ]
+        for s in starts:
+            ax.axvline(s - 0.5, color="grey", ls=":", lw=1)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("reward (epoch mean)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
