@@ -61,9 +61,14 @@ def main() -> None:
         print(f"  {key:<14} {value:.3f} (target >= {target}: {'met' if value >= target else 'MISSED'})")
     if "stage3" in metrics["shapeseval"]:
         before, after = final["overall"], metrics["shapeseval"]["stage3"]["overall"]
-        print(f"\nShapesEval after RL {after:.3f} vs before {before:.3f}: {'met' if after >= before else 'MISSED'}")
-        for name, (first, last) in metrics["rl"]["rewards_first_last"].items():
-            print(f"  RL reward {name:<10} first epoch {first:.4f} -> last epoch {last:.4f}")
+        print(
+            f"\nShapesEval after RL {after:.3f} vs before {before:.3f}: {'met' if after >= before else 'MISSED'}"
+        )
+        for name, v in metrics["rl"]["phases"].items():
+            print(
+                f"  RL phase {name:<14} reward {v['start']:.4f} -> {v['end']:.4f} (first 2 vs last 2 epochs): "
+                f"{'rose' if v['end'] > v['start'] else 'DID NOT RISE'}"
+            )
         print(f"  LDAM triggers: {metrics['rl']['ldam_triggers']}")
 
 

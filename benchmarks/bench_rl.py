@@ -24,21 +24,12 @@ import numpy as np
 import torch
 
 from parauni.models.parauni import ParaUni
-from parauni.rl.plots import plot_reward_curves
+from parauni.rl.plots import phase_gains, plot_reward_curves
 from parauni.world.captions import make_eval_metadata
 from parauni.world.demo import default_cache_dir, paraunigen, world_config
 from parauni.world.pretrain import stage0_folder
 from parauni.world.rl import run_world_rl
 from parauni.world.shapeseval import run_shapeseval
-
-
-def phase_gain(rows: list[dict]) -> dict[str, tuple[float, float]]:
-    """Per phase: (mean of its optimised reward over its first 2 epochs, over its last 2 epochs)."""
-    out = {}
-    for phase in dict.fromkeys(r["phase"] for r in rows):
-        values = [r["phase_reward"] for r in rows if r["phase"] == phase]
-        out[phase] = (float(np.mean(values[:2])), float(np.mean(values[-2:])))
-    return out
 
 
 def mean_rows(runs: list[list[dict]]) -> list[dict]:
@@ -112,7 +103,7 @@ def main() -> None:
                 "seed": seed,
                 "ldam": ldam,
                 "seconds": seconds,
-                "phase_gain": phase_gain(rows),
+                "phase_gain": phase_gains(rows),
                 "final_rewards": {
                     k[len("reward_") :]: float(np.mean([r[k] for r in rows[-3:]]))
                     for k in rows[-1]

@@ -112,3 +112,30 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_world_rl_changes_the_lora_and_nothing_else(tmp_path):
+    """A short Stage III on the world (its own rewards) trains exactly what rl.trainable names."""
+    from parauni.world.pretrain import stage0_folder
+    from parauni.world.rl import run_world_rl
+
+    cfg = world_config(quick=True)
+    cache = tmp_path / "cache"
+    run_stage0(cfg, cache, progress=False, log=lambda *a: None)
+    stage0 = stage0_folder(cfg, cache)
+    model = ParaUni.from_config(world_model_config(cfg, stage0))
+    from parauni.world.rl import world_rl_config
+
+    model.set_trainable(world_rl_config(cfg.rl, cfg.image_size).trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = run_world_rl(
+        model, cfg.rl, cfg.image_size, stage0, tmp_path / "rl", progress=False, log=lambda *a: None
+    )
+    assert [r["phase"] for r in result.history] == ["aesthetic", "clip+geneval"]
+    assert all(f"reward_{n}" in result.history[0] for n in ("aesthetic", "clip", "geneval"))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    reloaded = ParaUni.from_pretrained(tmp_path / "rl")
+    for n, p in reloaded.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p, dict(model.named_parameters())[n])

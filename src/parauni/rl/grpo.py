@@ -319,6 +319,7 @@ class RLResult:
     log_path: Path
     seconds: float
     history: list[dict]
+    config: RLConfig
 
 
 def _zone_positions(model: ParaUni, zone: str) -> list[int]:
@@ -505,7 +506,7 @@ def train_rl(
                     p.copy_(ema[n])
         model.save_pretrained(out)
     log(f"RL: {cfg.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
-    return RLResult(cfg.total_epochs, out, out / LOG_FILE, time.time() - t0, history)
+    return RLResult(cfg.total_epochs, out, out / LOG_FILE, time.time() - t0, history, cfg)
 
 
 def _update(

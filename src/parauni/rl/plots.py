@@ -20,6 +20,15 @@ def ema(values: list[float], rate: float = 0.1) -> list[float]:
     return out
 
 
+def phase_gains(rows: list[dict], n: int = 2) -> dict[str, tuple[float, float]]:
+    """Per curriculum phase: (mean of its optimised reward over its first ``n`` epochs, over its last ``n``)."""
+    out = {}
+    for phase in dict.fromkeys(r["phase"] for r in rows):
+        values = [r["phase_reward"] for r in rows if r["phase"] == phase]
+        out[phase] = (sum(values[:n]) / len(values[:n]), sum(values[-n:]) / len(values[-n:]))
+    return out
+
+
 def reward_names(rows: list[dict]) -> list[str]:
     """Reward names logged in ``rows`` (keys ``reward_<name>``, without their ``_std`` companions)."""
     names = {

@@ -167,13 +167,27 @@ def run_demo(
             model, cfg.rl, cfg.image_size, stage0, out / "stage3", progress=progress, log=log
         )
         timings["stage3_rl"] = time.time() - t
+        from ..rl.plots import phase_gains, reward_names
+
         history = result.history
-        names = sorted(k for k in history[0] if k.startswith("reward_") and not k.endswith("_std"))
         rl_metrics = {
-            "rewards_first_last": {k[len("reward_") :]: [history[0][k], history[-1][k]] for k in names},
+            "phases": {
+                name: {"rewards": dict(p.rewards), "start": a, "end": b}
+                for (name, (a, b)), p in zip(phase_gains(history).items(), result.config.phases, strict=True)
+            },
+            "rewards_first_last": {
+                n: [history[0][f"reward_{n}"], history[-1][f"reward_{n}"]] for n in reward_names(history)
+            },
             "ldam_triggers": sum(bool(r.get("ldam_triggered")) for r in history),
             "epochs": len(history),
         }
+        log(
+            "Stage III: "
+            + "; ".join(
+                f"{k} reward {v['start']:.3f} -> {v['end']:.3f}" for k, v in rl_metrics["phases"].items()
+            )
+            + f" (first 2 vs last 2 epochs of each phase); LDAM triggers {rl_metrics['ldam_triggers']}"
+        )
         result = evaluate("stage3", paraunigen(model))
         scores["stage3"] = result
         samples["ParaUni Stage III (RL)"] = result["samples"]

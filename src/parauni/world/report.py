@@ -112,8 +112,17 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
     lines += ["", "## Training curves", "", f"![losses]({figures['losses']})", ""]
     if "rl" in metrics:
         rl = metrics["rl"]
-        lines += ["## Stage III (RL)", "", "| reward | first epoch | last epoch |", "|---|---|---|"]
-        lines += [f"| {k} | {v[0]:.4f} | {v[1]:.4f} |" for k, v in rl["rewards_first_last"].items()]
+        lines += [
+            "## Stage III (RL)",
+            "",
+            "Each phase's optimised reward (weighted sum), mean of its first 2 and last 2 epochs:",
+            "",
+            "| phase | rewards (weights) | start | end |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['rewards']} | {v['start']:.4f} | {v['end']:.4f} |" for k, v in rl["phases"].items()
+        ]
         lines += ["", f"LDAM triggers: {rl['ldam_triggers']}", "", f"![rewards]({figures['rewards']})", ""]
     lines += ["## Samples", ""]
     for key, path in figures.items():
