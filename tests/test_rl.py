@@ -310,3 +310,27 @@ def test_rl_config_errors():
         _rl_config(trainable=TrainableConfig(queries=False, lim=False, dit=False))
     with pytest.raises(ValueError, match="zone"):
         PhaseConfig("x", {"clip": 1.0}, 1, "top", 0.0)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_first_update_is_exactly_on_policy_in_the_training_loop(make_tiny, tmp_path, precision):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state is a process-wide singleton
+    cfg = _rl_config(updates_per_epoch=1, micro_batch=4, rollout_batch=4, mixed_precision=precision)
+    prompts = PromptSource([("a red circle", None), ("a blue square", None)])
+    result = train_rl(
+        make_tiny(),
+        _bright,
+        ["bright", "dark"],
+        prompts,
+        cfg,
+        tmp_path,
+        progress=False,
+        log=lambda *a: None,
+        accelerator=Accelerator(mixed_precision=precision),
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    for row in result.history:
+        assert row["ratio_min"] == row["ratio_max"] == 1.0 and row["clipfrac"] == 0.0

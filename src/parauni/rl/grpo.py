@@ -448,9 +448,10 @@ def train_rl(
         indices = list(range(rank * n_local, (rank + 1) * n_local))
         groups = [i // cfg.group_size for i in indices]
         perturbed = ldam.active
-        ro = rollout(
-            model, [items[g] for g in groups], groups, indices, cfg, epoch, ldam if perturbed else None
-        )
+        with acc.autocast():  # the same precision as the update's forward, so on-policy ratios stay 1
+            ro = rollout(
+                model, [items[g] for g in groups], groups, indices, cfg, epoch, ldam if perturbed else None
+            )
         # ---- rewards, gathered over processes, and advantages
         names = (
             sorted({r for p in cfg.phases for r in p.rewards})
@@ -529,7 +530,8 @@ def _update(
     policy._sigma_max = float(ro.sigmas[1])
     n = len(ro.prompts)
     steps = cfg.train_steps
-    uncond = model.condition(model.encode_prompts([None])).detach()
+    with torch.no_grad(), acc.autocast():  # as in the rollout
+        uncond = model.condition(model.encode_prompts([None]))
     totals: dict[str, float] = {}
     count, grad_norms = 0, []
     for inner in range(cfg.inner_epochs):
@@ -549,7 +551,7 @@ def _update(
                     sigma, sigma_next = ro.sigmas[j], ro.sigmas[j + 1]
                     ref_mean = None
                     if phase.beta > 0:
-                        with torch.no_grad(), swapped(params, reference):
+                        with torch.no_grad(), swapped(params, reference), acc.autocast():
                             _, ref_mean, _ = policy(batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma)
                     done += 1
                     sync = contextlib.nullcontext() if done == n_backward else acc.no_sync(wrapped)
