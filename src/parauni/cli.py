@@ -6,6 +6,9 @@
     parauni train --stage 1|2 --data DIR --model M  Stage I / II on your own image-caption folder
     parauni rl --model DIR --out DIR [--world]       Stage III: Flow-GRPO + LDAM with a reward curriculum
     parauni import-openuni CKPT --preset P --out D  an OpenUni / ParaUni .pth checkpoint as a model folder
+    parauni eval geneval --model M --metadata F --out D --detector world|file
+                                                    GenEval images in the official layout, then their scores
+    parauni eval geneval-score --images D --detector world|file --out F   score an existing GenEval folder
 
 Commands take ``--section.key=value`` overrides of the model config, ``--train.key=value`` of the training
 config, ``--rl.key=value`` / ``--rewards.key=value`` of Stage III and ``--world.key=value`` of the world config
@@ -354,6 +357,87 @@ def cmd_import_openuni(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _geneval_detector(args: argparse.Namespace):
+    """The (detector, classify_colors) pair that --detector / --detections name."""
+    from .eval.geneval import PrecomputedDetections, world_detector
+
+    if args.detector is None:
+        raise ConfigError("give --detector world (the shapes world) or --detector file --detections FILE")
+    if args.detector == "world":
+        if args.detections:
+            raise ConfigError("--detections FILE goes with --detector file, not --detector world")
+        return world_detector()
+    if not args.detections:
+        raise ConfigError("--detector file needs --detections FILE (a JSONL of precomputed detections)")
+    detections = PrecomputedDetections(args.detections)
+    return detections, detections.classify_colors
+
+
+def _score_and_print(args: argparse.Namespace, images: str, out: Path) -> None:
+    from .eval.geneval import format_summary, score_geneval
+
+    detector, classify_colors = _geneval_detector(args)
+    summary = score_geneval(images, detector, classify_colors, out, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"per-image results: {out}; summary: {out.parent / 'summary.json'}")
+
+
+def cmd_eval_geneval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .eval.geneval import generate_geneval
+    from .world.captions import read_metadata
+
+    if args.no_score and (args.detector or args.detections):
+        raise ConfigError("--no-score skips scoring; drop --detector / --detections")
+    if not args.no_score:
+        _geneval_detector(args)  # check the detector arguments before spending time on generation
+    metadata = Path(args.metadata)
+    if not metadata.is_file():
+        raise ConfigError(f"--metadata {metadata} does not exist; give GenEval's evaluation_metadata.jsonl")
+    rows = read_metadata(metadata)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ConfigError(f"--limit {args.limit} must be >= 1")
+        rows = rows[: args.limit]
+    model = load_model(args.model, overrides)
+    counts = generate_geneval(
+        model,
+        rows,
+        args.out,
+        images_per_prompt=args.images_per_prompt,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        cfg=args.cfg,
+        progress=not args.quiet,
+    )
+    print(
+        f"GenEval: {counts['generated']} prompt(s) generated, {counts['skipped']} already complete, "
+        f"{args.images_per_prompt} image(s) each, in {args.out}"
+    )
+    if not args.no_score:
+        _score_and_print(args, args.out, Path(args.out) / "results.jsonl")
+    return 0
+
+
+def cmd_eval_geneval_score(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"parauni eval geneval-score takes no config overrides, got {overrides}")
+    _score_and_print(args, args.images, Path(args.out))
+    return 0
+
+
+def _add_detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--detector",
+        choices=["world", "file"],
+        help="world: the shapes world's detector; file: precomputed detections (e.g. Mask2Former) from --detections",
+    )
+    p.add_argument(
+        "--detections",
+        help="with --detector file: a JSONL of {filename, detections} (see parauni.eval.geneval)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parauni", description="ParaUni: all-layer VLM conditioning for diffusion."
@@ -441,6 +525,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("eval", help="benchmarks: GenEval generation and scoring")
+    evals = p.add_subparsers(dest="eval_command", required=True)
+    p = evals.add_parser(
+        "geneval",
+        help="GenEval images in the official layout (resumable), then their scores",
+        epilog=OVERRIDE_HELP,
+    )
+    p.add_argument(
+        "--model", required=True, help="a model folder (or a preset name for a random-weights smoke run)"
+    )
+    p.add_argument("--metadata", required=True, help="GenEval's evaluation_metadata.jsonl (or one like it)")
+    p.add_argument(
+        "--out", required=True, help="output folder: 00000/metadata.jsonl, 00000/samples/0000.png, ..."
+    )
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="image j of prompt i uses seed + i * images-per-prompt + j"
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--no-score", action="store_true", help="generate only")
+    _add_detector_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_eval_geneval)
+
+    p = evals.add_parser("geneval-score", help="score an existing GenEval image folder")
+    p.add_argument("--images", required=True, help="a GenEval output folder (00000/metadata.jsonl, ...)")
+    _add_detector_args(p)
+    p.add_argument("--out", required=True, help="per-image results JSONL; summary.json is written beside it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_eval_geneval_score)
     return parser
 
 
@@ -467,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         TypeError,
     ) as err:
-        print(f"parauni {args.command}: error: {err}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "eval_command", None)]))
+        print(f"parauni {command}: error: {err}", file=sys.stderr)
         return 2
 
 
