@@ -9,6 +9,8 @@
     parauni eval geneval --model M --metadata F --out D --detector world|file
                                                     GenEval images in the official layout, then their scores
     parauni eval geneval-score --images D --detector world|file --out F   score an existing GenEval folder
+    parauni eval reconstruct --model M [--model M2 ...] --images D --out D [--clip C]
+                                                    image reconstruction: PSNR / SSIM / CLIP similarity
 
 Commands take ``--section.key=value`` overrides of the model config, ``--train.key=value`` of the training
 config, ``--rl.key=value`` / ``--rewards.key=value`` of Stage III and ``--world.key=value`` of the world config
@@ -426,6 +428,85 @@ def cmd_eval_geneval_score(args: argparse.Namespace, overrides: list[str]) -> in
     return 0
 
 
+def _model_names(sources: list[str]) -> list[str]:
+    """Output folder names: each model's folder (or preset) name, prefixed by its index if names repeat."""
+    names = [Path(s).name or s for s in sources]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{i}_{name}" for i, name in enumerate(names)]
+
+
+def cmd_eval_reconstruct(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .eval.reconstruct import read_image_folder, reconstruct_folder, side_by_side
+    from .rl.rewards import CLIPEmbedder
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
+    images = Path(args.images)
+    if not images.is_dir():
+        raise ConfigError(f"--images {images} is not a folder")
+    # Fail on an empty / unreadable folder before loading any model (the size does not matter here).
+    read_image_folder(images, 8, 8)
+    clip = CLIPEmbedder.from_pretrained(args.clip, text=False) if args.clip else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, columns = [], {}
+    for name, source in zip(_model_names(args.model), args.model, strict=True):
+        model = load_model(source, overrides)
+        result = reconstruct_folder(
+            model,
+            images,
+            out / name,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            steps=args.steps,
+            cfg=args.cfg,
+            clip=clip,
+            progress=not args.quiet,
+        )
+        columns.setdefault("input", result.inputs)
+        columns[name] = result.outputs
+        summary.append(
+            {
+                "name": name,
+                "model": source,
+                "lim_layers": model.config.lim.layers,
+                "dir": str(out / name),
+                "num_images": result.metrics["num_images"],
+                "mean": result.metrics["mean"],
+            }
+        )
+        del model  # one model in memory at a time
+    if result.skipped:
+        print(
+            f"skipped {len(result.skipped)} unreadable file(s): "
+            + ", ".join(s["file"] for s in result.skipped)
+        )
+    figure = side_by_side(columns, out / "side_by_side.png")
+    (out / "reconstruct.json").write_text(
+        json.dumps(
+            {"images": str(images), "skipped": result.skipped, "models": summary, "figure": str(figure)},
+            indent=2,
+        )
+    )
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    print(f"{'model':<24}{'images':>8}{'PSNR':>10}{'SSIM':>10}{'CLIP sim':>10}")
+    for row in summary:
+        m = row["mean"]
+        print(
+            f"{row['name']:<24}{row['num_images']:>8}{cell(m['psnr']):>10}{cell(m['ssim']):>10}"
+            f"{cell(m.get('clip_similarity')):>10}"
+        )
+    print(
+        f"reconstructions and metrics.json per model in {out}; figure {figure}; summary {out / 'reconstruct.json'}"
+    )
+    return 0
+
+
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--detector",
@@ -526,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("eval", help="benchmarks: GenEval generation and scoring")
+    p = sub.add_parser("eval", help="benchmarks: GenEval generation and scoring, reconstruction")
     evals = p.add_subparsers(dest="eval_command", required=True)
     p = evals.add_parser(
         "geneval",
@@ -559,6 +640,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="per-image results JSONL; summary.json is written beside it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_eval_geneval_score)
+
+    p = evals.add_parser(
+        "reconstruct",
+        help='image reconstruction ("Keep the image as it is."): PSNR, SSIM, CLIP similarity per model',
+        epilog=OVERRIDE_HELP,
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="a model folder or preset (repeat to compare, e.g. a last-layer and an all-layer model)",
+    )
+    p.add_argument("--images", required=True, help="a folder of input images")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: <model>/*.png + metrics.json, side_by_side.png, reconstruct.json",
+    )
+    p.add_argument(
+        "--clip", help="a CLIP model folder or Hugging Face id for CLIP similarity (default: none)"
+    )
+    p.add_argument("--image-size", type=int, help="square size (default: each model's sampling size)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses noise seed seed + i")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_eval_reconstruct)
     return parser
 
 
