@@ -11,6 +11,8 @@
     parauni eval geneval-score --images D --detector world|file --out F   score an existing GenEval folder
     parauni eval reconstruct --model M [--model M2 ...] --images D --out D [--clip C]
                                                     image reconstruction: PSNR / SSIM / CLIP similarity
+    parauni analyze layers --model DIR --out DIR (--world | --clip C) [--prompts F]
+                                                    per-layer scores, layer similarity, zone removal
 
 Commands take ``--section.key=value`` overrides of the model config, ``--train.key=value`` of the training
 config, ``--rl.key=value`` / ``--rewards.key=value`` of Stage III and ``--world.key=value`` of the world config
@@ -507,6 +509,83 @@ def cmd_eval_reconstruct(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _analysis_prompts(args: argparse.Namespace) -> tuple[list[str], list[dict] | None]:
+    """Prompts (and GenEval metadata rows, when known) for ``parauni analyze``."""
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise ConfigError(
+                f"--prompts {path} does not exist; give a .txt (one a line) or a GenEval .jsonl"
+            )
+        if path.suffix == ".jsonl":
+            from .world.captions import read_metadata
+
+            rows = read_metadata(path)
+            prompts, metadata = [r["prompt"] for r in rows], rows
+        else:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            metadata = None
+    elif args.world:
+        from .world.captions import make_eval_metadata
+
+        metadata = make_eval_metadata(per_tag=2)
+        prompts = [r["prompt"] for r in metadata]
+    else:
+        raise ConfigError("give --prompts FILE (or --world for the shapes world's evaluation prompts)")
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ConfigError(f"--limit {args.limit} must be >= 1")
+        prompts = prompts[: args.limit]
+        metadata = None if metadata is None else metadata[: args.limit]
+    if not prompts:
+        raise ConfigError(f"--prompts {args.prompts} holds no prompts")
+    return prompts, metadata
+
+
+def cmd_analyze_layers(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .analysis.layers import analyze_layers, format_tables
+
+    if args.world == bool(args.clip):
+        raise ConfigError(
+            "give exactly one reward source: --world (the shapes world's rewards) or --clip PATH_OR_ID"
+        )
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.cache and not args.world:
+        raise ConfigError("--cache is the shapes world's Stage-0 cache; it needs --world")
+    prompts, metadata = _analysis_prompts(args)
+    if args.world:
+        from .world.demo import default_cache_dir, world_config
+        from .world.pretrain import stage0_folder
+        from .world.reward_models import world_rewards
+
+        rewards = world_rewards(stage0_folder(world_config(), args.cache or default_cache_dir()))
+        if metadata is None:  # the GenEval-style reward needs metadata rows
+            rewards.pop("geneval")
+    else:
+        from .rl.rewards import CLIPScore
+
+        rewards = {"clip": CLIPScore.from_pretrained(args.clip)}
+    model = load_model(args.model, overrides)
+    for reward in rewards.values():
+        reward.to(model.device)
+    result = analyze_layers(
+        model,
+        prompts,
+        metadata,
+        rewards,
+        args.out,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(format_tables(result))
+    print(f"numbers in {Path(args.out) / 'analysis.json'}; figures " + ", ".join(result["figures"].values()))
+    return 0
+
+
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--detector",
@@ -668,6 +747,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_eval_reconstruct)
+
+    p = sub.add_parser("analyze", help="analyses of a model: the role of each VLM layer")
+    analyses = p.add_subparsers(dest="analyze_command", required=True)
+    p = analyses.add_parser(
+        "layers",
+        help="per-layer conditioning scores, inter-layer similarity and zone removal (paper figs. 2, 4, 5)",
+        epilog=OVERRIDE_HELP,
+    )
+    p.add_argument(
+        "--model", required=True, help="a model folder (or a preset name for a random-weights smoke run)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: analysis.json, per_layer_scores.png, layer_similarity.png, zone_removal.png",
+    )
+    p.add_argument(
+        "--prompts",
+        help="a .txt (one prompt a line) or a GenEval metadata .jsonl (default with --world: its eval set)",
+    )
+    p.add_argument(
+        "--world", action="store_true", help="the shapes world's rewards (aesthetic, clip, geneval)"
+    )
+    p.add_argument("--cache", help="with --world: the Stage-0 cache (default: as parauni demo)")
+    p.add_argument("--clip", help="a CLIP model folder or Hugging Face id: CLIP score as the reward")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="image i uses noise seed seed + i (same for every run)"
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_analyze_layers)
     return parser
 
 
@@ -694,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         TypeError,
     ) as err:
-        command = " ".join(filter(None, [args.command, getattr(args, "eval_command", None)]))
+        sub_command = getattr(args, "eval_command", None) or getattr(args, "analyze_command", None)
+        command = " ".join(filter(None, [args.command, sub_command]))
         print(f"parauni {command}: error: {err}", file=sys.stderr)
         return 2
 
