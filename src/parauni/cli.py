@@ -1,6 +1,7 @@
 """The ``parauni`` command line.
 
     parauni demo [--quick]                          the whole pipeline on the embedded shapes world
+    parauni reproduce [--seeds 0 1 2] [--rows ...]  the paper's ablation table on the world
     parauni info PRESET_OR_DIR                      components, depth, queries, parameter counts
     parauni generate --model DIR --prompt TEXT ...  text-to-image (or image-to-image with --image)
     parauni train --stage 1|2 --data DIR --model M  Stage I / II on your own image-caption folder
@@ -218,6 +219,25 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     if rest:
         raise ConfigError(f"parauni demo takes --world.* overrides only, got {rest}")
     run_demo(args.out, args.cache, quick=args.quick, overrides=world, progress=not args.quiet)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .world.reproduce import run_reproduce
+
+    world, rest = _route(overrides, "world")
+    if rest:
+        raise ConfigError(f"parauni reproduce takes --world.* overrides only, got {rest}")
+    run_reproduce(
+        args.out,
+        seeds=args.seeds,
+        rows=args.rows,
+        cache_dir=args.cache,
+        quick=args.quick,
+        overrides=world,
+        analyses=not args.no_analyses,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -614,6 +634,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="every stage for a few steps (smoke test)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="the paper's ablation table on the shapes world (rows x seeds, resumable)",
+        epilog="world overrides as --world.section.key=value, e.g. --world.eval.per_tag=20",
+    )
+    p.add_argument("--out", default="parauni-reproduce", help="output folder (rerun to continue)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per row (default 0 1 2)")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        help="only these rows (default: all): last_layer all_layers no_shallow no_middle no_deep interval "
+        "no_layernorm rl_no_ldam ldam_no_grad_gate ldam_no_reward_gate full",
+    )
+    p.add_argument("--cache", help="Stage-0 cache (default: as parauni demo)")
+    p.add_argument("--quick", action="store_true", help="every stage for a few steps (smoke test)")
+    p.add_argument(
+        "--no-analyses", action="store_true", help="skip the reconstruction comparison and layer analyses"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("train", help="Stage I / II on your own image-caption folder", epilog=OVERRIDE_HELP)
     p.add_argument("--stage", type=int, required=True, choices=[1, 2], help="1: queries + LIM; 2: + DiT")

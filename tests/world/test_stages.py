@@ -16,9 +16,9 @@ from parauni.world.t2i import TextToImage
 
 
 @pytest.fixture(scope="module")
-def stage0(tmp_path_factory):
+def stage0(quick_cache):
     cfg = WorldConfig().quick()
-    return cfg, run_stage0(cfg, tmp_path_factory.mktemp("cache"), progress=False, log=lambda *_: None)
+    return cfg, run_stage0(cfg, quick_cache, progress=False, log=lambda *_: None)
 
 
 def test_stage0_writes_and_reuses_its_artefacts(stage0):
@@ -80,9 +80,9 @@ def test_world_config_overrides_are_checked():
         world_config(["image_size=30"])
 
 
-def test_quick_demo_writes_the_report(tmp_path, capsys):
+def test_quick_demo_writes_the_report(tmp_path, quick_cache):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--quiet", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    assert main(["demo", "--quick", "--quiet", "--out", str(out), "--cache", str(quick_cache)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["shapeseval"]) == {"stage0_t2i", "stage1", "stage2", "stage3"}
     for scores in metrics["shapeseval"].values():
@@ -114,15 +114,13 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     )
 
 
-def test_world_rl_changes_the_lora_and_nothing_else(tmp_path):
+def test_world_rl_changes_the_lora_and_nothing_else(tmp_path, quick_cache):
     """A short Stage III on the world (its own rewards) trains exactly what rl.trainable names."""
     from parauni.world.pretrain import stage0_folder
     from parauni.world.rl import run_world_rl
 
     cfg = world_config(quick=True)
-    cache = tmp_path / "cache"
-    run_stage0(cfg, cache, progress=False, log=lambda *a: None)
-    stage0 = stage0_folder(cfg, cache)
+    stage0 = stage0_folder(cfg, quick_cache)
     model = ParaUni.from_config(world_model_config(cfg, stage0))
     from parauni.world.rl import world_rl_config
 

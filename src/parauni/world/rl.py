@@ -45,6 +45,12 @@ class WorldRLConfig:
     ldam_grad_sigmas: float = field(
         default=1.0, metadata={"help": "grad-norm gate threshold in stds (paper: 2)"}
     )
+    ldam_reward_gate: bool = field(
+        default=True, metadata={"help": "require the reward-drop gate (off: paper ablation 7)"}
+    )
+    ldam_grad_gate: bool = field(
+        default=True, metadata={"help": "require the grad-norm gate (off: paper ablation 6)"}
+    )
     seed: int = 0
 
 
@@ -81,6 +87,8 @@ def world_rl_config(w: WorldRLConfig, image_size: int) -> RLConfig:
             window=w.ldam_window,
             drop_epochs=w.ldam_drop_epochs,
             grad_sigmas=w.ldam_grad_sigmas,
+            reward_gate=w.ldam_reward_gate,
+            grad_gate=w.ldam_grad_gate,
         ),
         save_every=5,
         keep_last=1,
