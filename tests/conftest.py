@@ -6,6 +6,7 @@
 * Tiny random Hugging Face components (InternVL, Qwen2.5-VL, decoder-only LMs, SANA, DC-AE) written with
   ``save_pretrained`` into a session folder, each with its locally trained tokenizer, so the tests load them
   back by path exactly as real checkpoints are loaded.
+* ``quick_cache``: the quick shapes world's Stage 0, trained once per session for the world tests.
 """
 
 from __future__ import annotations
@@ -231,3 +232,14 @@ def make_tiny():
 def paper_meta_model() -> ParaUni:
     """The paper preset's structure on the meta device (no weights)."""
     return ParaUni.from_config(load_model_config("paper"), meta=True)
+
+
+@pytest.fixture(scope="session")
+def quick_cache(tmp_path_factory) -> Path:
+    """A Stage-0 cache folder holding the quick shapes world's artefacts, trained once per session."""
+    from parauni.world.config import WorldConfig
+    from parauni.world.pretrain import run_stage0
+
+    cache = tmp_path_factory.mktemp("world_cache")
+    run_stage0(WorldConfig().quick(), cache, progress=False, log=lambda *_: None)
+    return cache

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from ..config import DiTConfig, VAEConfig, VLMConfig
+from ..utils.loading import WeightsError, load_pretrained
 from .tokenizer import BASIC_CORPUS, train_bpe_tokenizer
 from .vlm import BACKBONES, VLMBackbone
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ComponentLoadError(RuntimeError):
+class ComponentLoadError(WeightsError):
     """A component could not be loaded; the message names it, where from, and what to do."""
 
 
@@ -29,24 +30,6 @@ def resolve_path(path: str, root: str | Path | None) -> str:
     if root is not None and not Path(path).is_absolute() and (Path(root) / path).exists():
         return str(Path(root) / path)
     return path
-
-
-def _load(what: str, fn, path: str, **kwargs):
-    try:
-        return fn(path, **kwargs)
-    except (OSError, ValueError) as err:
-        # A Hugging Face id is "name" or "owner/name"; anything else can only be a local folder.
-        folder_like = Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
-        if Path(path).exists():
-            hint = f"the folder {path} exists but is incomplete or of another model type"
-        elif folder_like:
-            hint = f"the folder {path} does not exist; check the path"
-        else:
-            hint = (
-                f"{path!r} is neither a local folder nor in the Hugging Face cache (this machine may be offline); "
-                f"download it first (huggingface-cli download {path}) or give a local folder"
-            )
-        raise ComponentLoadError(f"could not load the {what} from {path!r}: {hint}. Cause: {err}") from err
 
 
 @contextlib.contextmanager
@@ -103,8 +86,11 @@ def load_vlm(
         if cfg.arch is None and cfg.path is None:
             raise ComponentLoadError(f"vlm has no arch dict; cannot build {cfg.kind} without weights")
         if cfg.arch is None:  # meta build of a folder / HF id: read its config only
-            hf_config = _load(
-                "VLM config", (config_cls or tf.AutoConfig).from_pretrained, resolve_path(cfg.path, root)
+            hf_config = load_pretrained(
+                (config_cls or tf.AutoConfig).from_pretrained,
+                resolve_path(cfg.path, root),
+                "VLM config",
+                error=ComponentLoadError,
             )
             tokenizer = None
         else:
@@ -121,8 +107,10 @@ def load_vlm(
             )
     else:
         path = resolve_path(cfg.path, root)
-        model = _load("VLM", model_cls.from_pretrained, path, dtype=dtype)
-        tokenizer = _load("VLM tokenizer", tf.AutoTokenizer.from_pretrained, path)
+        model = load_pretrained(model_cls.from_pretrained, path, "VLM", error=ComponentLoadError, dtype=dtype)
+        tokenizer = load_pretrained(
+            tf.AutoTokenizer.from_pretrained, path, "VLM tokenizer", error=ComponentLoadError
+        )
         if cfg.kind == "qwen2_5_vl":
             # Text-only use needs no image processor; encode_images says so clearly when it is missing.
             try:
@@ -149,7 +137,13 @@ def _diffusers_config(what: str, model_cls, cfg, root) -> dict:
     if cfg.path is None:
         raise ComponentLoadError(f"{what} has neither a path nor an arch dict")
     kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
-    return _load(f"{what} config", model_cls.load_config, resolve_path(cfg.path, root), **kwargs)
+    return load_pretrained(
+        model_cls.load_config,
+        resolve_path(cfg.path, root),
+        f"{what} config",
+        error=ComponentLoadError,
+        **kwargs,
+    )
 
 
 def load_dit(cfg: DiTConfig, root: str | Path | None = None, meta: bool = False, seed: int = 0) -> nn.Module:
@@ -164,7 +158,13 @@ def load_dit(cfg: DiTConfig, root: str | Path | None = None, meta: bool = False,
     kwargs = {"torch_dtype": dtype}
     if cfg.subfolder:
         kwargs["subfolder"] = cfg.subfolder
-    return _load("DiT", SanaTransformer2DModel.from_pretrained, resolve_path(cfg.path, root), **kwargs)
+    return load_pretrained(
+        SanaTransformer2DModel.from_pretrained,
+        resolve_path(cfg.path, root),
+        "DiT",
+        error=ComponentLoadError,
+        **kwargs,
+    )
 
 
 def load_vae(
@@ -184,6 +184,12 @@ def load_vae(
         kwargs = {"torch_dtype": dtype}
         if cfg.subfolder:
             kwargs["subfolder"] = cfg.subfolder
-        model = _load("VAE", AutoencoderDC.from_pretrained, resolve_path(cfg.path, root), **kwargs)
+        model = load_pretrained(
+            AutoencoderDC.from_pretrained,
+            resolve_path(cfg.path, root),
+            "VAE",
+            error=ComponentLoadError,
+            **kwargs,
+        )
     model.requires_grad_(False)
     return model.eval()

@@ -38,6 +38,7 @@ from ..eval.geneval_rules import (
     validate_metadata,
 )
 from ..utils.images import tensor_to_uint8
+from ..utils.loading import WeightsError, load_pretrained
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -50,8 +51,13 @@ CLIP_MAX_LENGTH = 77
 Detector = Callable[[np.ndarray], list[Detection]]
 
 
-class RewardModelError(OSError):
+class RewardModelError(WeightsError):
     """A reward model's weights could not be found or loaded; the message names the source and the fix."""
+
+
+def load_reward_weights(loader: Callable, source: str | Path, what: str, repo: str, **kwargs):
+    """`load_pretrained` for reward models, detectors and answer models: failures are `RewardModelError`."""
+    return load_pretrained(loader, source, what, repo, RewardModelError, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- interface
@@ -151,35 +157,6 @@ class CombinedReward:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _checked_source(source: str | Path, what: str, repo: str) -> str:
-    """A local path (which must exist) or a Hugging Face id, as a string for ``from_pretrained``.
-
-    Anything that exists on disk, is a ``Path``, or starts like a path ("/", ".", "~") is local; a string of
-    the form "owner/name" that does not exist on disk is taken for a Hugging Face id.
-    """
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.exists():
-        return str(path)
-    if isinstance(source, Path) or text.startswith(("/", ".", "~")) or text.count("/") != 1:
-        raise RewardModelError(
-            f"{what}: local folder {path} does not exist; put a copy of the Hugging Face repo {repo} there "
-            f"(e.g. `hf download {repo} --local-dir {path}`) or pass the id {repo!r}"
-        )
-    return text
-
-
-def _load(loader: Callable, source: str | Path, what: str, repo: str, **kwargs):
-    where = _checked_source(source, what, repo)
-    try:
-        return loader(where, **kwargs)
-    except Exception as err:  # hub, file-format and config errors alike: name the source and the fix
-        raise RewardModelError(
-            f"cannot load the {what} from {where!r} (expected a local copy of the Hugging Face repo {repo} "
-            f"or its id; nothing is downloaded when offline): {err}"
-        ) from err
-
-
 # ----------------------------------------------------------------------------------------------- CLIP helper
 class CLIPEmbedder:
     """A ``transformers.CLIPModel`` with its tokenizer and image preprocessing: L2-normalised embeddings.
@@ -254,15 +231,15 @@ class CLIPEmbedder:
         processor = model if processor is None else processor
         processor_repo = processor_repo or model_repo
         clip = (
-            _load(CLIPModel.from_pretrained, model, what, model_repo, dtype=dtype)
+            load_reward_weights(CLIPModel.from_pretrained, model, what, model_repo, dtype=dtype)
             .eval()
             .requires_grad_(False)
         )
-        image_processor = _load(
+        image_processor = load_reward_weights(
             CLIPImageProcessorPil.from_pretrained, processor, f"{what} image processor", processor_repo
         )
         tokenizer = (
-            _load(AutoTokenizer.from_pretrained, processor, f"{what} tokenizer", processor_repo)
+            load_reward_weights(AutoTokenizer.from_pretrained, processor, f"{what} tokenizer", processor_repo)
             if text
             else None
         )
