@@ -13,6 +13,7 @@ from parauni.diffusion.sampling import euler_step, flow_sigmas, sde_step
 from parauni.rl.config import PhaseConfig, RLConfig
 from parauni.rl.grpo import (
     LOG_FILE,
+    MAX_BAD_STEPS,
     PolicyStep,
     PromptSource,
     _zone_positions,
@@ -334,3 +335,35 @@ def test_first_update_is_exactly_on_policy_in_the_training_loop(make_tiny, tmp_p
     AcceleratorState._reset_state(reset_partial_state=True)
     for row in result.history:
         assert row["ratio_min"] == row["ratio_max"] == 1.0 and row["clipfrac"] == 0.0
+
+
+def test_rl_skips_non_finite_updates_logs_them_and_stops(make_tiny, tmp_path):
+    model = make_tiny()
+    cfg = _rl_config(phases=[PhaseConfig("p", {"bright": 1.0}, 5, "deep", 0.02)], updates_per_epoch=2)
+    model.set_trainable(cfg.trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def nan_reward(images, prompts, metadata):
+        return {"bright": [float("nan")] * len(prompts)}
+
+    prompts = PromptSource([("a red circle", None), ("a blue square", None)])
+    with pytest.raises(RuntimeError, match="RL updates in a row had a non-finite gradient"):
+        train_rl(model, nan_reward, ["bright"], prompts, cfg, tmp_path, progress=False, log=lambda *a: None)
+    rows = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    # two updates an epoch, all skipped: the run stops after the epoch that reaches MAX_BAD_STEPS
+    assert [r["skipped_updates"] for r in rows] == [2] * math.ceil(MAX_BAD_STEPS / 2)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_rl_with_activation_checkpointing_stays_on_policy(make_tiny, tmp_path):
+    model = make_tiny()
+    cfg = _rl_config(
+        phases=[PhaseConfig("p", {"bright": 1.0}, 1, "deep", 0.02)],
+        updates_per_epoch=1,  # one update: its ratios are on-policy
+        activation_checkpointing=True,
+    )
+    prompts = PromptSource([("a red circle", None), ("a blue square", None)])
+    result = train_rl(model, _bright, ["bright"], prompts, cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert model.dit.gradient_checkpointing and model.lim.connector.gradient_checkpointing
+    assert result.history[0]["ratio_min"] == result.history[0]["ratio_max"] == 1.0
+    assert result.history[0]["skipped_updates"] == 0

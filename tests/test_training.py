@@ -14,7 +14,7 @@ from parauni.cli import main
 from parauni.models.parauni import ParaUni
 from parauni.training.config import TrainConfig, stage_config
 from parauni.training.data import DataError, FolderSource, scan_folder
-from parauni.training.trainer import latest_checkpoint, lr_at, train
+from parauni.training.trainer import MAX_BAD_STEPS, latest_checkpoint, lr_at, train
 
 
 def _write_images(folder, n, jsonl=True, bad=0):
@@ -88,7 +88,9 @@ def test_folder_source_skips_corrupt_images_and_caches(tmp_path):
     assert epoch0 == sorted(src.captions)
 
 
-def _tiny_run(make_tiny, tmp_path, steps=4, stage=1, resume=False, out="run", model=None, save_every=2):
+def _tiny_run(
+    make_tiny, tmp_path, steps=4, stage=1, resume=False, out="run", model=None, save_every=2, **overrides
+):
     model = model or make_tiny()
     src = FolderSource(
         _write_images(tmp_path / "data", 6), 64, encode=model.encode_images, cache_key="tiny", progress=False
@@ -102,6 +104,7 @@ def _tiny_run(make_tiny, tmp_path, steps=4, stage=1, resume=False, out="run", mo
             "save_every": save_every,
             "image_size": 64,
             "log_every": 1,
+            **overrides,
         },
     )
     return model, train(model, src, cfg, tmp_path / out, resume=resume, progress=False)
@@ -141,6 +144,57 @@ def test_resume_continues_exactly(make_tiny, tmp_path):
     resumed, _ = _tiny_run(make_tiny, tmp_path, steps=6, out="broken", resume=True, save_every=3)
     a, b = full.trained_state_dict(), resumed.trained_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_steps_are_skipped_logged_and_stop_the_run(make_tiny, tmp_path):
+    model = make_tiny()
+    velocity = model.velocity
+    model.velocity = lambda *args: velocity(*args) * float("nan")  # every loss and gradient is NaN
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=f"{MAX_BAD_STEPS} steps in a row had a non-finite loss"):
+        _tiny_run(make_tiny, tmp_path, steps=20, model=model, save_every=0)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in log] == [True] * MAX_BAD_STEPS
+    assert [r["bad_in_a_row"] for r in log] == list(range(1, MAX_BAD_STEPS + 1))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), (
+        "a skipped step changed weights"
+    )
+
+
+def test_activation_checkpointing_recomputes_and_trains_the_same(make_tiny, tmp_path):
+    def run(out, on):
+        model = make_tiny()
+        calls = []
+        model.dit.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.append("dit"))
+        model.lim.connector.layers[0].register_forward_pre_hook(lambda *_: calls.append("lim"))
+        _tiny_run(make_tiny, tmp_path, stage=2, steps=2, out=out, model=model, activation_checkpointing=on)
+        assert model.dit.gradient_checkpointing == on and model.lim.connector.gradient_checkpointing == on
+        return model, calls
+
+    plain, plain_calls = run("plain", False)
+    ckpt, ckpt_calls = run("ckpt", True)
+    # the blocks run again in the backward pass: twice the forward calls
+    assert ckpt_calls.count("dit") == 2 * plain_calls.count("dit") > 0
+    assert ckpt_calls.count("lim") == 2 * plain_calls.count("lim") > 0
+    a, b = plain.trained_state_dict(), ckpt.trained_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains(make_tiny, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    model = make_tiny()
+    before = {k: v.clone() for k, v in model.trained_state_dict().items()}
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state is a process-wide singleton
+    try:
+        _, result = _tiny_run(make_tiny, tmp_path, steps=2, model=model, mixed_precision="bf16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert not any(r["skipped"] for r in log) and all(math.isfinite(r["loss"]) for r in log)
+    after = model.trained_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_cli_train_then_generate(tmp_path, capsys):

@@ -83,6 +83,10 @@ class RLConfig:
         metadata={"help": "score and log every configured reward each epoch, not only the phase's"},
     )
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (accelerate)"})
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute the DiT's and the connector's activations in the backward pass"},
+    )
     save_every: int = field(default=10, metadata={"help": "checkpoint every N epochs (0 = only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "step checkpoints kept"})
     seed: int = field(

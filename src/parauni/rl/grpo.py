@@ -13,7 +13,11 @@ One epoch, read top to bottom:
     LDAM: record the phase reward's epoch mean and the gradient norm; maybe trigger a perturbation
 
 All randomness of an epoch derives from ``(seed, epoch, sample index)``, so the run is the same on any number
-of processes and a resumed run continues exactly.
+of processes (a prompt's group may span processes; rewards are gathered before the advantages) and a resumed
+run continues exactly. Under ``accelerate launch`` (DDP) every process holds the same LDAM state: its inputs,
+the gathered reward mean and the gradient norm of the all-reduced gradients, are the same everywhere, and
+this is checked every epoch. An update whose gradient is not finite is skipped on every process; after
+``MAX_BAD_STEPS`` skipped updates in a row the run stops.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import contextlib
 import functools
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +42,16 @@ from ..diffusion.sampling import SDEStep, denoise, flow_sigmas, sde_step
 from ..models.lim import zone_layers
 from ..models.parauni import CheckpointError, ParaUni
 from ..pipeline import initial_noise
+from ..training.trainer import (
+    MAX_BAD_STEPS,
+    all_processes_agree,
+    atomic_checkpoint,
+    check_backend,
+    enable_activation_checkpointing,
+    remove_partial_checkpoints,
+    rng_state,
+    set_rng_state,
+)
 from .config import PhaseConfig, RLConfig
 from .ldam import LDAM, perturbation_scale
 
@@ -314,12 +327,15 @@ def swapped(params: list[nn.Parameter], values: list[torch.Tensor]):
 # --------------------------------------------------------------------------------------------- the loop
 @dataclass
 class RLResult:
+    """What a finished Stage III reports; ``ldam`` holds each phase's final LDAM state."""
+
     epochs: int
     model_dir: Path
     log_path: Path
     seconds: float
     history: list[dict]
     config: RLConfig
+    ldam: list[dict] = field(default_factory=list)
 
 
 def _zone_positions(model: ParaUni, zone: str) -> list[int]:
@@ -341,23 +357,33 @@ def _phase_at(cfg: RLConfig, epoch: int) -> tuple[int, PhaseConfig]:
 
 
 def _save_checkpoint(
-    out: Path, params: dict[str, nn.Parameter], optimizer, ema, state: dict, keep: int
+    out: Path, acc, params: dict[str, nn.Parameter], optimizer, ema, state: dict, keep: int
 ) -> None:
-    root = out / CHECKPOINT_DIR
-    final, tmp = root / f"epoch_{state['epoch']:06d}", root / f".tmp_epoch_{state['epoch']:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors")
-    )
-    if ema is not None:
-        save_file({n: t.contiguous().cpu() for n, t in ema.items()}, str(tmp / "ema.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("epoch_*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    """``checkpoints/epoch_N``, atomically (every process calls it): the trained tensors, the EMA, the
+    optimizer, one RNG state per process and ``state.json`` (epoch, history, every phase's LDAM state)."""
+    with atomic_checkpoint(out / CHECKPOINT_DIR, f"epoch_{state['epoch']:06d}", acc, keep) as tmp:
+        torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        if acc.is_main_process:
+            tensors = {n: p.detach().contiguous().cpu() for n, p in params.items()}
+            save_file(tensors, str(tmp / "trainable.safetensors"))
+            if ema is not None:
+                save_file({n: t.contiguous().cpu() for n, t in ema.items()}, str(tmp / "ema.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(state))
+
+
+def _check_same_everywhere(acc, what: str, value) -> None:
+    """Raise when ``value`` (JSON-serialisable) differs between processes: state that must be shared."""
+    if acc.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    seen = gather_object([json.dumps(value, sort_keys=True)])
+    if len(set(seen)) > 1:
+        raise RuntimeError(
+            f"{what} differs between processes ({len(set(seen))} versions); it must be computed from gathered "
+            f"values only. Process 0: {seen[0][:300]}"
+        )
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -395,6 +421,7 @@ def train_rl(
         )
     out = Path(out_dir)
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    check_backend(acc, "parauni rl")
     world, rank = acc.num_processes, acc.process_index
     n_total = cfg.samples_per_epoch
     if n_total % world:
@@ -403,6 +430,8 @@ def train_rl(
         )
     n_local = n_total // world
     model.set_trainable(cfg.trainable)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     reference = [p.detach().clone() for p in params]
@@ -411,7 +440,7 @@ def train_rl(
     ldams = [
         LDAM(cfg.ldam, _zone_positions(model, phase.zone), len(model.lim.layers)) for phase in cfg.phases
     ]
-    start, history = 0, []
+    start, history, bad_in_a_row = 0, [], 0
     if resume and (ckpt := _latest_checkpoint(out)) is not None:
         state = json.loads((ckpt / "state.json").read_text())
         values = load_file(str(ckpt / "trainable.safetensors"))
@@ -425,13 +454,17 @@ def train_rl(
             ema = load_file(str(ckpt / "ema.safetensors"))
         for ldam, s in zip(ldams, state["ldam"], strict=True):
             ldam.load_state_dict(s)
+        if (rng := ckpt / f"rng_{rank}.pt").is_file():
+            set_rng_state(torch.load(rng, weights_only=True))
         start, history = state["epoch"] + 1, state["history"]
+        bad_in_a_row = state.get("bad_in_a_row", 0)
         acc.print(f"resuming RL from {ckpt} at epoch {start}")
     policy = PolicyStep(model, cfg, [])
     wrapped, optimizer = acc.prepare(policy, optimizer)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "rl_config.yaml")
+        remove_partial_checkpoints(out / CHECKPOINT_DIR)
         # the log holds exactly the epochs done: none on a fresh start, the checkpoint's on a resume
         (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
     t0 = time.time()
@@ -466,13 +499,16 @@ def train_rl(
         adv = group_advantages(total, all_groups, cfg.adv_std, cfg.adv_clip)
         ro.advantages = adv[rank * n_local : (rank + 1) * n_local].to(model.device)
         # ---- policy update
-        stats, grad_norms = _update(
+        stats, grad_norms, skips = _update(
             wrapped, policy, model, ro, cfg, phase, params, reference, optimizer, acc, epoch, ema
         )
+        for skipped in skips:
+            bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         # ---- LDAM and the epoch log (identical on every process: inputs are gathered / all-reduced)
         reward_mean = float(total.mean())
         grad_norm = float(np.mean(grad_norms)) if grad_norms else float("nan")
         ldam_state = ldam.update(reward_mean, grad_norm)
+        _check_same_everywhere(acc, f"LDAM state of phase {phase.name!r} at epoch {epoch}", ldam.state_dict())
         row = {
             "epoch": epoch,
             "phase": phase.name,
@@ -480,6 +516,7 @@ def train_rl(
             **{f"reward_{n}": float(v.mean()) for n, v in gathered.items()},
             **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in gathered.items()},
             "grad_norm": grad_norm,
+            "skipped_updates": sum(skips),
             **stats,
             "ldam_perturbed": perturbed,
             "ldam_gamma_used": ro.gamma,
@@ -492,12 +529,21 @@ def train_rl(
                 f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(phase=phase.name, reward=f"{reward_mean:.3f}", gn=f"{grad_norm:.2f}")
+        if bad_in_a_row >= MAX_BAD_STEPS:
+            raise RuntimeError(
+                f"{bad_in_a_row} RL updates in a row had a non-finite gradient (last in epoch {epoch}; see "
+                f"{out / LOG_FILE}): check the rewards for NaN, lower rl.lr, or use rl.mixed_precision=no / bf16"
+            )
         last = epoch == cfg.total_epochs - 1
         if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and not last:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                state = {"epoch": epoch, "history": history, "ldam": [x.state_dict() for x in ldams]}
-                _save_checkpoint(out, named, optimizer, ema, state, cfg.keep_last)
+            state = {
+                "epoch": epoch,
+                "history": history,
+                "ldam": [x.state_dict() for x in ldams],
+                "bad_in_a_row": bad_in_a_row,
+                "num_processes": world,
+            }
+            _save_checkpoint(out, acc, named, optimizer, ema, state, cfg.keep_last)
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -506,8 +552,10 @@ def train_rl(
                 for n, p in named.items():
                     p.copy_(ema[n])
         model.save_pretrained(out)
+    acc.wait_for_everyone()
     log(f"RL: {cfg.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
-    return RLResult(cfg.total_epochs, out, out / LOG_FILE, time.time() - t0, history, cfg)
+    ldam_states = [x.state_dict() for x in ldams]
+    return RLResult(cfg.total_epochs, out, out / LOG_FILE, time.time() - t0, history, cfg, ldam_states)
 
 
 def _update(
@@ -523,9 +571,10 @@ def _update(
     acc,
     epoch: int,
     ema,
-) -> tuple[dict, list[float]]:
+) -> tuple[dict, list[float], list[bool]]:
     """The policy update of one epoch: inner epochs x updates, each accumulating over micro-batches and the
-    trained steps. Returns the mean statistics and the gradient norm of every optimizer step."""
+    trained steps. Returns the statistics (means over every process), the gradient norm of every optimizer
+    step taken and, per update, whether it was skipped for a non-finite gradient (on every process)."""
     model.train()
     policy._sigma_max = float(ro.sigmas[1])
     n = len(ro.prompts)
@@ -533,7 +582,7 @@ def _update(
     with torch.no_grad(), acc.autocast():  # as in the rollout
         uncond = model.condition(model.encode_prompts([None]))
     totals: dict[str, float] = {}
-    count, grad_norms = 0, []
+    count, grad_norms, skips = 0, [], []
     for inner in range(cfg.inner_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, 3, inner)))
         chunks = [c for c in order.chunk(min(cfg.updates_per_epoch, n)) if len(c)]
@@ -569,15 +618,20 @@ def _update(
                 if cfg.grad_clip > 0
                 else float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm())
             )
-            if math.isfinite(norm):
+            # the norm is of the all-reduced gradient; agreeing on it keeps the processes in step regardless
+            finite = all_processes_agree(acc, math.isfinite(norm))
+            if finite:
                 optimizer.step()
                 grad_norms.append(norm)
             else:
-                acc.print(f"RL epoch {epoch}: non-finite gradient, update skipped")
+                acc.print(f"RL epoch {epoch}: non-finite gradient (norm {norm}), update skipped")
+            skips.append(not finite)
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 with torch.no_grad():
                     for e, p in zip(ema.values(), params, strict=True):
                         e.mul_(cfg.ema).add_(p.detach(), alpha=1 - cfg.ema)
     model.eval()
-    return {k: v / max(1, count) for k, v in totals.items()}, grad_norms
+    local = torch.tensor([totals[k] / max(1, count) for k in sorted(totals)], device=acc.device)
+    means = acc.gather(local[None]).mean(dim=0).tolist() if totals else []
+    return dict(zip(sorted(totals), means, strict=True)), grad_norms, skips

@@ -42,6 +42,10 @@ class TrainConfig:
     logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean"})
     logit_std: float = field(default=1.0, metadata={"help": "logit-normal std"})
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (accelerate)"})
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute the DiT's and the connector's activations in the backward pass"},
+    )
     image_size: int = field(
         default=1024, metadata={"help": "training images are resized and centre-cropped to this"}
     )

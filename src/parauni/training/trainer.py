@@ -1,25 +1,33 @@
 """Stages I and II: flow-matching training of the queries + LIM (+ the DiT), under ``accelerate``.
 
-The loop reads top to bottom (nanoGPT style) and runs unchanged on one CPU or under ``accelerate launch``:
+The loop reads top to bottom (nanoGPT style) and runs unchanged on one CPU or under ``accelerate launch``
+(torch DDP, any number of processes; ``configs/accelerate/``):
 
-    for each step: lr = warm-up then cosine;  for each micro-batch: the step's example indices ->
+    for each step: lr = warm-up then cosine;  for each micro-batch: the step's example positions ->
     inputs + captions (10% dropped to the unconditional template) -> t, noise -> flow loss -> backward;
-    clip the gradient norm; AdamW step; log; checkpoint every N steps.
+    clip the gradient norm; AdamW step (skipped, on every process, when a loss or the gradient is not
+    finite); log; checkpoint every N steps.
 
-Every random draw of a step (data order, dropout, t, noise) is derived from ``(seed, step, micro, rank)``,
-and a checkpoint holds the trained tensors, the optimizer state and the step, so ``resume`` continues
-exactly where an interrupted run stopped.
+Every random draw of an example (caption dropout, t, noise) comes from a generator seeded by ``(seed, its
+position in the data stream)``, so a run gives the same result on any number of processes and with any
+gradient accumulation for the same global batch (up to float summation order). A checkpoint holds the trained
+tensors, the optimizer state, the step, the data position, the learning-rate schedule, the count of skipped
+steps and every process's RNG state, so ``resume`` continues exactly where an interrupted run stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -72,8 +80,62 @@ def stage_trainable(stage: int, current: TrainableConfig) -> TrainableConfig:
     )
 
 
-def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
+def example_draws(
+    cfg: TrainConfig, positions: list[int], shape: tuple[int, ...]
+) -> tuple[list[bool], torch.Tensor, torch.Tensor]:
+    """Caption dropout, time and noise of the examples at ``positions`` of the data stream.
+
+    One generator per example, seeded by ``(cfg.seed, position)``: the draws do not depend on how the global
+    batch is split over processes and micro-steps. Returns (drop flags, t (B,), noise (B, *shape)).
+    """
+    gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + p) for p in positions]
+    drop = [bool(torch.rand(1, generator=g) < cfg.caption_dropout) for g in gens]
+    t = torch.cat(
+        [sample_timesteps(1, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=g) for g in gens]
+    )
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return drop, t, noise
+
+
+# ------------------------------------------------------------------------------------------- distribution
+def check_backend(acc, entry: str) -> None:
+    """Refuse the accelerate backends ParaUni's loops do not support, naming the ones that work.
+
+    The loops save with the unwrapped model and (Stage III) call it outside the wrapped forward, which needs
+    every process to hold whole parameters (single process or DDP); FSDP and DeepSpeed shard them.
+    """
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(
+            f"{entry} runs on one process or under DDP, not under {acc.distributed_type.value}: launch it with "
+            "`accelerate launch --config_file configs/accelerate/ddp.yaml ...`"
+        )
+
+
+def all_processes_agree(acc, ok: bool) -> bool:
+    """True when ``ok`` holds on every process (one tiny all-gather): a skip decision all of them share."""
+    flags = acc.gather(torch.tensor([float(ok)], device=acc.device))
+    return bool(flags.min() > 0)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in the backward pass instead of keeping them: the DiT's transformer blocks
+    (diffusers' ``enable_gradient_checkpointing``) and, for ParaUni, the LIM connector's layers.
+
+    The frozen VLM stays in eval mode, where Hugging Face models do not checkpoint; its activations are kept
+    only when the queries train (their gradient flows back through it).
+    """
+    dit = getattr(model, "dit", None)
+    if dit is None or not getattr(dit, "_supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"activation checkpointing needs a diffusers DiT at model.dit; {type(model).__name__} has "
+            f"{type(dit).__name__}: set activation_checkpointing=false"
+        )
+    dit.enable_gradient_checkpointing()
+    connector = getattr(getattr(model, "lim", None), "connector", None)
+    if connector is not None:
+        connector.gradient_checkpointing = True
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -82,23 +144,81 @@ def trainable_tensors(model: ParaUni) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def rng_state() -> dict:
+    """This process's global RNG states (torch, CUDA if present, Python, NumPy), loadable weights-only."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def atomic_checkpoint(root: Path, name: str, acc, keep_last: int) -> Iterator[Path]:
+    """Write the checkpoint ``root/name`` from every process, atomically, keeping the newest ``keep_last``.
+
+    Every process writes into ``root/.tmp_<name>``; when all are done the main process renames it to
+    ``root/<name>`` (a reader, or ``resume`` after a crash, sees a complete checkpoint or none) and removes
+    all but the newest ``keep_last`` of the same kind (``step_*`` / ``epoch_*``). The processes must share the
+    file system of ``root``.
+    """
+    tmp, final = root / f".tmp_{name}", root / name
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    yield tmp
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        kind = name.rsplit("_", 1)[0]
+        for old in sorted(root.glob(f"{kind}_*"))[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def remove_partial_checkpoints(root: Path) -> None:
+    """Delete the temporary folders of checkpoints a killed run did not finish writing."""
+    for tmp in root.glob(".tmp_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _schedule(cfg: TrainConfig) -> dict:
+    return {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps, "min_lr_ratio": cfg.min_lr_ratio}
+
+
 def save_checkpoint(
-    folder: Path, model: ParaUni, optimizer: torch.optim.Optimizer, step: int, keep_last: int
+    folder: Path, acc, model: ParaUni, optimizer: torch.optim.Optimizer, state: dict, keep_last: int
 ) -> Path:
-    """Write ``checkpoints/step_N`` atomically (a temporary folder renamed when complete); prune old ones."""
+    """Write ``checkpoints/step_N`` (N = ``state['step']``) atomically; every process must call it.
+
+    It holds the trained tensors, the optimizer state (the same on every DDP process), ``state.json`` (step,
+    data position, schedule, skipped-step count) and one RNG state per process.
+    """
     root = folder / CHECKPOINT_DIR
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_tensors(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    with atomic_checkpoint(root, f"step_{state['step']:07d}", acc, keep_last) as tmp:
+        torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        if acc.is_main_process:
+            save_file(trainable_tensors(model), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(state))
+    return root / f"step_{state['step']:07d}"
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -107,8 +227,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: ParaUni, optimizer: torch.optim.Optimizer) -> int:
-    """Restore trained tensors (strict over what trains) and the optimizer; returns the step to resume at."""
+def load_trainable(path: Path, model: ParaUni) -> None:
+    """Copy a checkpoint's ``trainable.safetensors`` into the model, strictly over what trains now."""
     state = load_file(str(path / "trainable.safetensors"))
     expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -120,8 +240,19 @@ def load_checkpoint(path: Path, model: ParaUni, optimizer: torch.optim.Optimizer
     with torch.no_grad():
         for name, p in expected.items():
             p.copy_(state[name])
+
+
+def load_checkpoint(path: Path, model: ParaUni, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
+    """Restore trained tensors, the optimizer and this process's RNG state; returns ``state.json``.
+
+    A checkpoint written by a run with fewer processes has no RNG state for ``rank``; that process then keeps
+    its own (every draw of the loop is seeded by the data position, so only draws outside it are affected).
+    """
+    load_trainable(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    return int(json.loads((path / "state.json").read_text())["step"])
+    if (rng := path / f"rng_{rank}.pt").is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return json.loads((path / "state.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -143,6 +274,11 @@ def train(
         source: an object with ``examples(indices, seed) -> (inputs, captions)`` and ``encoded`` (bool:
             inputs are already in the DiT's space; otherwise they are pixels and go through the model's VAE).
         resume: continue from the newest checkpoint in ``out_dir/checkpoints`` if there is one.
+        accelerator: an ``accelerate.Accelerator`` (default: one built from ``cfg.mixed_precision`` and
+            ``cfg.grad_accum``, which picks up ``accelerate launch``'s processes).
+
+    Raises:
+        RuntimeError: ``MAX_BAD_STEPS`` steps in a row had a non-finite loss or gradient.
     """
     from accelerate import Accelerator
 
@@ -150,6 +286,7 @@ def train(
     acc = accelerator or Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
     )
+    check_backend(acc, "parauni train")
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
@@ -159,23 +296,32 @@ def train(
     micro = cfg.batch_size // (world * cfg.grad_accum)
     if cfg.stage in (1, 2):
         model.set_trainable(stage_trainable(cfg.stage, model.config.trainable))
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
-    start = 0
+    start, data_offset, bad_in_a_row = 0, 0, 0
     if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        start = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer, rank)
+        start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
+        # the data stream continues where it stopped even if the batch size was changed for the rest
+        data_offset = state.get("examples_seen", start * cfg.batch_size) - start * cfg.batch_size
+        if state.get("schedule", _schedule(cfg)) != _schedule(cfg):
+            acc.print(f"note: the lr schedule changed since {ckpt}: {state['schedule']} -> {_schedule(cfg)}")
         acc.print(f"resuming from {ckpt} at step {start}")
     wrapped, optimizer = acc.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter of the model requires a gradient")
+    log_path = out_dir / LOG_FILE
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out_dir / "train_config.yaml")
-    log_path = out_dir / LOG_FILE
-    if acc.is_main_process and start == 0 and log_path.exists():
-        log_path.unlink()
-    t0, bad_in_a_row, loss_value, grad_norm = time.time(), 0, float("nan"), float("nan")
+        remove_partial_checkpoints(out_dir / CHECKPOINT_DIR)
+        if start == 0 and log_path.exists():
+            log_path.unlink()
+    acc.wait_for_everyone()
+    t0, loss_value, grad_norm = time.time(), float("nan"), float("nan")
     bar = tqdm(
         total=cfg.steps,
         initial=start,
@@ -186,59 +332,74 @@ def train(
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = []
+        losses, finite, skipped = [], True, False
         for m in range(cfg.grad_accum):
-            first = step * cfg.batch_size + (m * world + rank) * micro
-            inputs, captions = source.examples(list(range(first, first + micro)), seed=cfg.seed)
-            gen = _step_generator(cfg.seed, step, m, rank)
-            drop = (torch.rand(micro, generator=gen) < cfg.caption_dropout).tolist()
-            captions = [None if d else c for c, d in zip(captions, drop, strict=True)]
-            t = sample_timesteps(micro, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=gen)
+            first = data_offset + step * cfg.batch_size + (m * world + rank) * micro
+            positions = list(range(first, first + micro))
+            inputs, captions = source.examples(positions, seed=cfg.seed)
             with torch.no_grad():
                 x0 = inputs if source.encoded else model.encode_images(inputs.to(model.device))
-            noise = torch.randn(x0.shape, generator=gen)
-            batch = model.encode_prompts(captions)
+            drop, t, noise = example_draws(cfg, positions, tuple(x0.shape[1:]))
+            batch = model.encode_prompts([None if d else c for c, d in zip(captions, drop, strict=True)])
             with acc.accumulate(wrapped):
                 loss = wrapped(batch, x0.to(model.device), t.to(model.device), noise.to(model.device))
-                finite = bool(torch.isfinite(loss))
-                if finite:
-                    acc.backward(loss)
+                finite = finite and bool(torch.isfinite(loss))
+                # backward even for a non-finite loss: every DDP process must join the gradient all-reduce,
+                # and the decision below to skip the step is taken by all of them together
+                acc.backward(loss)
                 losses.append(loss.detach().float())
                 if acc.sync_gradients:
-                    grad_norm = _clip(acc, params, cfg.grad_clip) if finite else float("nan")
-                    if finite and math.isfinite(grad_norm):
+                    grad_norm = _clip(acc, params, cfg.grad_clip)
+                    finite = all_processes_agree(acc, finite)
+                    if finite and acc.scaler is not None:
+                        optimizer.step()  # fp16: the loss scaler skips an overflowing step and lowers its scale
+                        skipped = acc.optimizer_step_was_skipped
+                    elif finite and math.isfinite(grad_norm):
                         optimizer.step()
-                        bad_in_a_row = 0
                     else:
+                        skipped = True
                         bad_in_a_row += 1
-                        acc.print(f"step {step}: non-finite loss or gradient, step skipped")
+                        acc.print(
+                            f"step {step}: non-finite loss or gradient (norm {grad_norm}), step skipped"
+                        )
+                    if finite and not skipped:
+                        bad_in_a_row = 0
                     optimizer.zero_grad(set_to_none=True)
-        if bad_in_a_row >= MAX_BAD_STEPS:
-            raise RuntimeError(
-                f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                "lower train.lr or use train.mixed_precision=no / bf16 instead of fp16"
-            )
         loss_value = float(acc.gather(torch.stack(losses).mean()[None]).mean())
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+        if acc.is_main_process and (skipped or step % cfg.log_every == 0 or step == cfg.steps - 1):
+            row = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "skipped": skipped,
+                "bad_in_a_row": bad_in_a_row,
+                "seconds": time.time() - t0,
+            }
             with log_path.open("a") as f:
-                row = {
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "seconds": time.time() - t0,
-                }
                 f.write(json.dumps(row) + "\n")
+        if bad_in_a_row >= MAX_BAD_STEPS:
+            raise RuntimeError(
+                f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}; see "
+                f"{log_path}); lower train.lr, or use train.mixed_precision=no / bf16 instead of fp16"
+            )
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(out_dir, acc.unwrap_model(wrapped), optimizer, step + 1, cfg.keep_last)
+            state = {
+                "step": step + 1,
+                "examples_seen": data_offset + (step + 1) * cfg.batch_size,
+                "schedule": _schedule(cfg),
+                "lr": lr,
+                "bad_in_a_row": bad_in_a_row,
+                "num_processes": world,
+            }
+            save_checkpoint(out_dir, acc, acc.unwrap_model(wrapped), optimizer, state, cfg.keep_last)
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
         acc.unwrap_model(wrapped).save_pretrained(out_dir)
+    acc.wait_for_everyone()
     return TrainResult(cfg.steps, loss_value, time.time() - t0, out_dir, log_path)
 
 
