@@ -1,0 +1,92 @@
+"""The configuration reference (``docs/configuration.md``), generated from the config dataclasses.
+
+    python -m parauni.config_reference > docs/configuration.md
+
+Every field of every config tree, with its override key, type, default and help text. A test checks that the
+committed page equals what this module prints, so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from .config import ModelConfig
+from .rl.config import RewardsConfig, RLConfig
+from .training.config import TrainConfig
+from .world.config import WorldConfig
+
+# (title, override prefix, dataclass, where it is used)
+TREES = (
+    (
+        "Model",
+        "",
+        ModelConfig,
+        "presets (`parauni info paper`), model folders' `config.yaml`; every command that takes `--model` "
+        "accepts `--section.key=value`",
+    ),
+    ("Training (Stages I and II)", "train.", TrainConfig, "`parauni train --train.key=value`"),
+    ("Reinforcement learning (Stage III)", "rl.", RLConfig, "`parauni rl --rl.key=value` or `--config FILE`"),
+    ("Rewards", "rewards.", RewardsConfig, "`parauni rl --rewards.key=value`"),
+    (
+        "The shapes world",
+        "world.",
+        WorldConfig,
+        "`parauni demo` / `parauni reproduce` / `parauni rl --world` with `--world.key=value`",
+    ),
+)
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if dataclasses.is_dataclass(value):
+        return "(section)"
+    text = repr(value).replace("\n", "\\n")
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"`{text}`".replace("|", "\\|")
+
+
+def _rows(cls: type, prefix: str) -> list[str]:
+    rows, sections = [], []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            sections.append((f, type(default)))
+            continue
+        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        kind = str(f.type).replace("|", "\\|")
+        rows.append(f"| `{prefix}{f.name}` | `{kind}` | {_default(f)} | {help_text} |")
+    for f, sub in sections:
+        doc = (sub.__doc__ or "").strip().splitlines()[0] if sub.__doc__ else ""
+        rows.append(f"| **`{prefix}{f.name}.*`** | section | | {doc} |")
+        rows += _rows(sub, f"{prefix}{f.name}.")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The whole reference page as Markdown."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config dataclasses by `python -m parauni.config_reference`; do not edit by hand.",
+        "Override any field on the command line as `--key=value` with the key shown (lists as `[1,2]`,",
+        "booleans as `true`/`false`, `null` for none). Unknown keys are errors that name the valid ones.",
+        "",
+    ]
+    for title, prefix, cls, where in TREES:
+        doc = " ".join((cls.__doc__ or "").split())
+        lines += [f"## {title}", "", f"{doc} Used by {where}.", ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += _rows(cls, prefix)
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())
