@@ -30,7 +30,7 @@ from .captions import WorldStream, world_vocabulary
 from .config import WorldConfig
 from .t2i import TextToImage
 
-STAGE0_VERSION = 1
+STAGE0_VERSION = 2  # bump when the code that trains Stage 0 changes its results (2: per-example draws)
 CAPTION_INSTRUCTION = "Describe the image."
 DONE_FILE = "stage0.json"
 # Each stage draws its own stream of world examples.
