@@ -257,7 +257,7 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
         )
         == 2
     )
-    assert "is not a folder" in capsys.readouterr().err
+    assert "nope does not exist; give a folder" in capsys.readouterr().err
     data = _write_images(tmp_path / "data", 2)
     assert (
         main(

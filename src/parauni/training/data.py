@@ -5,6 +5,9 @@ A source maps a global example index to ``(image, caption)``; the trainer asks f
   ``name.png`` + ``name.txt`` pairs. Images are read once, resized and centre-cropped, unreadable ones are
   skipped and counted, and the prepared tensors (VAE latents when the model has a VAE) are cached on disk.
 * the shapes world's endless stream (:mod:`parauni.world`).
+
+Data too big for memory (webdataset tar shards, Hugging Face datasets, extracted latents) is read shard by
+shard: :mod:`.streaming`; :mod:`.sources` decides which source a ``--data`` path is.
 """
 
 from __future__ import annotations
