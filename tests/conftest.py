@@ -243,3 +243,35 @@ def quick_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("world_cache")
     run_stage0(WorldConfig().quick(), cache, progress=False, log=lambda *_: None)
     return cache
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random ``CLIPModel`` with the test BPE tokenizer and a 32 px CLIP image processor."""
+    import transformers as tf
+
+    eos = tokenizer.eos_token_id
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = tf.CLIPConfig(
+        text_config=dict(
+            **tower,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=64,
+            projection_dim=16,
+            pad_token_id=eos,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        ),
+        vision_config=dict(**tower, image_size=32, patch_size=8, projection_dim=16),
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.CLIPModel(config)
+    folder = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    tf.CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder

@@ -22,38 +22,6 @@ from parauni.rl.rewards import Reward
 PROMPTS = ["a red circle", "two blue squares"]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, tokenizer):
-    """A tiny random CLIPModel with the test tokenizer and a CLIP image processor (as in test_rewards.py)."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
-
-    eos = tokenizer.eos_token_id
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=64,
-            projection_dim=16,
-            pad_token_id=eos,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            **tower,
-        ),
-        vision_config=dict(image_size=32, patch_size=8, projection_dim=16, **tower),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(config)
-    folder = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder
-    )
-    return folder
-
-
 class Brightness(Reward):
     """A cheap fake reward: the mean pixel value of each image."""
 

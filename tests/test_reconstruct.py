@@ -103,43 +103,6 @@ def test_ssim_on_images_smaller_than_the_window_uses_an_odd_window_of_the_image_
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A tiny random CLIPModel and a CLIP image processor in a folder (no tokenizer: images only)."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
-
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            projection_dim=16,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=16,
-        ),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(config)
-    folder = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder
-    )
-    return folder
-
-
-@pytest.fixture(scope="module")
 def clip(clip_dir):
     return CLIPEmbedder.from_pretrained(clip_dir, text=False)
 

@@ -28,46 +28,6 @@ from parauni.world.scene import render
 PROMPTS = ["a photo of a red circle", "two blue squares", "a green cross above a cat"]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, tokenizer):
-    """A tiny random CLIPModel (+ the test BPE tokenizer and a CLIP image processor) in a folder."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
-
-    eos = tokenizer.eos_token_id
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=64,
-            projection_dim=16,
-            pad_token_id=eos,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=16,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("clip")
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder
-    )
-    return folder
-
-
 def _images(n: int = 3, size: int = 48) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(n)) * 2 - 1
 
