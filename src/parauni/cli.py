@@ -5,15 +5,23 @@
     parauni info PRESET_OR_DIR                      components, depth, queries, parameter counts
     parauni generate --model DIR --prompt TEXT ...  text-to-image (or image-to-image with --image)
     parauni train --stage 1|2 --data DIR --model M  Stage I / II on your own image-caption folder
+    parauni extract-latents --data SRC --model M --out DIR   VAE latents of a data set, in shards
+                                                    (splits the work under accelerate launch; resumable)
     parauni rl --model DIR --out DIR [--world]       Stage III: Flow-GRPO + LDAM with a reward curriculum
     parauni import-openuni CKPT --preset P --out D  an OpenUni / ParaUni .pth checkpoint as a model folder
-    parauni eval geneval --model M --metadata F --out D --detector world|file
+    parauni eval geneval --model M --metadata F --out D --detector mask2former|world|file
                                                     GenEval images in the official layout, then their scores
-    parauni eval geneval-score --images D --detector world|file --out F   score an existing GenEval folder
+    parauni eval geneval-score --images D --detector mask2former|world|file --out F
+                                                    score an existing GenEval folder
+    parauni eval dpg --model M --prompts F --out D (--csv dpg_bench.csv --vqa V | --no-score)
+                                                    DPG-Bench 2x2 grids (resumable), then their VQA scores
+    parauni eval dpg-score --images D --csv F --vqa V --out F   score an existing DPG-Bench folder
     parauni eval reconstruct --model M [--model M2 ...] --images D --out D [--clip C]
                                                     image reconstruction: PSNR / SSIM / CLIP similarity
     parauni analyze layers --model DIR --out DIR (--world | --clip C) [--prompts F]
                                                     per-layer scores, layer similarity, zone removal
+    parauni serve [--model [NAME=]DIR ...] [--port P]  a local web app: text-to-image, reconstruction,
+                                                    last layer vs all layers (default: the demo's models)
 
 Commands take ``--section.key=value`` overrides of the model config, ``--train.key=value`` of the training
 config, ``--rl.key=value`` / ``--rewards.key=value`` of Stage III and ``--world.key=value`` of the world config
@@ -63,10 +71,21 @@ def load_model(source: str, overrides: list[str], meta: bool = False):
 
     path = Path(source)
     if path.is_dir() and not meta:
-        return ParaUni.from_pretrained(path, overrides)
-    return ParaUni.from_config(
-        model_config(source, overrides), root=path if path.is_dir() else None, meta=meta
-    )
+        model = ParaUni.from_pretrained(path, overrides)
+    else:
+        model = ParaUni.from_config(
+            model_config(source, overrides), root=path if path.is_dir() else None, meta=meta
+        )
+    return model if meta else model.to(default_device())
+
+
+def default_device() -> str:
+    """``$PARAUNI_DEVICE`` if set (e.g. ``cuda:1``, ``cpu``), else ``cuda`` when a GPU is visible, else ``cpu``."""
+    import os
+
+    import torch
+
+    return os.environ.get("PARAUNI_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -244,33 +263,89 @@ def cmd_reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import apply_overrides
     from .training.config import stage_config
-    from .training.data import FolderSource
+    from .training.latents import LatentShardSource, check_latents_fit
+    from .training.sources import DataOptions, data_kind, training_source
     from .training.trainer import train
 
     train_items, model_overrides = _route(overrides, "train")
     train_dict = apply_overrides({}, train_items)
     if args.image_size:
         train_dict["image_size"] = args.image_size
+    kind = data_kind(args.data)
+    options = DataOptions(args.image_column, args.caption_column, args.shards_per_group)
+    latents = LatentShardSource(args.data, args.shards_per_group) if kind == "latents" else None
+    if latents is not None:  # extracted latents fix the image size
+        train_dict.setdefault("image_size", latents.image_size)
     cfg = stage_config(args.stage, train_dict)
     model = load_model(args.model, model_overrides)
     model.check_size(cfg.image_size, cfg.image_size)
     vae = model.config.vae
-    source = FolderSource(
-        args.data,
-        cfg.image_size,
-        encode=model.encode_images,
-        cache_key=f"{vae.kind}:{vae.path}",
-        progress=not args.quiet,
-    )
+    if latents is not None:
+        shape = model.latent_shape(cfg.image_size, cfg.image_size)
+        check_latents_fit(latents, shape, cfg.image_size, f"{vae.kind}:{vae.path}")
+        source = latents
+    else:
+        source = training_source(
+            args.data,
+            cfg.image_size,
+            encode=model.encode_images,
+            cache_key=f"{vae.kind}:{vae.path}",
+            options=options,
+            progress=not args.quiet,
+        )
     print(
-        f"data: {len(source)} image-caption pairs from {args.data}"
-        + (f"; skipped {len(source.skipped)} unreadable image(s)" if source.skipped else "")
+        f"data ({kind}): {len(source)} image-caption pairs from {args.data}"
+        + (f"; skipped {len(source.skipped)} unreadable or corrupt sample(s)" if source.skipped else "")
     )
+    before = len(source.skipped)
     result = train(model, source, cfg, args.out, resume=args.resume, progress=not args.quiet)
+    more = len(source.skipped) - before
     print(
         f"stage {args.stage}: {result.steps} steps in {result.seconds:.1f} s, final loss {result.final_loss:.4f}; "
         f"model written to {result.model_dir}"
+        + (f"; skipped {more} more corrupt sample(s) while streaming" if more else "")
     )
+    return 0
+
+
+def cmd_extract_latents(args: argparse.Namespace, overrides: list[str]) -> int:
+    from accelerate import Accelerator
+
+    from .models.components import resolve_path
+    from .training.latents import extract_latents, finish_extraction, vae_encoder
+    from .training.sources import DataOptions, pixel_source
+
+    config = model_config(args.model, overrides)
+    root = Path(args.model) if Path(args.model).is_dir() else None
+    size = args.image_size or config.sampling.height
+    vae_path = resolve_path(config.vae.path, root) if config.vae.path else None
+    acc = Accelerator()  # the processes of accelerate launch / torchrun (on CPUs: ACCELERATE_USE_CPU=true)
+    source = pixel_source(args.data, size, DataOptions(args.image_column, args.caption_column))
+    result = extract_latents(
+        source,
+        vae_encoder(config, root, acc.device),
+        args.out,
+        image_size=size,
+        encoder_key=f"{config.vae.kind}:{vae_path}",
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        progress=not args.quiet,
+    )
+    print(
+        f"process {acc.process_index + 1} of {acc.num_processes}: wrote {result.written} shard(s), "
+        f"{result.reused} already done, skipped {result.skipped} corrupt sample(s)"
+    )
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        manifest = finish_extraction(args.out)
+        print(
+            f"latents of {sum(manifest['sizes'])} samples ({len(manifest['skipped'])} corrupt skipped) at "
+            f"{size} px, shape {manifest['latent_shape']}, in {manifest['num_shards']} shard(s) in {args.out}; "
+            f"train with parauni train --data {args.out}"
+        )
     return 0
 
 
@@ -382,11 +457,28 @@ def cmd_import_openuni(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _geneval_detector(args: argparse.Namespace):
-    """The (detector, classify_colors) pair that --detector / --detections name."""
+    """The (detector, classify_colors) pair named by --detector, --detections, --detector-model, --clip."""
     from .eval.geneval import PrecomputedDetections, world_detector
 
     if args.detector is None:
-        raise ConfigError("give --detector world (the shapes world) or --detector file --detections FILE")
+        raise ConfigError(
+            "give --detector world (the shapes world), --detector mask2former (GenEval's detector) or "
+            "--detector file --detections FILE"
+        )
+    if args.detector != "mask2former" and (args.detector_model or args.clip):
+        raise ConfigError(f"--detector-model / --clip go with --detector mask2former, not {args.detector}")
+    if args.detector == "mask2former":
+        from .eval.geneval_mask2former import (
+            CLIP_L14,
+            MASK2FORMER_REPO,
+            CLIPColorClassifier,
+            Mask2FormerDetector,
+        )
+
+        if args.detections:
+            raise ConfigError("--detections FILE goes with --detector file, not --detector mask2former")
+        detector = Mask2FormerDetector.from_pretrained(args.detector_model or MASK2FORMER_REPO)
+        return detector, CLIPColorClassifier.from_pretrained(args.clip or CLIP_L14)
     if args.detector == "world":
         if args.detections:
             raise ConfigError("--detections FILE goes with --detector file, not --detector world")
@@ -397,10 +489,11 @@ def _geneval_detector(args: argparse.Namespace):
     return detections, detections.classify_colors
 
 
-def _score_and_print(args: argparse.Namespace, images: str, out: Path) -> None:
+def _score_and_print(args: argparse.Namespace, images: str, out: Path, pair: tuple | None = None) -> None:
+    """Score `images` with `pair` (detector, classify_colors), by default the one the arguments name."""
     from .eval.geneval import format_summary, score_geneval
 
-    detector, classify_colors = _geneval_detector(args)
+    detector, classify_colors = pair or _geneval_detector(args)
     summary = score_geneval(images, detector, classify_colors, out, progress=not args.quiet)
     print(format_summary(summary))
     print(f"per-image results: {out}; summary: {out.parent / 'summary.json'}")
@@ -410,10 +503,12 @@ def cmd_eval_geneval(args: argparse.Namespace, overrides: list[str]) -> int:
     from .eval.geneval import generate_geneval
     from .world.captions import read_metadata
 
-    if args.no_score and (args.detector or args.detections):
-        raise ConfigError("--no-score skips scoring; drop --detector / --detections")
-    if not args.no_score:
-        _geneval_detector(args)  # check the detector arguments before spending time on generation
+    if args.no_score and (args.detector or args.detections or args.detector_model or args.clip):
+        raise ConfigError(
+            "--no-score skips scoring; drop --detector / --detections / --detector-model / --clip"
+        )
+    # Load the detector before spending time on generation (its errors come first).
+    pair = None if args.no_score else _geneval_detector(args)
     metadata = Path(args.metadata)
     if not metadata.is_file():
         raise ConfigError(f"--metadata {metadata} does not exist; give GenEval's evaluation_metadata.jsonl")
@@ -438,8 +533,8 @@ def cmd_eval_geneval(args: argparse.Namespace, overrides: list[str]) -> int:
         f"GenEval: {counts['generated']} prompt(s) generated, {counts['skipped']} already complete, "
         f"{args.images_per_prompt} image(s) each, in {args.out}"
     )
-    if not args.no_score:
-        _score_and_print(args, args.out, Path(args.out) / "results.jsonl")
+    if pair is not None:
+        _score_and_print(args, args.out, Path(args.out) / "results.jsonl", pair)
     return 0
 
 
@@ -447,6 +542,79 @@ def cmd_eval_geneval_score(args: argparse.Namespace, overrides: list[str]) -> in
     if overrides:
         raise ConfigError(f"parauni eval geneval-score takes no config overrides, got {overrides}")
     _score_and_print(args, args.images, Path(args.out))
+    return 0
+
+
+def _dpg_questions(args: argparse.Namespace):
+    """The parsed --csv and the checked --vqa source (both needed to score)."""
+    from .eval.dpg import check_vqa_source, read_dpg_csv
+
+    if not (args.csv and args.vqa):
+        raise ConfigError(
+            "scoring needs --csv dpg_bench.csv (ELLA's question file) and --vqa PATH_OR_ID "
+            "(a BLIP VQA model folder or id, e.g. Salesforce/blip-vqa-base)"
+        )
+    return read_dpg_csv(args.csv), check_vqa_source(args.vqa)
+
+
+def _dpg_score_and_print(
+    args: argparse.Namespace, items: dict, vqa_source: str, images: str, out: Path
+) -> None:
+    import torch
+
+    from .eval.dpg import BlipVQA, format_dpg_summary, score_dpg
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vqa = BlipVQA.from_pretrained(vqa_source, device=device)
+    summary = score_dpg(images, items, vqa, out, category_crops=args.category_crops, progress=not args.quiet)
+    print(format_dpg_summary(summary))
+    if summary["unscored"]:
+        print(f"{summary['unscored']} prompt(s) of {args.csv} have no grid in {images} and were not scored")
+    print(f"per-prompt results: {out}; summary: {out.parent / 'summary.json'}")
+
+
+def cmd_eval_dpg(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .eval.dpg import RESULTS_FILE, generate_dpg, read_dpg_prompts
+
+    if args.no_score and (args.csv or args.vqa):
+        raise ConfigError("--no-score skips scoring; drop --csv / --vqa")
+    # Check the scoring inputs before spending time on generation.
+    items, vqa_source = (None, None) if args.no_score else _dpg_questions(args)
+    prompts = read_dpg_prompts(args.prompts)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ConfigError(f"--limit {args.limit} must be >= 1")
+        prompts = prompts[: args.limit]
+    s = model_config(args.model, overrides).sampling
+    height, width = args.height or s.height, args.width or s.width
+    model = load_model(args.model, overrides)
+    model.check_size(height, width)
+    counts = generate_dpg(
+        model,
+        prompts,
+        args.out,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        cfg=args.cfg,
+        height=height,
+        width=width,
+        progress=not args.quiet,
+    )
+    del model  # free the generator before the VQA model loads
+    print(
+        f"DPG-Bench: {counts['generated']} grid(s) generated, {counts['skipped']} already there, in {args.out}"
+    )
+    if not args.no_score:
+        _dpg_score_and_print(args, items, vqa_source, args.out, Path(args.out) / RESULTS_FILE)
+    return 0
+
+
+def cmd_eval_dpg_score(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"parauni eval dpg-score takes no config overrides, got {overrides}")
+    items, vqa_source = _dpg_questions(args)
+    _dpg_score_and_print(args, items, vqa_source, args.images, Path(args.out))
     return 0
 
 
@@ -606,16 +774,70 @@ def cmd_analyze_layers(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .serve import SETTING_FLAGS, ServeSettings, build_app, launch, load_served
+
+    settings = ServeSettings(**{field: getattr(args, field) for field in SETTING_FLAGS})
+    served = load_served(args.model or [], overrides, args.demo_dir)
+    print(f"serving {', '.join(served.models)} on http://{settings.host}:{settings.port} (Ctrl+C stops)")
+    launch(build_app(served, settings), settings)
+    return 0
+
+
+DATA_HELP = (
+    "a folder with a JSONL of {image, caption} or image + .txt pairs; a folder of webdataset .tar shards, a "
+    ".tar path or a shard pattern ('data/shard-{000000..000099}.tar', 'data/*.tar'); a Hugging Face dataset "
+    "folder (save_to_disk, parquet or arrow; needs `datasets`); or extracted latents (parauni extract-latents)"
+)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image-column", default="image", help="Hugging Face datasets: the image column (default: image)"
+    )
+    p.add_argument(
+        "--caption-column",
+        default="caption",
+        help="Hugging Face datasets: the caption column; tar shards: the caption key of KEY.json (default: caption)",
+    )
+
+
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--detector",
-        choices=["world", "file"],
-        help="world: the shapes world's detector; file: precomputed detections (e.g. Mask2Former) from --detections",
+        choices=["mask2former", "world", "file"],
+        help="mask2former: GenEval's detector (Mask2Former + CLIP colours); world: the shapes world's detector; "
+        "file: precomputed detections from --detections",
     )
     p.add_argument(
         "--detections",
         help="with --detector file: a JSONL of {filename, detections} (see parauni.eval.geneval)",
     )
+    p.add_argument(
+        "--detector-model",
+        help="with --detector mask2former: a Mask2Former COCO-instance folder or Hugging Face id "
+        "(default: facebook/mask2former-swin-small-coco-instance)",
+    )
+    p.add_argument(
+        "--clip",
+        help="with --detector mask2former: the colour classifier's CLIP folder or Hugging Face id "
+        "(default: openai/clip-vit-large-patch14)",
+    )
+
+
+def _add_dpg_score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--csv", help="DPG-Bench's question file dpg_bench.csv (from the ELLA repository)")
+    p.add_argument(
+        "--vqa",
+        help="the question answerer: a BLIP VQA folder or Hugging Face id (e.g. Salesforce/blip-vqa-base)",
+    )
+    p.add_argument(
+        "--category-crops",
+        choices=["last", "all"],
+        default="last",
+        help="category scores pool the raw answers of the last crop (the official scorer) or of all 4",
+    )
+    p.add_argument("--device", help="device of the VQA model (default: cuda if available, else cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -658,9 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="Stage I / II on your own image-caption folder", epilog=OVERRIDE_HELP)
     p.add_argument("--stage", type=int, required=True, choices=[1, 2], help="1: queries + LIM; 2: + DiT")
-    p.add_argument(
-        "--data", required=True, help="folder with a JSONL of {image, caption} or image + .txt pairs"
-    )
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument(
         "--model",
         required=True,
@@ -669,10 +889,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="run folder: the trained model, checkpoints/ and train_log.jsonl"
     )
-    p.add_argument("--image-size", type=int, help="square training size (default: train.image_size)")
+    p.add_argument(
+        "--image-size", type=int, help="square training size (default: train.image_size; latents: theirs)"
+    )
+    _add_data_args(p)
+    p.add_argument(
+        "--shards-per-group",
+        type=int,
+        default=4,
+        help="sharded data: shards whose samples are shuffled together (default: 4)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser(
+        "extract-latents",
+        help="VAE latents of a data set in safetensors shards (run under accelerate launch to split the work)",
+        epilog=OVERRIDE_HELP,
+    )
+    p.add_argument(
+        "--data", required=True, help="the images + captions, in any --data form of parauni train but latents"
+    )
+    p.add_argument("--model", required=True, help="preset, YAML or model folder whose VAE encodes the images")
+    p.add_argument("--out", required=True, help="latents folder (rerun with the same options to resume)")
+    p.add_argument("--image-size", type=int, help="square image size (default: the model's sampling size)")
+    _add_data_args(p)
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per latent shard (default: 1024)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call (default: 32)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored latent dtype"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_extract_latents)
 
     p = sub.add_parser(
         "rl",
@@ -727,7 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("eval", help="benchmarks: GenEval generation and scoring, reconstruction")
+    p = sub.add_parser(
+        "eval", help="benchmarks: GenEval and DPG-Bench generation and scoring, reconstruction"
+    )
     evals = p.add_subparsers(dest="eval_command", required=True)
     p = evals.add_parser(
         "geneval",
@@ -760,6 +1011,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="per-image results JSONL; summary.json is written beside it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_eval_geneval_score)
+
+    p = evals.add_parser(
+        "dpg",
+        help="DPG-Bench 2x2 grids <item_id>.png (resumable), then their VQA scores",
+        epilog=OVERRIDE_HELP,
+    )
+    p.add_argument(
+        "--model", required=True, help="a model folder (or a preset name for a random-weights smoke run)"
+    )
+    p.add_argument("--prompts", required=True, help='DPG-Bench prompts: a JSONL of {"item_id", "prompt"}')
+    p.add_argument(
+        "--out", required=True, help="output folder: <item_id>.png grids, results.jsonl, summary.json"
+    )
+    p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * 4 + j")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--height", type=int, help="height of each of the 4 images (default: the model's)")
+    p.add_argument("--width", type=int, help="width of each of the 4 images (default: the model's)")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--no-score", action="store_true", help="generate only")
+    _add_dpg_score_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_eval_dpg)
+
+    p = evals.add_parser("dpg-score", help="score an existing DPG-Bench folder of <item_id>.png grids")
+    p.add_argument("--images", required=True, help="a folder of <item_id>.png 2x2 grids")
+    _add_dpg_score_args(p)
+    p.add_argument("--out", required=True, help="per-prompt results JSONL; summary.json is written beside it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_eval_dpg_score)
 
     p = evals.add_parser(
         "reconstruct",
@@ -822,6 +1104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_analyze_layers)
+
+    from .serve import add_serve_arguments
+
+    p = sub.add_parser(
+        "serve",
+        help="a local web app: text-to-image, image-to-image, last layer vs all layers",
+        epilog=OVERRIDE_HELP + " (applied to every served model)",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(fn=cmd_serve)
     return parser
 
 
