@@ -840,6 +840,16 @@ def _add_dpg_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="device of the VQA model (default: cuda if available, else cpu)")
 
 
+def _add_sampling_args(
+    p: argparse.ArgumentParser, seed_help: str = "image i uses noise seed seed + i"
+) -> None:
+    """--steps, --cfg, --seed and --batch-size: the sampling options of every command that generates."""
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--batch-size", type=int, default=4)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parauni", description="ParaUni: all-layer VLM conditioning for diffusion."
@@ -966,13 +976,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image", help="an input image or a folder of images (image-to-image)")
     p.add_argument("--out", required=True, help="a .png path for one image, else a folder")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    _add_sampling_args(p)
     p.add_argument("--sampler", choices=["dpm", "euler"], help="sampler (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses noise seed seed + i")
     p.add_argument("--height", type=int, help="image height (default: the model's)")
     p.add_argument("--width", type=int, help="image width (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_generate)
 
@@ -993,12 +1000,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder: 00000/metadata.jsonl, 00000/samples/0000.png, ..."
     )
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
-    p.add_argument(
-        "--seed", type=int, default=0, help="image j of prompt i uses seed + i * images-per-prompt + j"
-    )
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    _add_sampling_args(p, "image j of prompt i uses seed + i * images-per-prompt + j")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--no-score", action="store_true", help="generate only")
     _add_detector_args(p)
@@ -1024,10 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output folder: <item_id>.png grids, results.jsonl, summary.json"
     )
-    p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * 4 + j")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    _add_sampling_args(p, "image j of prompt i uses seed + i * 4 + j")
     p.add_argument("--height", type=int, help="height of each of the 4 images (default: the model's)")
     p.add_argument("--width", type=int, help="width of each of the 4 images (default: the model's)")
     p.add_argument("--limit", type=int, help="only the first N prompts")
@@ -1064,10 +1063,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip", help="a CLIP model folder or Hugging Face id for CLIP similarity (default: none)"
     )
     p.add_argument("--image-size", type=int, help="square size (default: each model's sampling size)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses noise seed seed + i")
-    p.add_argument("--batch-size", type=int, default=4)
+    _add_sampling_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_eval_reconstruct)
 
@@ -1096,12 +1092,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="with --world: the Stage-0 cache (default: as parauni demo)")
     p.add_argument("--clip", help="a CLIP model folder or Hugging Face id: CLIP score as the reward")
     p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument(
-        "--seed", type=int, default=0, help="image i uses noise seed seed + i (same for every run)"
-    )
-    p.add_argument("--batch-size", type=int, default=4)
+    _add_sampling_args(p, "image i uses noise seed seed + i (same for every run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_analyze_layers)
 

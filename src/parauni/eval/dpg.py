@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from parauni.eval.geneval import SUMMARY_FILE, _pending_runs, _write_atomic
+from parauni.eval.geneval import SUMMARY_FILE, generate_pending, write_atomic
 from parauni.rl.rewards import RewardModelError, load_reward_weights
 from parauni.utils.loading import checked_source
 
@@ -228,37 +228,31 @@ def generate_dpg(
 
     Returns {"generated": grids generated, "skipped": grids already there}.
     """
-    from parauni.pipeline import generate
-    from parauni.utils.images import tensor_to_pil
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending = [i for i, row in enumerate(prompts) if not (out_dir / f"{row['item_id']}.png").is_file()]
-    bar = tqdm(total=len(prompts), desc="DPG-Bench", unit="prompt", disable=not progress)
-    bar.update(len(prompts) - len(pending))
-    for run in _pending_runs(pending, max(1, batch_size // IMAGES_PER_PROMPT)):
-        texts = [prompts[i]["prompt"] for i in run for _ in range(IMAGES_PER_PROMPT)]
-        pixels = generate(
-            model,
-            texts,
-            steps=steps,
-            cfg=cfg,
-            seed=seed + run[0] * IMAGES_PER_PROMPT,
-            height=height,
-            width=width,
-            batch_size=batch_size,
-            progress=False,
-        )  # (len(run) * 4, 3, H, W)
-        for k, i in enumerate(run):
-            grid = tile_grid(
-                [tensor_to_pil(x) for x in pixels[k * IMAGES_PER_PROMPT : (k + 1) * IMAGES_PER_PROMPT]]
-            )
-            _write_atomic(out_dir / f"{prompts[i]['item_id']}.png", lambda p, g=grid: g.save(p, format="PNG"))
-            bar.update(1)
-    bar.close()
-    return {"generated": len(pending), "skipped": len(prompts) - len(pending)}
+
+    def grid_path(i: int) -> Path:
+        return out_dir / f"{prompts[i]['item_id']}.png"
+
+    def write(i: int, images: list) -> None:
+        grid = tile_grid(images)
+        write_atomic(grid_path(i), lambda p: grid.save(p, format="PNG"))
+
+    return generate_pending(
+        model,
+        [row["prompt"] for row in prompts],
+        lambda i: grid_path(i).is_file(),
+        write,
+        images_per_prompt=IMAGES_PER_PROMPT,
+        seed=seed,
+        batch_size=batch_size,
+        steps=steps,
+        cfg=cfg,
+        height=height,
+        width=width,
+        progress=progress,
+        desc="DPG-Bench",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -382,7 +376,7 @@ def score_dpg(
         with Image.open(grids[item_id]) as img:
             grid = img.convert("RGB")
         rows.append({**score_item(grid, items[item_id], vqa), "prompt": items[item_id].text})
-    _write_atomic(out_path, lambda p: p.write_text("".join(json.dumps(row) + "\n" for row in rows)))
+    write_atomic(out_path, lambda p: p.write_text("".join(json.dumps(row) + "\n" for row in rows)))
     summary = summarise(rows, category_crops, unscored=len(items) - len(rows))
     (out_path.parent / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -75,7 +75,7 @@ def _is_complete(folder: Path, row: dict, images_per_prompt: int) -> bool:
     return all(sample_path(folder, j).is_file() for j in range(images_per_prompt))
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write via a temporary file renamed into place, so a crash never leaves a truncated `path`."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     write(tmp)
@@ -92,6 +92,61 @@ def _pending_runs(pending: list[int], prompts_per_call: int) -> Iterator[list[in
         run.append(i)
     if run:
         yield run
+
+
+def generate_pending(
+    model,
+    prompts: list[str],
+    done: Callable[[int], bool],
+    write: Callable[[int, list], None],
+    *,
+    images_per_prompt: int,
+    seed: int = 0,
+    batch_size: int = 4,
+    steps: int | None = None,
+    cfg: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> dict[str, int]:
+    """Generate `images_per_prompt` images for every prompt i with ``not done(i)``; ``write(i, images)``
+    stores them (a list of PIL images). The resumable loop of the benchmark layouts (GenEval, DPG-Bench).
+
+    Image j of prompt i uses noise seed ``seed + i * images_per_prompt + j``, so the images do not depend on
+    `batch_size` or on which prompts a resumed run still had to do. Several prompts share one ``generate``
+    call when a batch holds more than one prompt's images.
+
+    Returns {"generated": prompts generated, "skipped": prompts already done}.
+    """
+    from parauni.pipeline import generate
+    from parauni.utils.images import tensor_to_pil
+
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt={images_per_prompt} must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    pending = [i for i in range(len(prompts)) if not done(i)]
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    bar.update(len(prompts) - len(pending))
+    for run in _pending_runs(pending, max(1, batch_size // images_per_prompt)):
+        texts = [prompts[i] for i in run for _ in range(images_per_prompt)]
+        pixels = generate(
+            model,
+            texts,
+            steps=steps,
+            cfg=cfg,
+            seed=seed + run[0] * images_per_prompt,
+            height=height,
+            width=width,
+            batch_size=batch_size,
+            progress=False,
+        )  # (len(run) * images_per_prompt, 3, H, W)
+        for k, i in enumerate(run):
+            write(i, [tensor_to_pil(x) for x in pixels[k * images_per_prompt : (k + 1) * images_per_prompt]])
+            bar.update(1)
+    bar.close()
+    return {"generated": len(pending), "skipped": len(prompts) - len(pending)}
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -118,47 +173,32 @@ def generate_geneval(
 
     Returns {"generated": prompts generated, "skipped": prompts already complete}.
     """
-    from parauni.pipeline import generate
-    from parauni.utils.images import tensor_to_pil
-
-    if images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt={images_per_prompt} must be >= 1")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
     for row in metadata_rows:
         validate_metadata(row)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending = [
-        i
-        for i, row in enumerate(metadata_rows)
-        if not _is_complete(prompt_dir(out_dir, i), row, images_per_prompt)
-    ]
-    bar = tqdm(total=len(metadata_rows), desc="GenEval", unit="prompt", disable=not progress)
-    bar.update(len(metadata_rows) - len(pending))
-    # Several prompts per generate() call when a batch holds more than one prompt's images.
-    for run in _pending_runs(pending, max(1, batch_size // images_per_prompt)):
-        prompts = [metadata_rows[i]["prompt"] for i in run for _ in range(images_per_prompt)]
-        pixels = generate(
-            model,
-            prompts,
-            steps=steps,
-            cfg=cfg,
-            seed=seed + run[0] * images_per_prompt,
-            batch_size=batch_size,
-            progress=False,
-        )  # (len(run) * images_per_prompt, 3, H, W)
-        for k, i in enumerate(run):
-            folder = prompt_dir(out_dir, i)
-            (folder / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
-            for j in range(images_per_prompt):
-                image = tensor_to_pil(pixels[k * images_per_prompt + j])
-                _write_atomic(sample_path(folder, j), lambda p, im=image: im.save(p, format="PNG"))
-            line = json.dumps(metadata_rows[i]) + "\n"
-            _write_atomic(folder / METADATA_FILE, lambda p, text=line: p.write_text(text))
-            bar.update(1)
-    bar.close()
-    return {"generated": len(pending), "skipped": len(metadata_rows) - len(pending)}
+
+    def write(i: int, images: list) -> None:
+        folder = prompt_dir(out_dir, i)
+        (folder / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+        for j, image in enumerate(images):
+            write_atomic(sample_path(folder, j), lambda p, im=image: im.save(p, format="PNG"))
+        line = json.dumps(metadata_rows[i]) + "\n"
+        write_atomic(folder / METADATA_FILE, lambda p, text=line: p.write_text(text))
+
+    return generate_pending(
+        model,
+        [row["prompt"] for row in metadata_rows],
+        lambda i: _is_complete(prompt_dir(out_dir, i), metadata_rows[i], images_per_prompt),
+        write,
+        images_per_prompt=images_per_prompt,
+        seed=seed,
+        batch_size=batch_size,
+        steps=steps,
+        cfg=cfg,
+        progress=progress,
+        desc="GenEval",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- scoring
