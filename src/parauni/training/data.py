@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,8 @@ class FolderSource:
         else:
             self.inputs, keep = self._prepare(encode, batch_size, progress)
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
+            # one temporary file per process: under a launcher every process prepares the same cache
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
             save_file({"inputs": self.inputs.contiguous(), "keep": torch.tensor(keep)}, str(tmp))
             tmp.replace(cache)
         self.skipped = [str(r.image) for r, k in zip(self.records, keep, strict=True) if not k]

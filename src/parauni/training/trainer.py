@@ -376,6 +376,7 @@ def train(
                 "grad_norm": grad_norm,
                 "skipped": skipped,
                 "bad_in_a_row": bad_in_a_row,
+                "skipped_samples": len(getattr(source, "skipped", ())),  # corrupt data samples so far
                 "seconds": time.time() - t0,
             }
             with log_path.open("a") as f:
