@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from parauni.eval.geneval import SUMMARY_FILE, generate_pending, write_atomic
+from parauni.eval.geneval import generate_pending, write_atomic, write_results
 from parauni.rl.rewards import RewardModelError, load_reward_weights
 from parauni.utils.loading import checked_source
 
@@ -376,9 +376,8 @@ def score_dpg(
         with Image.open(grids[item_id]) as img:
             grid = img.convert("RGB")
         rows.append({**score_item(grid, items[item_id], vqa), "prompt": items[item_id].text})
-    write_atomic(out_path, lambda p: p.write_text("".join(json.dumps(row) + "\n" for row in rows)))
     summary = summarise(rows, category_crops, unscored=len(items) - len(rows))
-    (out_path.parent / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(out_path, rows, summary)
     return summary
 
 

@@ -82,6 +82,12 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def write_results(out_path: Path, rows: list[dict], summary: dict) -> None:
+    """A benchmark's per-item rows as JSONL at `out_path` (atomically) and `summary` as summary.json beside it."""
+    write_atomic(out_path, lambda p: p.write_text("".join(json.dumps(row) + "\n" for row in rows)))
+    write_atomic(out_path.parent / SUMMARY_FILE, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
 def _pending_runs(pending: list[int], prompts_per_call: int) -> Iterator[list[int]]:
     """Consecutive prompt indices in runs of at most `prompts_per_call` (their seeds are contiguous)."""
     run: list[int] = []
@@ -275,9 +281,8 @@ def score_geneval(
                 "detections": _summarise(kept),
             }
         )
-    out_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = score_rows(rows)
-    (out_path.parent / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(out_path, rows, summary)
     return summary
 
 
