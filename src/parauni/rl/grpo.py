@@ -14,10 +14,12 @@ One epoch, read top to bottom:
 
 All randomness of an epoch derives from ``(seed, epoch, sample index)``, so the run is the same on any number
 of processes (a prompt's group may span processes; rewards are gathered before the advantages) and a resumed
-run continues exactly. Under ``accelerate launch`` (DDP) every process holds the same LDAM state: its inputs,
-the gathered reward mean and the gradient norm of the all-reduced gradients, are the same everywhere, and
-this is checked every epoch. An update whose gradient is not finite is skipped on every process; after
-``MAX_BAD_STEPS`` skipped updates in a row the run stops.
+run continues exactly. Under ``accelerate launch`` (DDP, FSDP2 or DeepSpeed ZeRO-2; see
+``training/distributed.py``) every process holds the same LDAM state: its inputs, the gathered reward mean
+and the gradient norm of the reduced gradients, are the same everywhere, and this is checked every epoch.
+The policy step trains as a forward of the prepared ``ModelCalls``; under FSDP the sampling and the reference
+policy run as its forwards too, where FSDP gathers the sharded parameters. An update whose gradient is not
+finite is skipped on every process; after ``MAX_BAD_STEPS`` skipped updates in a row the run stops.
 """
 
 from __future__ import annotations
@@ -42,11 +44,24 @@ from ..diffusion.sampling import SDEStep, denoise, flow_sigmas, sde_step
 from ..models.lim import zone_layers
 from ..models.parauni import CheckpointError, ParaUni
 from ..pipeline import initial_noise
+from ..training.distributed import (
+    ModelCalls,
+    all_processes_agree,
+    backward,
+    check_backend,
+    configure_deepspeed,
+    grad_norm,
+    like,
+    load_optimizer,
+    outside_training,
+    prepare,
+    save_model,
+    save_optimizer,
+    whole_tensors,
+)
 from ..training.trainer import (
     MAX_BAD_STEPS,
-    all_processes_agree,
     atomic_checkpoint,
-    check_backend,
     enable_activation_checkpointing,
     remove_partial_checkpoints,
     rng_state,
@@ -288,7 +303,7 @@ def grpo_loss(
 
 
 class PolicyStep(nn.Module):
-    """The policy's view of one rollout step, as a module so that DDP / FSDP see a ``forward``.
+    """The policy's view of one rollout step (the loop runs it as a forward of the prepared ``ModelCalls``).
 
     forward(batch, uncond, x, prev, sigma, sigma_next, eps, gamma) -> StepOutput fields (log_prob, mean, std)
     of the stored next latent ``prev`` under the current weights, with CFG (unconditional branch detached).
@@ -313,15 +328,20 @@ class PolicyStep(nn.Module):
 
 @contextlib.contextmanager
 def swapped(params: list[nn.Parameter], values: list[torch.Tensor]):
-    """Temporarily give ``params`` other values (the reference policy); no autograd graph may span it."""
-    saved = [p.data for p in params]
-    try:
+    """Temporarily give ``params`` other values (the reference policy); no autograd graph may span it.
+
+    The values are copied in place (and back): FSDP gathers a parameter from its own storage.
+    """
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
         for p, v in zip(params, values, strict=True):
-            p.data = v
+            p.copy_(v)
+    try:
         yield
     finally:
-        for p, v in zip(params, saved, strict=True):
-            p.data = v
+        with torch.no_grad():
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -357,18 +377,20 @@ def _phase_at(cfg: RLConfig, epoch: int) -> tuple[int, PhaseConfig]:
 
 
 def _save_checkpoint(
-    out: Path, acc, params: dict[str, nn.Parameter], optimizer, ema, state: dict, keep: int
+    out: Path, acc, wrapped, params: dict[str, nn.Parameter], optimizer, ema, state: dict, keep: int
 ) -> None:
-    """``checkpoints/epoch_N``, atomically (every process calls it): the trained tensors, the EMA, the
-    optimizer, one RNG state per process and ``state.json`` (epoch, history, every phase's LDAM state)."""
+    """``checkpoints/epoch_N``, atomically (every process calls it): the trained tensors and the EMA (gathered
+    whole when sharded), the optimizer, one RNG state per process and ``state.json`` (epoch, history, every
+    phase's LDAM state)."""
     with atomic_checkpoint(out / CHECKPOINT_DIR, f"epoch_{state['epoch']:06d}", acc, keep) as tmp:
         torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        tensors = whole_tensors(acc, params)
+        averaged = whole_tensors(acc, ema) if ema is not None else None
+        save_optimizer(acc, wrapped, optimizer, tmp)
         if acc.is_main_process:
-            tensors = {n: p.detach().contiguous().cpu() for n, p in params.items()}
             save_file(tensors, str(tmp / "trainable.safetensors"))
-            if ema is not None:
-                save_file({n: t.contiguous().cpu() for n, t in ema.items()}, str(tmp / "ema.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if averaged is not None:
+                save_file(averaged, str(tmp / "ema.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state))
 
 
@@ -421,7 +443,15 @@ def train_rl(
         )
     out = Path(out_dir)
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
-    check_backend(acc, "parauni rl")
+    check_backend(acc, "parauni rl", model)
+    configure_deepspeed(
+        acc,
+        {
+            "train_micro_batch_size_per_gpu": (cfg.micro_batch, "rl.micro_batch"),
+            "gradient_accumulation_steps": (1, "Stage III accumulates each update's micro-batches itself"),
+            "gradient_clipping": (cfg.grad_clip, "rl.grad_clip"),
+        },
+    )
     world, rank = acc.num_processes, acc.process_index
     n_total = cfg.samples_per_epoch
     if n_total % world:
@@ -441,7 +471,8 @@ def train_rl(
         LDAM(cfg.ldam, _zone_positions(model, phase.zone), len(model.lim.layers)) for phase in cfg.phases
     ]
     start, history, bad_in_a_row = 0, [], 0
-    if resume and (ckpt := _latest_checkpoint(out)) is not None:
+    ckpt = _latest_checkpoint(out) if resume else None
+    if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
         values = load_file(str(ckpt / "trainable.safetensors"))
         if set(values) != set(named):
@@ -449,7 +480,6 @@ def train_rl(
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(values[n])
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
         if ema is not None:
             ema = load_file(str(ckpt / "ema.safetensors"))
         for ldam, s in zip(ldams, state["ldam"], strict=True):
@@ -460,7 +490,15 @@ def train_rl(
         bad_in_a_row = state.get("bad_in_a_row", 0)
         acc.print(f"resuming RL from {ckpt} at epoch {start}")
     policy = PolicyStep(model, cfg, [])
-    wrapped, optimizer = acc.prepare(policy, optimizer)
+    wrapped, optimizer = prepare(acc, ModelCalls(model), optimizer, model)
+    if ckpt is not None:
+        load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", world))
+    # after prepare the parameters may be new objects (FSDP: DTensor shards); the reference and EMA follow them
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    reference = [like(p, r) for p, r in zip(params, reference, strict=True)]
+    if ema is not None:
+        ema = {n: like(named[n], e) for n, e in ema.items()}
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "rl_config.yaml")
@@ -482,8 +520,17 @@ def train_rl(
         groups = [i // cfg.group_size for i in indices]
         perturbed = ldam.active
         with acc.autocast():  # the same precision as the update's forward, so on-policy ratios stay 1
-            ro = rollout(
-                model, [items[g] for g in groups], groups, indices, cfg, epoch, ldam if perturbed else None
+            ro = outside_training(
+                acc,
+                wrapped,
+                rollout,
+                model,
+                [items[g] for g in groups],
+                groups,
+                indices,
+                cfg,
+                epoch,
+                ldam if perturbed else None,
             )
         # ---- rewards, gathered over processes, and advantages
         names = (
@@ -543,16 +590,9 @@ def train_rl(
                 "bad_in_a_row": bad_in_a_row,
                 "num_processes": world,
             }
-            _save_checkpoint(out, acc, named, optimizer, ema, state, cfg.keep_last)
+            _save_checkpoint(out, acc, wrapped, named, optimizer, ema, state, cfg.keep_last)
     bar.close()
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if ema is not None:
-            with torch.no_grad():
-                for n, p in named.items():
-                    p.copy_(ema[n])
-        model.save_pretrained(out)
-    acc.wait_for_everyone()
+    save_model(acc, model, out, values=ema)
     log(f"RL: {cfg.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
     ldam_states = [x.state_dict() for x in ldams]
     return RLResult(cfg.total_epochs, out, out / LOG_FILE, time.time() - t0, history, cfg, ldam_states)
@@ -580,7 +620,7 @@ def _update(
     n = len(ro.prompts)
     steps = cfg.train_steps
     with torch.no_grad(), acc.autocast():  # as in the rollout
-        uncond = model.condition(model.encode_prompts([None]))
+        uncond = outside_training(acc, wrapped, model.condition, model.encode_prompts([None]))
     totals: dict[str, float] = {}
     count, grad_norms, skips = 0, [], []
     for inner in range(cfg.inner_epochs):
@@ -601,24 +641,25 @@ def _update(
                     ref_mean = None
                     if phase.beta > 0:
                         with torch.no_grad(), swapped(params, reference), acc.autocast():
-                            _, ref_mean, _ = policy(batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma)
+                            _, ref_mean, _ = outside_training(
+                                acc, wrapped, policy, batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma
+                            )
                     done += 1
-                    sync = contextlib.nullcontext() if done == n_backward else acc.no_sync(wrapped)
-                    with sync:
-                        logp, mean, std = wrapped(batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma)
+                    last = done == n_backward
+                    with contextlib.nullcontext() if last else acc.no_sync(wrapped):
+                        logp, mean, std = wrapped(
+                            policy, batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma
+                        )
                         loss, st = grpo_loss(
                             logp, ro.log_probs[idx, j], adv, cfg.clip_range, mean, ref_mean, std, phase.beta
                         )
-                        acc.backward(loss / n_backward)
+                        backward(acc, wrapped, loss / n_backward, last)
                     for k, v in st.items():
                         totals[k] = totals.get(k, 0.0) + v
                     count += 1
-            norm = (
-                float(acc.clip_grad_norm_(params, cfg.grad_clip))
-                if cfg.grad_clip > 0
-                else float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm())
-            )
-            # the norm is of the all-reduced gradient; agreeing on it keeps the processes in step regardless
+            # the norm is of the reduced gradient; agreeing on it keeps the processes in step regardless.
+            # DeepSpeed: the engine stepped (or skipped a non-finite gradient) in the last backward already
+            norm = grad_norm(acc, params, cfg.grad_clip)
             finite = all_processes_agree(acc, math.isfinite(norm))
             if finite:
                 optimizer.step()

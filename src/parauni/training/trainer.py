@@ -1,7 +1,7 @@
 """Stages I and II: flow-matching training of the queries + LIM (+ the DiT), under ``accelerate``.
 
 The loop reads top to bottom (nanoGPT style) and runs unchanged on one CPU or under ``accelerate launch``
-(torch DDP, any number of processes; ``configs/accelerate/``):
+(DDP, FSDP2 or DeepSpeed ZeRO-2, any number of processes; ``configs/accelerate/``, ``distributed.py``):
 
     for each step: lr = warm-up then cosine;  for each micro-batch: the step's example positions ->
     inputs + captions (10% dropped to the unconditional template) -> t, noise -> flow loss -> backward;
@@ -36,6 +36,17 @@ from ..config import TrainableConfig, save_yaml
 from ..diffusion.flow import sample_timesteps
 from ..models.parauni import CheckpointError, ParaUni
 from .config import TrainConfig
+from .distributed import (
+    all_processes_agree,
+    check_backend,
+    configure_deepspeed,
+    grad_norm,
+    load_optimizer,
+    prepare,
+    save_model,
+    save_optimizer,
+    whole_tensors,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
@@ -98,27 +109,6 @@ def example_draws(
 
 
 # ------------------------------------------------------------------------------------------- distribution
-def check_backend(acc, entry: str) -> None:
-    """Refuse the accelerate backends ParaUni's loops do not support, naming the ones that work.
-
-    The loops save with the unwrapped model and (Stage III) call it outside the wrapped forward, which needs
-    every process to hold whole parameters (single process or DDP); FSDP and DeepSpeed shard them.
-    """
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise ValueError(
-            f"{entry} runs on one process or under DDP, not under {acc.distributed_type.value}: launch it with "
-            "`accelerate launch --config_file configs/accelerate/ddp.yaml ...`"
-        )
-
-
-def all_processes_agree(acc, ok: bool) -> bool:
-    """True when ``ok`` holds on every process (one tiny all-gather): a skip decision all of them share."""
-    flags = acc.gather(torch.tensor([float(ok)], device=acc.device))
-    return bool(flags.min() > 0)
-
-
 def enable_activation_checkpointing(model) -> None:
     """Recompute activations in the backward pass instead of keeping them: the DiT's transformer blocks
     (diffusers' ``enable_gradient_checkpointing``) and, for ParaUni, the LIM connector's layers.
@@ -139,11 +129,6 @@ def enable_activation_checkpointing(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def trainable_tensors(model: ParaUni) -> dict[str, torch.Tensor]:
-    """Every parameter that trains, by name (what a step checkpoint must keep besides the optimizer)."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def rng_state() -> dict:
     """This process's global RNG states (torch, CUDA if present, Python, NumPy), loadable weights-only."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
@@ -204,19 +189,21 @@ def _schedule(cfg: TrainConfig) -> dict:
 
 
 def save_checkpoint(
-    folder: Path, acc, model: ParaUni, optimizer: torch.optim.Optimizer, state: dict, keep_last: int
+    folder: Path, acc, model: ParaUni, wrapped, optimizer, state: dict, keep_last: int
 ) -> Path:
     """Write ``checkpoints/step_N`` (N = ``state['step']``) atomically; every process must call it.
 
-    It holds the trained tensors, the optimizer state (the same on every DDP process), ``state.json`` (step,
-    data position, schedule, skipped-step count) and one RNG state per process.
+    It holds the trained tensors (gathered whole when sharded), the optimizer state (``optimizer.pt``, or
+    DeepSpeed's ``deepspeed/``), ``state.json`` (step, data position, schedule, skipped-step count) and one RNG
+    state per process.
     """
     root = folder / CHECKPOINT_DIR
     with atomic_checkpoint(root, f"step_{state['step']:07d}", acc, keep_last) as tmp:
         torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        tensors = whole_tensors(acc, {n: p for n, p in model.named_parameters() if p.requires_grad})
+        save_optimizer(acc, wrapped, optimizer, tmp)
         if acc.is_main_process:
-            save_file(trainable_tensors(model), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(tensors, str(tmp / "trainable.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state))
     return root / f"step_{state['step']:07d}"
 
@@ -242,14 +229,14 @@ def load_trainable(path: Path, model: ParaUni) -> None:
             p.copy_(state[name])
 
 
-def load_checkpoint(path: Path, model: ParaUni, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
-    """Restore trained tensors, the optimizer and this process's RNG state; returns ``state.json``.
+def load_checkpoint(path: Path, model: ParaUni, rank: int = 0) -> dict:
+    """Restore trained tensors and this process's RNG state (before ``prepare``); returns ``state.json``.
 
-    A checkpoint written by a run with fewer processes has no RNG state for ``rank``; that process then keeps
-    its own (every draw of the loop is seeded by the data position, so only draws outside it are affected).
+    The optimizer state is restored after ``prepare`` (:func:`distributed.load_optimizer`). A checkpoint written
+    by a run with fewer processes has no RNG state for ``rank``; that process then keeps its own (every draw of
+    the loop is seeded by the data position, so only draws outside it are affected).
     """
     load_trainable(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if (rng := path / f"rng_{rank}.pt").is_file():
         set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((path / "state.json").read_text())
@@ -286,7 +273,7 @@ def train(
     acc = accelerator or Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
     )
-    check_backend(acc, "parauni train")
+    check_backend(acc, "parauni train", model)
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
@@ -294,6 +281,14 @@ def train(
             f"train.grad_accum={cfg.grad_accum}"
         )
     micro = cfg.batch_size // (world * cfg.grad_accum)
+    configure_deepspeed(
+        acc,
+        {
+            "train_micro_batch_size_per_gpu": (micro, "train.batch_size / (processes x train.grad_accum)"),
+            "gradient_accumulation_steps": (cfg.grad_accum, "train.grad_accum"),
+            "gradient_clipping": (cfg.grad_clip, "train.grad_clip"),
+        },
+    )
     if cfg.stage in (1, 2):
         model.set_trainable(stage_trainable(cfg.stage, model.config.trainable))
     if cfg.activation_checkpointing:
@@ -301,16 +296,19 @@ def train(
     model.train()
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     start, data_offset, bad_in_a_row = 0, 0, 0
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        state = load_checkpoint(ckpt, model, optimizer, rank)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, rank)
         start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
         # the data stream continues where it stopped even if the batch size was changed for the rest
         data_offset = state.get("examples_seen", start * cfg.batch_size) - start * cfg.batch_size
         if state.get("schedule", _schedule(cfg)) != _schedule(cfg):
             acc.print(f"note: the lr schedule changed since {ckpt}: {state['schedule']} -> {_schedule(cfg)}")
         acc.print(f"resuming from {ckpt} at step {start}")
-    wrapped, optimizer = acc.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped, optimizer = prepare(acc, model, optimizer, model)
+    if ckpt is not None:
+        load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", world))
+    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP's are DTensors
     if not params:
         raise ValueError("nothing to train: no parameter of the model requires a gradient")
     log_path = out_dir / LOG_FILE
@@ -321,7 +319,7 @@ def train(
         if start == 0 and log_path.exists():
             log_path.unlink()
     acc.wait_for_everyone()
-    t0, loss_value, grad_norm = time.time(), float("nan"), float("nan")
+    t0, loss_value, norm = time.time(), float("nan"), float("nan")
     bar = tqdm(
         total=cfg.steps,
         initial=start,
@@ -349,19 +347,19 @@ def train(
                 acc.backward(loss)
                 losses.append(loss.detach().float())
                 if acc.sync_gradients:
-                    grad_norm = _clip(acc, params, cfg.grad_clip)
+                    # DeepSpeed: the engine has already stepped inside backward (or skipped a non-finite
+                    # gradient; its norm is then inf) and optimizer.step / zero_grad do nothing
+                    norm = grad_norm(acc, params, cfg.grad_clip)
                     finite = all_processes_agree(acc, finite)
                     if finite and acc.scaler is not None:
                         optimizer.step()  # fp16: the loss scaler skips an overflowing step and lowers its scale
                         skipped = acc.optimizer_step_was_skipped
-                    elif finite and math.isfinite(grad_norm):
+                    elif finite and math.isfinite(norm):
                         optimizer.step()
                     else:
                         skipped = True
                         bad_in_a_row += 1
-                        acc.print(
-                            f"step {step}: non-finite loss or gradient (norm {grad_norm}), step skipped"
-                        )
+                        acc.print(f"step {step}: non-finite loss or gradient (norm {norm}), step skipped")
                     if finite and not skipped:
                         bad_in_a_row = 0
                     optimizer.zero_grad(set_to_none=True)
@@ -373,7 +371,7 @@ def train(
                 "step": step,
                 "loss": loss_value,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": norm,
                 "skipped": skipped,
                 "bad_in_a_row": bad_in_a_row,
                 "skipped_samples": len(getattr(source, "skipped", ())),  # corrupt data samples so far
@@ -395,18 +393,7 @@ def train(
                 "bad_in_a_row": bad_in_a_row,
                 "num_processes": world,
             }
-            save_checkpoint(out_dir, acc, acc.unwrap_model(wrapped), optimizer, state, cfg.keep_last)
+            save_checkpoint(out_dir, acc, model, wrapped, optimizer, state, cfg.keep_last)
     bar.close()
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        acc.unwrap_model(wrapped).save_pretrained(out_dir)
-    acc.wait_for_everyone()
+    save_model(acc, model, out_dir)
     return TrainResult(cfg.steps, loss_value, time.time() - t0, out_dir, log_path)
-
-
-def _clip(acc, params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip (when max_norm > 0) and return the total gradient norm."""
-    if max_norm > 0:
-        return float(acc.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
