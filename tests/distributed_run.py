@@ -1,7 +1,9 @@
 """A short Stage-I or Stage-III run of the tiny model, for the tests that launch processes (test_distributed).
 
 Run it as a plain script (one process) or under ``accelerate launch --cpu --num_processes 2`` (DDP over
-gloo); the trainers pick the processes up from the launcher's environment.
+gloo); the trainers pick the processes up from the launcher's environment. ``--backend fsdp`` / ``deepspeed``
+run it under ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` / ``deepspeed_zero2.yaml`` on
+CPU (see :func:`cpu_accelerator` for what that takes).
 
     python tests/distributed_run.py train OUT [--grad-accum 2] [--delay 0.2] [--resume] [--nan-at STEP]
     python tests/distributed_run.py rl OUT [--delay 0.2] [--resume]
@@ -57,6 +59,33 @@ class LatentSource:
         return x, [CAPTIONS[i % len(CAPTIONS)] for i in indices]
 
 
+def cpu_accelerator(backend: str, grad_accum: int = 1):
+    """The Accelerator of a CPU run under ``backend`` ('ddp': None, the loops build their own).
+
+    accelerate 1.15 picks FSDP and DeepSpeed only with an accelerator: on CPU its multi-CPU (gloo) state
+    ignores an FSDP plugin, and under DeepSpeed it initialises gloo but counts one process. So on CPU:
+    * deepspeed: the process group is named up front (``PartialState(backend="gloo")``); the loops then build
+      their Accelerator with the DeepSpeed plugin of the launcher's config, as on GPUs;
+    * fsdp: the multi-CPU state is switched to FSDP with the plugin of the launcher's config (env FSDP_*),
+      so that accelerate's own FSDP2 preparation (``fully_shard`` over gloo) and every FSDP path of the loops
+      run. Mixed precision is not exercised this way.
+    """
+    if backend == "ddp":
+        return None
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if backend == "deepspeed":
+        PartialState(backend="gloo")
+        return None
+    plugin = FullyShardedDataParallelPlugin()
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum, fsdp_plugin=plugin)
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    return acc
+
+
 def run_train(args: argparse.Namespace) -> None:
     model = ParaUni.from_config(tiny_config())
     cfg = stage_config(
@@ -74,7 +103,8 @@ def run_train(args: argparse.Namespace) -> None:
         },
     )
     source = LatentSource(model.latent_shape(64, 64), args.delay, args.nan_at)
-    train(model, source, cfg, args.out, resume=args.resume, progress=False)
+    acc = cpu_accelerator(args.backend, args.grad_accum)
+    train(model, source, cfg, args.out, resume=args.resume, progress=False, accelerator=acc)
 
 
 def rl_config() -> RLConfig:
@@ -114,6 +144,7 @@ def run_rl(args: argparse.Namespace) -> None:
         args.out,
         resume=args.resume,
         progress=False,
+        accelerator=cpu_accelerator(args.backend),
         log=lambda *a: None,
     )
     rank = PartialState().process_index
@@ -132,6 +163,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per data / reward call")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--nan-at", type=int, default=None, help="train: a NaN input at this step")
+    parser.add_argument("--backend", choices=["ddp", "fsdp", "deepspeed"], default="ddp")
     args = parser.parse_args()
     torch.set_num_threads(1)
     (run_train if args.what == "train" else run_rl)(args)
