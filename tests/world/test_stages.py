@@ -46,6 +46,26 @@ def test_stage0_key_changes_with_what_it_trains():
     assert stage0_key(base) == stage0_key(world_config(["parauni.stage1_steps=7"]))
 
 
+@pytest.mark.parametrize("restate", [True, False])
+def test_vlm_text_rows_restate_the_prompt_after_the_queries_position(stage0, restate):
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    from parauni.config import CONDITIONAL_TEMPLATE
+    from parauni.world.pretrain import _vlm_batch
+
+    _, folder = stage0
+    tokenizer = AutoTokenizer.from_pretrained(folder / "vlm")
+    model = InternVLForConditionalGeneration.from_pretrained(folder / "vlm")
+    caption = "a photo of a red circle"
+    batch = _vlm_batch(model, tokenizer, [{"caption": caption}], [True], restate=restate)
+    text = tokenizer.decode(batch["input_ids"][0])
+    prompt = CONDITIONAL_TEMPLATE.format(caption=caption)
+    # The generation prompt ends where ParaUni's queries go; with restate the caption follows, and is a target.
+    assert text.startswith(prompt)
+    assert text[len(prompt) :] == (caption + "</img><|im_end|>" if restate else "")
+    assert (batch["labels"][0] != -100).all()
+
+
 def test_world_model_uses_the_stage0_vlm_and_dit(stage0):
     cfg, folder = stage0
     model = ParaUni.from_config(world_model_config(cfg, folder))

@@ -32,6 +32,13 @@ class WorldVLMConfig:
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 30
+    restate: bool = field(
+        default=False,
+        metadata={
+            "help": "text rows continue the generation prompt with the caption, so that the positions of the "
+            "queries carry the prompt (10x more prompt-dependent query states; not yet the demo default)"
+        },
+    )
 
 
 @dataclass

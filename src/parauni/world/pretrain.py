@@ -130,8 +130,15 @@ def world_vlm(cfg: WorldConfig, tokenizer):
         return InternVLForConditionalGeneration(config)
 
 
-def _vlm_batch(model, tokenizer, items: list[dict], text_only: list[bool]) -> dict[str, torch.Tensor]:
-    """Captioning rows (image -> caption) and text rows (the generation prompt as language modelling)."""
+def _vlm_batch(
+    model, tokenizer, items: list[dict], text_only: list[bool], restate: bool = False
+) -> dict[str, torch.Tensor]:
+    """Captioning rows (image -> caption) and text rows (the generation prompt as language modelling).
+
+    With ``restate`` a text row continues the generation prompt, after its ``<img>``, with the caption again
+    (the answer of a unified model, written as text): the positions where ParaUni's queries will sit learn
+    to gather the prompt's content, as a real instruction-tuned VLM's do.
+    """
     from ..config import CONDITIONAL_TEMPLATE
 
     context = "<img>" + "<IMG_CONTEXT>" * model.config.image_seq_length + "</img>"
@@ -139,6 +146,8 @@ def _vlm_batch(model, tokenizer, items: list[dict], text_only: list[bool]) -> di
     for item, text in zip(items, text_only, strict=True):
         if text:
             full = CONDITIONAL_TEMPLATE.format(caption=item["caption"])
+            if restate:
+                full += item["caption"] + "</img><|im_end|>"
             texts.append(full)
             prompt_lens.append(0)
         else:
@@ -163,11 +172,15 @@ def _split_rows(items: list[dict]) -> tuple[list[dict], list[dict]]:
     return items[:half], items[half:]
 
 
-def vlm_loss(model, tokenizer, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+def vlm_loss(model, tokenizer, items: list[dict], restate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token loss and accuracy over the answer tokens of a mixed captioning / text batch."""
     image_items, text_items = _split_rows(items)
     batch = _vlm_batch(
-        model, tokenizer, image_items + text_items, [False] * len(image_items) + [True] * len(text_items)
+        model,
+        tokenizer,
+        image_items + text_items,
+        [False] * len(image_items) + [True] * len(text_items),
+        restate,
     )
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
     labels = batch["labels"][:, 1:]
@@ -196,7 +209,7 @@ def train_world_vlm(model, tokenizer, cfg: WorldConfig, progress: bool = True) -
         lr = warmup_cosine(step, v.lr, v.warmup, v.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, acc = vlm_loss(model, tokenizer, stream.batch(step * v.batch_size, v.batch_size))
+        loss, acc = vlm_loss(model, tokenizer, stream.batch(step * v.batch_size, v.batch_size), v.restate)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -205,7 +218,7 @@ def train_world_vlm(model, tokenizer, cfg: WorldConfig, progress: bool = True) -
     model.eval()
     heldout = WorldStream(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size).batch(0, 128)
     with torch.no_grad():
-        loss, acc = vlm_loss(model, tokenizer, heldout)
+        loss, acc = vlm_loss(model, tokenizer, heldout, v.restate)
     return {"curve": curve, "heldout_loss": float(loss), "heldout_token_accuracy": float(acc)}
 
 
