@@ -36,7 +36,7 @@ class WorldVLMConfig:
         default=False,
         metadata={
             "help": "text rows continue the generation prompt with the caption, so that the positions of the "
-            "queries carry the prompt (10x more prompt-dependent query states; not yet the demo default)"
+            "queries carry the prompt (query states vary about 10x more across prompts; not the demo default)"
         },
     )
 
