@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from parauni.analysis.prompt_use import DEFAULT_PROMPTS, format_sensitivity, prompt_sensitivity
 from parauni.models.parauni import ParaUni
 
@@ -31,7 +29,6 @@ def main() -> None:
         print(f"== {folder}")
         print(format_sensitivity(prompt_sensitivity(model, args.prompts, t=args.t)))
         del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":
