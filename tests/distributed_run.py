@@ -17,7 +17,9 @@ slows every step down (data or reward call), so that a test can kill the run bet
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +41,9 @@ CAPTIONS = ["a red circle", "two blue squares", "a green cross left of a yellow 
 PROMPTS = [("a red circle", None), ("a blue square", None), ("two crosses", None)]
 TRAIN_STEPS, SAVE_EVERY, GLOBAL_BATCH = 6, 2, 4
 RL_EPOCHS = 4
+# a run takes 5-40 s; one still running after this long is hung: every thread's stack goes to stderr, exit 1
+HANG_SECONDS = float(os.environ.get("DISTRIBUTED_RUN_HANG_SECONDS", 240))
+HANG_MARK = "Timeout ("  # how faulthandler's dump begins
 
 
 class LatentSource:
@@ -165,6 +170,7 @@ def main() -> None:
     parser.add_argument("--nan-at", type=int, default=None, help="train: a NaN input at this step")
     parser.add_argument("--backend", choices=["ddp", "fsdp", "deepspeed"], default="ddp")
     args = parser.parse_args()
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     torch.set_num_threads(1)
     (run_train if args.what == "train" else run_rl)(args)
 
