@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from parauni.cli import main
+from parauni.diffusion.flow import condition_match_loss
 from parauni.models.parauni import ParaUni
 from parauni.training.config import TrainConfig, stage_config
 from parauni.training.data import DataError, FolderSource, scan_folder
@@ -89,7 +90,16 @@ def test_folder_source_skips_corrupt_images_and_caches(tmp_path):
 
 
 def _tiny_run(
-    make_tiny, tmp_path, steps=4, stage=1, resume=False, out="run", model=None, save_every=2, **overrides
+    make_tiny,
+    tmp_path,
+    steps=4,
+    stage=1,
+    resume=False,
+    out="run",
+    model=None,
+    save_every=2,
+    teacher=None,
+    **overrides,
 ):
     model = model or make_tiny()
     src = FolderSource(
@@ -107,7 +117,7 @@ def _tiny_run(
             **overrides,
         },
     )
-    return model, train(model, src, cfg, tmp_path / out, resume=resume, progress=False)
+    return model, train(model, src, cfg, tmp_path / out, resume=resume, progress=False, teacher=teacher)
 
 
 def test_stage1_trains_queries_and_lim_only(make_tiny, tmp_path):
@@ -278,3 +288,44 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
         == 2
     )
     assert "not divisible" in capsys.readouterr().err
+
+
+def test_condition_match_loss_counts_only_the_teachers_real_tokens():
+    cond = torch.zeros(2, 4, 3)
+    states = torch.ones(2, 6, 3)  # longer than the condition: only its first 4 tokens can be matched
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    assert float(condition_match_loss(cond, states, mask)) == pytest.approx(1.0)
+    states[0, 2:] = 100.0  # padding of the first caption: ignored
+    assert float(condition_match_loss(cond, states, mask)) == pytest.approx(1.0)
+    cond[1, 0] = 1.0  # one of the 6 real tokens matched exactly
+    assert float(condition_match_loss(cond, states, mask)) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="channel"):
+        condition_match_loss(cond, torch.ones(2, 6, 5), mask)
+
+
+def test_condition_distill_pulls_the_condition_to_the_teacher(make_tiny, tmp_path):
+    """``train.condition_distill`` needs a teacher; with one, Stage I moves the condition toward its states."""
+    with pytest.raises(ValueError, match="condition_distill=1.0 needs a teacher"):
+        _tiny_run(make_tiny, tmp_path, steps=1, condition_distill=1.0, out="none")
+    seen = []
+    width = make_tiny().dit.config.caption_channels
+
+    def teacher(captions):
+        seen.append(list(captions))
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(len(captions), 3, width, generator=g), torch.ones(len(captions), 3)
+
+    target, mask = teacher(["x"] * 4)
+    seen.clear()
+
+    def gap(model):
+        with torch.no_grad():
+            cond = model.condition(model.encode_prompts(["a photo of thing number 1"] * 4))
+        return float(condition_match_loss(cond, target, mask))
+
+    torch.manual_seed(0)
+    plain, _ = _tiny_run(make_tiny, tmp_path, steps=8, lr=3e-3, out="plain")
+    torch.manual_seed(0)
+    pulled, _ = _tiny_run(make_tiny, tmp_path, steps=8, lr=3e-3, condition_distill=10.0, teacher=teacher)
+    assert len(seen) == 8 and all(len(c) == 4 for c in seen)  # one call per step, dropped captions as None
+    assert gap(pulled) < 0.7 * gap(plain), (gap(pulled), gap(plain))

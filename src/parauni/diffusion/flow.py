@@ -67,3 +67,21 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Mean squared error between the predicted and the target velocity (computed in fp32)."""
     return F.mse_loss(v_pred.float(), velocity_target(x0, noise).float())
+
+
+def condition_match_loss(cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between a condition's first tokens and a teacher's text states (fp32).
+
+    Position j of the condition is matched to the teacher's token j, for the tokens the mask keeps; the
+    condition's positions past the teacher's length are free. cond: (B, Q, C); states: (B, S, C) (the
+    text encoder a DiT was pretrained with, on the same captions); mask: (B, S), 1 = a real token.
+    """
+    if cond.shape[0] != states.shape[0] or cond.shape[-1] != states.shape[-1]:
+        raise ValueError(
+            f"condition {tuple(cond.shape)} and teacher states {tuple(states.shape)} must share the batch "
+            "and channel sizes (the teacher must be the text encoder whose width the DiT's cross-attention takes)"
+        )
+    n = min(cond.shape[1], states.shape[1])
+    keep = mask[:, :n, None].to(torch.float32)
+    err = (cond[:, :n].float() - states[:, :n].float()).pow(2) * keep
+    return err.sum() / (keep.sum() * cond.shape[-1]).clamp_min(1.0)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TrainableConfig, from_dict, load_yaml, save_yaml
-from ..diffusion.flow import dit_timestep, flow_loss, interpolate
+from ..diffusion.flow import condition_match_loss, dit_timestep, flow_loss, interpolate
 from .components import load_dit, load_vae, load_vlm, resolve_path, save_vlm
 from .lim import LayerIntegrationModule, select_layers
 from .vlm import PromptBatch, VLMBackbone
@@ -215,11 +215,25 @@ class ParaUni(nn.Module):
         )[0]
 
     def forward(
-        self, batch: PromptBatch, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+        self,
+        batch: PromptBatch,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+        teacher_weight: float = 0.0,
     ) -> torch.Tensor:
-        """The flow-matching training loss for clean inputs x0 (B, C, h, w) at times t (B,)."""
+        """The flow-matching training loss for clean inputs x0 (B, C, h, w) at times t (B,).
+
+        ``teacher``: optional (states (B, S, C), mask (B, S)) of the DiT's own pretraining text encoder on
+        the same captions; ``teacher_weight`` times :func:`condition_match_loss` is then added (see
+        ``train.condition_distill``).
+        """
         cond = self.condition(batch)
-        return flow_loss(self.velocity(interpolate(x0, noise, t), t, cond), x0, noise)
+        loss = flow_loss(self.velocity(interpolate(x0, noise, t), t, cond), x0, noise)
+        if teacher is not None and teacher_weight > 0:
+            loss = loss + teacher_weight * condition_match_loss(cond, *teacher)
+        return loss
 
     # ---------------------------------------------------------------------------------------- training
     def param_groups(self, weight_decay: float) -> list[dict]:

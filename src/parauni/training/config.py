@@ -46,6 +46,13 @@ class TrainConfig:
         default=False,
         metadata={"help": "recompute the DiT's and the connector's activations in the backward pass"},
     )
+    condition_distill: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of an extra loss pulling the condition's first tokens to the states of the DiT's own "
+            "pretraining text encoder on the same captions (0 = the paper's flow loss alone; needs a teacher)"
+        },
+    )
     image_size: int = field(
         default=1024, metadata={"help": "training images are resized and centre-cropped to this"}
     )
@@ -68,6 +75,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"train.caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.condition_distill < 0:
+            raise ConfigError(f"train.condition_distill={self.condition_distill} must be >= 0 (0 = off)")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas={self.betas} must be two numbers")
         if self.batch_size % self.grad_accum:

@@ -4,7 +4,8 @@ The loop reads top to bottom (nanoGPT style) and runs unchanged on one CPU or un
 (DDP, FSDP2 or DeepSpeed ZeRO-2, any number of processes; ``configs/accelerate/``, ``distributed.py``):
 
     for each step: lr = warm-up then cosine;  for each micro-batch: the step's example positions ->
-    inputs + captions (10% dropped to the unconditional template) -> t, noise -> flow loss -> backward;
+    inputs + captions (10% dropped to the unconditional template) -> t, noise -> flow loss (+ the optional
+    condition distillation toward a teacher text encoder, ``condition_distill``) -> backward;
     clip the gradient norm; AdamW step (skipped, on every process, when a loss or the gradient is not
     finite); log; checkpoint every N steps.
 
@@ -23,7 +24,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,8 @@ from .distributed import (
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 MAX_BAD_STEPS = 5
+# captions (None = unconditional) -> (states (B, S, C), mask (B, S)) of the DiT's pretraining text encoder
+Teacher = Callable[[list[str | None]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -251,6 +254,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     accelerator=None,
+    teacher: Teacher | None = None,
 ) -> TrainResult:
     """Train one stage and save the result to ``out_dir`` (a model folder ``parauni generate`` reads).
 
@@ -263,6 +267,9 @@ def train(
         resume: continue from the newest checkpoint in ``out_dir/checkpoints`` if there is one.
         accelerator: an ``accelerate.Accelerator`` (default: one built from ``cfg.mixed_precision`` and
             ``cfg.grad_accum``, which picks up ``accelerate launch``'s processes).
+        teacher: captions (``None`` = unconditional) -> (states (B, S, C), mask (B, S)) of the text encoder
+            the DiT was pretrained with; needed when ``cfg.condition_distill > 0``, whose loss term pulls the
+            condition towards these states (the shapes world passes its Stage-0 text encoder).
 
     Raises:
         RuntimeError: ``MAX_BAD_STEPS`` steps in a row had a non-finite loss or gradient.
@@ -274,6 +281,12 @@ def train(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
     )
     check_backend(acc, "parauni train", model)
+    if cfg.condition_distill > 0 and teacher is None:
+        raise ValueError(
+            f"train.condition_distill={cfg.condition_distill} needs a teacher text encoder: pass "
+            "train(..., teacher=captions -> (states, mask)) from Python (the world demo passes its Stage-0 "
+            "text encoder), or set train.condition_distill=0"
+        )
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
@@ -338,9 +351,14 @@ def train(
             with torch.no_grad():
                 x0 = inputs if source.encoded else model.encode_images(inputs.to(model.device))
             drop, t, noise = example_draws(cfg, positions, tuple(x0.shape[1:]))
-            batch = model.encode_prompts([None if d else c for c, d in zip(captions, drop, strict=True)])
+            kept = [None if d else c for c, d in zip(captions, drop, strict=True)]
+            batch = model.encode_prompts(kept)
+            extra = ()
+            if cfg.condition_distill > 0:
+                with torch.no_grad():
+                    extra = (tuple(x.to(model.device) for x in teacher(kept)), cfg.condition_distill)
             with acc.accumulate(wrapped):
-                loss = wrapped(batch, x0.to(model.device), t.to(model.device), noise.to(model.device))
+                loss = wrapped(batch, x0.to(model.device), t.to(model.device), noise.to(model.device), *extra)
                 finite = finite and bool(torch.isfinite(loss))
                 # backward even for a non-finite loss: every DDP process must join the gradient all-reduce,
                 # and the decision below to skip the step is taken by all of them together

@@ -49,10 +49,10 @@ def stage_train_config(cfg: WorldConfig, stage: int) -> TrainConfig:
     """Stage I / II on the world: the paper's recipe (AdamW 0.9/0.95, wd 0.05, warm-up + cosine, clip 1.0,
     10% caption dropout) at the world's scale."""
     p = cfg.parauni
-    steps, lr, warmup = (
-        (p.stage1_steps, p.stage1_lr, p.stage1_warmup)
+    steps, lr, warmup, distill = (
+        (p.stage1_steps, p.stage1_lr, p.stage1_warmup, p.stage1_distill)
         if stage == 1
-        else (p.stage2_steps, p.stage2_lr, p.stage2_warmup)
+        else (p.stage2_steps, p.stage2_lr, p.stage2_warmup, p.stage2_distill)
     )
     return TrainConfig(
         stage=stage,
@@ -62,11 +62,17 @@ def stage_train_config(cfg: WorldConfig, stage: int) -> TrainConfig:
         warmup=warmup,
         image_size=cfg.image_size,
         timestep_sampling=p.timestep_sampling,
+        condition_distill=distill,
         save_every=max(1, steps // 4),
         keep_last=1,
         log_every=5,
         seed=cfg.seed + stage,
     )
+
+
+def world_teacher(stage0: Path):
+    """The teacher of ``parauni.stage{1,2}_distill``: the Stage-0 DiT's own text encoder (captions -> states, mask)."""
+    return TextToImage.from_pretrained(stage0 / "t2i").eval().text_states
 
 
 def paraunigen(model: ParaUni):
@@ -149,10 +155,12 @@ def run_demo(
     del t2i
 
     model = ParaUni.from_config(world_model_config(cfg, stage0))
+    teacher = world_teacher(stage0)
     for stage in (1, 2):
         t = time.time()
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
-        train(model, source, stage_train_config(cfg, stage), out / f"stage{stage}", progress=progress)
+        tc = stage_train_config(cfg, stage)
+        train(model, source, tc, out / f"stage{stage}", progress=progress, teacher=teacher)
         timings[f"stage{stage}"] = time.time() - t
         result = evaluate(f"stage{stage}", paraunigen(model))
         scores[f"stage{stage}"] = result

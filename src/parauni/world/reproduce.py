@@ -36,7 +36,7 @@ from ..models.parauni import ParaUni
 from ..training.trainer import train
 from .captions import make_eval_metadata
 from .config import WorldConfig
-from .demo import default_cache_dir, paraunigen, stage_train_config, world_config
+from .demo import default_cache_dir, paraunigen, stage_train_config, world_config, world_teacher
 from .pretrain import STREAM_OFFSETS, WorldSource, run_stage0, world_model_config
 from .shapeseval import run_shapeseval
 
@@ -155,7 +155,9 @@ def _train_stages(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, u
             model = ParaUni.from_config(_model_config(cfg, stage0, row, seed))
         tc = dataclasses.replace(stage_train_config(cfg, stage), seed=seed * 1000 + stage)
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"] + SEED_STRIDE * seed, cfg.image_size)
-        result = train(model, source, tc, folder, resume=True, progress=progress)
+        result = train(
+            model, source, tc, folder, resume=True, progress=progress, teacher=world_teacher(stage0)
+        )
         (folder / "done.json").write_text(json.dumps({"seconds": result.seconds, "loss": result.final_loss}))
     return model
 
@@ -260,9 +262,10 @@ def estimate_seconds(
     tc = dataclasses.replace(stage_train_config(cfg, 1), steps=3, warmup=1, save_every=0)
     source = WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size)
     scratch = out / "calibration"
-    train(model, source, dataclasses.replace(tc, steps=1), scratch, progress=False)
+    teacher = world_teacher(stage0)
+    train(model, source, dataclasses.replace(tc, steps=1), scratch, progress=False, teacher=teacher)
     t = time.time()
-    train(model, source, dataclasses.replace(tc, steps=2), scratch, progress=False)
+    train(model, source, dataclasses.replace(tc, steps=2), scratch, progress=False, teacher=teacher)
     step = (time.time() - t) / 2
     e = cfg.eval
     n = min(e.batch_size, 16)

@@ -69,6 +69,11 @@ class TextToImage(nn.Module):
             out = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.last_hidden_state, batch["attention_mask"]
 
+    @torch.no_grad()
+    def text_states(self, captions: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (B, S, C), mask (B, S)) of the text encoder: the teacher of ``train.condition_distill``."""
+        return self.condition(self.encode_prompts(captions))
+
     def velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
