@@ -78,7 +78,13 @@ class WorldT2IConfig:
     )
     dit_layers: int = 6
     dit_heads: int = field(default=4, metadata={"help": "DiT heads of width 32"})
-    dit_patch: int = field(default=2, metadata={"help": "DiT patch size on its input (latents, or pixels)"})
+    dit_patch: int = field(
+        default=1,
+        metadata={
+            "help": "DiT patch size on its input (latents, or pixels); 2 is about twice as fast but draws the "
+            "requested shape far less often (docs/world.md)"
+        },
+    )
     mlp_ratio: float = 2.5
     steps: int = 1200
     batch_size: int = 64
@@ -95,8 +101,8 @@ class WorldParaUniConfig:
     connector_layers: int = 2
     connector_heads: int = 4
     connector_intermediate: int = 384
-    stage1_steps: int = 300
-    stage1_lr: float = 3e-3
+    stage1_steps: int = 1000
+    stage1_lr: float = 1e-3
     stage1_warmup: int = 20
     stage2_steps: int = 150
     stage2_lr: float = 3e-4
@@ -105,6 +111,14 @@ class WorldParaUniConfig:
     timestep_sampling: str = field(
         default="logit_normal", metadata={"help": "as in Stage 0 (the paper: uniform)"}
     )
+    stage1_distill: float = field(
+        default=1.0,
+        metadata={
+            "help": "train.condition_distill of Stage I: the condition is also pulled to the Stage-0 DiT's own "
+            "text-encoder states (not in the paper; 0 = its flow loss alone, which collapses here, docs/world.md)"
+        },
+    )
+    stage2_distill: float = field(default=0.0, metadata={"help": "train.condition_distill of Stage II"})
 
 
 @dataclass
