@@ -105,7 +105,7 @@ class WorldParaUniConfig:
     stage1_lr: float = 1e-3
     stage1_warmup: int = 20
     stage2_steps: int = 150
-    stage2_lr: float = 3e-4
+    stage2_lr: float = 1e-4
     stage2_warmup: int = 10
     batch_size: int = 32
     timestep_sampling: str = field(
