@@ -149,18 +149,23 @@ def run_demo(
         return result
 
     scores, samples = {}, {}
-    t2i = TextToImage.from_pretrained(stage0 / "t2i")
+    t2i = TextToImage.from_pretrained(stage0 / "t2i").eval()
     result = evaluate("stage0_t2i", t2igen(t2i, cfg))
     scores["stage0_t2i"], samples["Stage 0 DiT + own text encoder"] = result, result["samples"]
-    del t2i
+    teacher = t2i.text_states  # the Stage-I distillation's teacher (see world_teacher)
 
     model = ParaUni.from_config(world_model_config(cfg, stage0))
-    teacher = world_teacher(stage0)
     for stage in (1, 2):
         t = time.time()
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
-        tc = stage_train_config(cfg, stage)
-        train(model, source, tc, out / f"stage{stage}", progress=progress, teacher=teacher)
+        train(
+            model,
+            source,
+            stage_train_config(cfg, stage),
+            out / f"stage{stage}",
+            progress=progress,
+            teacher=teacher,
+        )
         timings[f"stage{stage}"] = time.time() - t
         result = evaluate(f"stage{stage}", paraunigen(model))
         scores[f"stage{stage}"] = result

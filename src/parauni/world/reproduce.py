@@ -145,7 +145,7 @@ def _model_config(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int):
 
 def _train_stages(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, unit: Path, progress: bool):
     """Stage I then Stage II of a layer row; a finished stage (its model folder) is loaded, not retrained."""
-    model = None
+    model, teacher = None, world_teacher(stage0)
     for stage in (1, 2):
         folder = unit / f"stage{stage}"
         if (folder / "done.json").is_file():
@@ -155,9 +155,7 @@ def _train_stages(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, u
             model = ParaUni.from_config(_model_config(cfg, stage0, row, seed))
         tc = dataclasses.replace(stage_train_config(cfg, stage), seed=seed * 1000 + stage)
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"] + SEED_STRIDE * seed, cfg.image_size)
-        result = train(
-            model, source, tc, folder, resume=True, progress=progress, teacher=world_teacher(stage0)
-        )
+        result = train(model, source, tc, folder, resume=True, progress=progress, teacher=teacher)
         (folder / "done.json").write_text(json.dumps({"seconds": result.seconds, "loss": result.final_loss}))
     return model
 
