@@ -303,6 +303,20 @@ def test_condition_match_loss_counts_only_the_teachers_real_tokens():
         condition_match_loss(cond, torch.ones(2, 6, 5), mask)
 
 
+def test_condition_match_loss_asks_for_the_teachers_variation_across_prompts():
+    g = torch.Generator().manual_seed(0)
+    states, mask = torch.randn(4, 3, 5, generator=g), torch.ones(4, 3)
+    mse = lambda c: float((c - states).pow(2).mean())  # noqa: E731
+    same = states.mean(0, keepdim=True).expand(4, 3, 5)  # the best condition that ignores the prompt
+    assert float(condition_match_loss(same, states, mask)) == pytest.approx(mse(same) + 1.0, rel=1e-5)
+    shifted = states + 0.5  # varies as the teacher does: only the plain error is left
+    assert float(condition_match_loss(shifted, states, mask)) == pytest.approx(0.25, rel=1e-5)
+    mask[0, 2] = 0  # a padded token takes part in neither the error nor the batch means
+    padded = shifted.clone()
+    padded[0, 2] = 1e3
+    assert float(condition_match_loss(padded, states, mask)) == pytest.approx(0.25, rel=1e-5)
+
+
 def test_condition_distill_pulls_the_condition_to_the_teacher(make_tiny, tmp_path):
     """``train.condition_distill`` needs a teacher; with one, Stage I moves the condition toward its states."""
     with pytest.raises(ValueError, match="condition_distill=1.0 needs a teacher"):

@@ -118,9 +118,9 @@ def test_quick_demo_writes_the_report(tmp_path, quick_cache):
     assert "ShapesEval" in report and "Stage III (RL)" in report
     rl_rows = [json.loads(line) for line in (out / "stage3" / "rl_log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rl_rows] == ["aesthetic", "clip+geneval"]
-    # Stage I pulls the condition toward the Stage-0 text encoder's states (parauni.stage1_distill), Stage II not
+    # both stages pull the condition toward the Stage-0 text encoder's states (parauni.stage{1,2}_distill)
     distill = [yaml.safe_load((out / f"stage{s}" / "train_config.yaml").read_text()) for s in (1, 2)]
-    assert [c["condition_distill"] for c in distill] == [1.0, 0.0]
+    assert [c["condition_distill"] for c in distill] == [1.0, 1.0]
     assert (
         main(
             [

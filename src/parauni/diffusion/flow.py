@@ -70,11 +70,18 @@ def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> to
 
 
 def condition_match_loss(cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between a condition's first tokens and a teacher's text states (fp32).
+    """How far a condition's first tokens are from a teacher's text states (fp32): MSE + centred error.
 
     Position j of the condition is matched to the teacher's token j, for the tokens the mask keeps; the
     condition's positions past the teacher's length are free. cond: (B, Q, C); states: (B, S, C) (the
     text encoder a DiT was pretrained with, on the same captions); mask: (B, S), 1 = a real token.
+
+    The loss is the mean squared error plus the relative squared error of the batch-centred parts: at each
+    position, both are centred on their mean over the batch's real tokens there, and the error of the student's
+    deviations is divided by the teacher's total squared deviation. A causal text encoder's states are mostly
+    alike across prompts (every caption starts alike), so the plain error is met by the common part, leaving
+    what tells prompts apart unlearnt; the centred term is 1 for a condition that is the same for every
+    prompt, and 0 when it varies as the teacher's does. With one example (or identical captions) it is 0.
     """
     if cond.shape[0] != states.shape[0] or cond.shape[-1] != states.shape[-1]:
         raise ValueError(
@@ -82,6 +89,12 @@ def condition_match_loss(cond: torch.Tensor, states: torch.Tensor, mask: torch.T
             "and channel sizes (the teacher must be the text encoder whose width the DiT's cross-attention takes)"
         )
     n = min(cond.shape[1], states.shape[1])
-    keep = mask[:, :n, None].to(torch.float32)
-    err = (cond[:, :n].float() - states[:, :n].float()).pow(2) * keep
-    return err.sum() / (keep.sum() * cond.shape[-1]).clamp_min(1.0)
+    keep = mask[:, :n, None].to(torch.float32)  # (B, n, 1)
+    student, teacher = cond[:, :n].float(), states[:, :n].float()
+    mse = ((student - teacher).pow(2) * keep).sum() / (keep.sum() * cond.shape[-1]).clamp_min(1.0)
+    count = keep.sum(0, keepdim=True).clamp_min(1.0)  # (1, n, 1) real tokens per position
+    student_dev = (student - (student * keep).sum(0, keepdim=True) / count) * keep
+    teacher_dev = (teacher - (teacher * keep).sum(0, keepdim=True) / count) * keep
+    spread = teacher_dev.pow(2).sum()
+    centred = (student_dev - teacher_dev).pow(2).sum() / spread.clamp_min(1e-12)
+    return mse + torch.where(spread > 1e-12, centred, torch.zeros_like(centred))  # no host sync

@@ -50,7 +50,8 @@ class TrainConfig:
         default=0.0,
         metadata={
             "help": "weight of an extra loss pulling the condition's first tokens to the states of the DiT's own "
-            "pretraining text encoder on the same captions (0 = the paper's flow loss alone; needs a teacher)"
+            "pretraining text encoder on the same captions, and their variation across the batch to the teacher's "
+            "(parauni.diffusion.flow.condition_match_loss; 0 = the paper's flow loss alone; needs a teacher)"
         },
     )
     image_size: int = field(
