@@ -1,11 +1,13 @@
 """The demo's targets, measured: wall-clock time from a cold cache and the Stage-II ShapesEval scores.
 
-    python benchmarks/bench_demo.py [--out bench-demo] [--keep-cache] [world overrides ...]
+    python benchmarks/bench_demo.py [--out bench-demo] [--cache DIR] [world overrides ...]
 
 Targets: the whole `parauni demo` in at most 20 minutes on 2 CPU cores from a cold cache (15 before Stage III
 joined it; issues 3 and 4); the Stage II model (all layers) at ShapesEval overall >= 0.70, single object >=
 0.95, colours >= 0.90 (issue 3); ShapesEval after RL not below ShapesEval before it (issue 4).
-It prints every figure and whether each target was met; it never fails on a missed target.
+It prints every figure and whether each target was met; it never fails on a missed target. Without
+``--cache`` Stage 0 is trained in a temporary folder that is removed at the end, and the models in ``--out``
+then name Stage-0 files that are gone; pass ``--cache DIR`` to keep them usable (``parauni generate`` etc.).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def main() -> None:
     total = time.time() - t0
     if not args.cache:
         shutil.rmtree(cache, ignore_errors=True)
+        print(
+            f"removed the cold cache {cache}: the models in {args.out} need it (rerun with --cache DIR to keep it)"
+        )
     print("\nstage timings (s):")
     for name, seconds in metrics["timings"].items():
         print(f"  {name:<32} {seconds:8.1f}")
