@@ -81,7 +81,8 @@ def condition_match_loss(cond: torch.Tensor, states: torch.Tensor, mask: torch.T
     deviations is divided by the teacher's total squared deviation. A causal text encoder's states are mostly
     alike across prompts (every caption starts alike), so the plain error is met by the common part, leaving
     what tells prompts apart unlearnt; the centred term is 1 for a condition that is the same for every
-    prompt, and 0 when it varies as the teacher's does. With one example (or identical captions) it is 0.
+    prompt, and 0 when it varies as the teacher's does. With one example (or identical captions) it is 0. Under
+    data parallelism the batch is each process's own micro-batch.
     """
     if cond.shape[0] != states.shape[0] or cond.shape[-1] != states.shape[-1]:
         raise ValueError(
@@ -93,8 +94,11 @@ def condition_match_loss(cond: torch.Tensor, states: torch.Tensor, mask: torch.T
     student, teacher = cond[:, :n].float(), states[:, :n].float()
     mse = ((student - teacher).pow(2) * keep).sum() / (keep.sum() * cond.shape[-1]).clamp_min(1.0)
     count = keep.sum(0, keepdim=True).clamp_min(1.0)  # (1, n, 1) real tokens per position
-    student_dev = (student - (student * keep).sum(0, keepdim=True) / count) * keep
-    teacher_dev = (teacher - (teacher * keep).sum(0, keepdim=True) / count) * keep
+
+    def deviation(x: torch.Tensor) -> torch.Tensor:  # from the batch mean at each position, real tokens only
+        return (x - (x * keep).sum(0, keepdim=True) / count) * keep
+
+    student_dev, teacher_dev = deviation(student), deviation(teacher)
     spread = teacher_dev.pow(2).sum()
     centred = (student_dev - teacher_dev).pow(2).sum() / spread.clamp_min(1e-12)
     return mse + torch.where(spread > 1e-12, centred, torch.zeros_like(centred))  # no host sync
