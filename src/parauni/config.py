@@ -24,8 +24,27 @@ CONDITIONAL_TEMPLATE = (
 UNCONDITIONAL_TEMPLATE = "<|im_start|>user\nGenerate an image.<|im_end|>\n<|im_start|>assistant\n<img>"
 IMAGE_TEMPLATE = "<|im_start|>user\n{image}\n{instruction}<|im_end|>\n<|im_start|>assistant\n<img>"
 
+# Qwen2.5-VL as OpenUni prompts it: Qwen's chat format, no system turn, the queries follow "assistant\n" (no <img>);
+# an input image is Qwen's own <|vision_start|><|image_pad|>...<|vision_end|> block, put in {image} by the adapter.
+QWEN_VL_TEMPLATE = "<|im_start|>user\nGenerate an image: {caption}<|im_end|>\n<|im_start|>assistant\n"
+QWEN_VL_UNCOND_TEMPLATE = "<|im_start|>user\nGenerate an image.<|im_end|>\n<|im_start|>assistant\n"
+QWEN_VL_IMAGE_TEMPLATE = "<|im_start|>user\n{image}{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
+# Janus-Pro's text-to-image format ("<|User|>: ...\n\n<|Assistant|>:" then its image-start tag); the tokenizer adds BOS.
+JANUS_TEMPLATE = "<|User|>: {caption}\n\n<|Assistant|>:<begin_of_image>"
+JANUS_UNCOND_TEMPLATE = "<|User|>: \n\n<|Assistant|>:<begin_of_image>"
+JANUS_IMAGE_TEMPLATE = "<|User|>: {image}\n{instruction}\n\n<|Assistant|>:<begin_of_image>"
+
+# Each backbone kind's own prompt format: (template, uncond_template, image_template), used when vlm.* is null.
+PROMPT_FORMATS = {
+    "internvl": (CONDITIONAL_TEMPLATE, UNCONDITIONAL_TEMPLATE, IMAGE_TEMPLATE),
+    "qwen2_5_vl": (QWEN_VL_TEMPLATE, QWEN_VL_UNCOND_TEMPLATE, QWEN_VL_IMAGE_TEMPLATE),
+    "janus": (JANUS_TEMPLATE, JANUS_UNCOND_TEMPLATE, JANUS_IMAGE_TEMPLATE),
+    "causal_lm": (CONDITIONAL_TEMPLATE, UNCONDITIONAL_TEMPLATE, IMAGE_TEMPLATE),
+}
+
 LAYER_MODES = ("all", "last", "list", "drop_shallow", "drop_middle", "drop_deep", "interval")
-VLM_KINDS = ("internvl", "qwen2_5_vl", "causal_lm")
+VLM_KINDS = ("internvl", "qwen2_5_vl", "janus", "causal_lm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -48,9 +67,16 @@ class VLMConfig:
         default=None, metadata={"help": "config dict to build the model without weights (meta / random)"}
     )
     max_length: int = field(default=128, metadata={"help": "maximum number of text tokens of a prompt"})
-    template: str = field(default=CONDITIONAL_TEMPLATE, metadata={"help": "conditional prompt template"})
-    uncond_template: str = field(default=UNCONDITIONAL_TEMPLATE, metadata={"help": "CFG / dropout template"})
-    image_template: str = field(default=IMAGE_TEMPLATE, metadata={"help": "template with an input image"})
+    template: str | None = field(
+        default=None, metadata={"help": "conditional prompt template; null = the kind's own (PROMPT_FORMATS)"}
+    )
+    uncond_template: str | None = field(
+        default=None, metadata={"help": "CFG / dropout template; null = the kind's own"}
+    )
+    image_template: str | None = field(
+        default=None,
+        metadata={"help": "template with an input image ({image}, {instruction}); null = the kind's own"},
+    )
     image_instruction: str = field(
         default="Keep the image as it is.", metadata={"help": "instruction used with an input image"}
     )
@@ -59,6 +85,10 @@ class VLMConfig:
     def __post_init__(self) -> None:
         _check_choice("vlm.kind", self.kind, VLM_KINDS)
         _check_choice("vlm.dtype", self.dtype, DTYPES)
+        own = PROMPT_FORMATS[self.kind]
+        self.template = own[0] if self.template is None else self.template
+        self.uncond_template = own[1] if self.uncond_template is None else self.uncond_template
+        self.image_template = own[2] if self.image_template is None else self.image_template
         if self.path is None and self.arch is None:
             raise ConfigError("vlm needs a path (folder or Hugging Face id) or an arch dict; both are empty")
         if self.max_length < 8:

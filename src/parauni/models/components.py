@@ -56,15 +56,32 @@ def _vlm_classes(kind: str):
         return tf.InternVLForConditionalGeneration, tf.InternVLConfig
     if kind == "qwen2_5_vl":
         return tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig
+    if kind == "janus":
+        return tf.JanusForConditionalGeneration, tf.JanusConfig
     return tf.AutoModel, None
+
+
+# Janus-Pro's own special tokens, added to the locally trained tokenizer of an arch-built Janus (tests, smoke runs).
+JANUS_SPECIAL_TOKENS = [
+    "<|User|>",
+    "<|Assistant|>",
+    "<begin_of_image>",
+    "<end_of_image>",
+    "<image_placeholder>",
+]
 
 
 def _arch_tokenizer(kind: str, arch: dict) -> tuple[object, dict]:
     """A locally trained tokenizer for an arch-built VLM, and the arch patched to agree with its ids."""
     text = arch.get("text_config", arch)
-    tok = train_bpe_tokenizer(BASIC_CORPUS, vocab_size=min(int(text.get("vocab_size", 512)), 512))
+    extra = JANUS_SPECIAL_TOKENS if kind == "janus" else None
+    tok = train_bpe_tokenizer(
+        BASIC_CORPUS, vocab_size=min(int(text.get("vocab_size", 512)), 512), special_tokens=extra
+    )
     arch = dict(arch)
-    if kind == "internvl":
+    if kind == "janus":
+        arch["image_token_id"] = tok.convert_tokens_to_ids("<image_placeholder>")
+    elif kind == "internvl":
         arch["image_token_id"] = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     elif kind == "qwen2_5_vl":
         arch["image_token_id"] = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -98,29 +115,51 @@ def load_vlm(
             hf_config = config_cls(**arch) if config_cls else tf.AutoConfig.for_model(**arch)
         with _build_context(meta, seed, dtype):
             model = model_cls(hf_config) if config_cls else tf.AutoModel.from_config(hf_config)
-        if cfg.kind == "qwen2_5_vl" and not meta:
-            vc = hf_config.vision_config
-            image_processor = tf.Qwen2VLImageProcessorPil(
-                patch_size=vc.patch_size,
-                temporal_patch_size=vc.temporal_patch_size,
-                merge_size=vc.spatial_merge_size,
-            )
+        if not meta:
+            image_processor = _arch_image_processor(cfg.kind, hf_config)
     else:
         path = resolve_path(cfg.path, root)
         model = load_pretrained(model_cls.from_pretrained, path, "VLM", error=ComponentLoadError, dtype=dtype)
         tokenizer = load_pretrained(
             tf.AutoTokenizer.from_pretrained, path, "VLM tokenizer", error=ComponentLoadError
         )
-        if cfg.kind == "qwen2_5_vl":
-            # Text-only use needs no image processor; encode_images says so clearly when it is missing.
-            try:
-                image_processor = tf.Qwen2VLImageProcessorPil.from_pretrained(path)
-            except OSError:
-                image_processor = None
+        image_processor = _folder_image_processor(cfg.kind, path)
     backbone_cls = BACKBONES[cfg.kind]
-    if cfg.kind == "qwen2_5_vl":
+    if cfg.kind in IMAGE_PROCESSORS:
         return backbone_cls(model, tokenizer, cfg, image_processor=image_processor)
     return backbone_cls(model, tokenizer, cfg)
+
+
+# The kinds whose adapter preprocesses input images with the checkpoint's own Hugging Face image processor.
+IMAGE_PROCESSORS = {"qwen2_5_vl": "Qwen2VLImageProcessorPil", "janus": "JanusImageProcessorPil"}
+
+
+def _arch_image_processor(kind: str, hf_config):
+    """The image processor of an arch-built VLM, sized from its vision config (None for the other kinds)."""
+    import transformers as tf
+
+    vc = getattr(hf_config, "vision_config", None)
+    if kind == "qwen2_5_vl":
+        return tf.Qwen2VLImageProcessorPil(
+            patch_size=vc.patch_size,
+            temporal_patch_size=vc.temporal_patch_size,
+            merge_size=vc.spatial_merge_size,
+        )
+    if kind == "janus":
+        return tf.JanusImageProcessorPil(size={"height": vc.image_size, "width": vc.image_size})
+    return None
+
+
+def _folder_image_processor(kind: str, path: str):
+    """The image processor saved with a checkpoint, or None (text-only use needs none; encode_images says so)."""
+    import transformers as tf
+
+    if kind not in IMAGE_PROCESSORS:
+        return None
+    try:
+        return getattr(tf, IMAGE_PROCESSORS[kind]).from_pretrained(path)
+    except OSError:
+        return None
 
 
 def save_vlm(vlm: VLMBackbone, folder: str | Path) -> None:

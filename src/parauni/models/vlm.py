@@ -9,9 +9,15 @@ Paper section 3.1; system.md section 1.
 Adapters:
 * :class:`InternVLBackbone` - ``transformers.InternVLForConditionalGeneration`` (InternVL3 ``-hf``); text
   prompts, and input images through the vision tower into the ``<IMG_CONTEXT>`` placeholders.
-* :class:`Qwen25VLBackbone` - ``Qwen2_5_VLForConditionalGeneration`` (BLIP-3o's base), with 3-D rotary
-  positions (mrope) for image prompts.
+* :class:`Qwen25VLBackbone` - ``Qwen2_5_VLForConditionalGeneration`` (the base of BLIP-3o and of OpenUni's Qwen
+  variant), with 3-D rotary positions (mrope) for image prompts.
+* :class:`JanusBackbone` - ``JanusForConditionalGeneration`` (Janus-Pro): its Llama decoder, and input images through
+  its SigLIP understanding encoder into the ``<image_placeholder>`` slots.
 * :class:`CausalLMBackbone` - any decoder-only language model loaded by ``AutoModel`` (text only).
+
+Each kind reads prompts in its own format (``config.PROMPT_FORMATS``, overridable with ``vlm.template`` etc.):
+InternVL3 chat ending in ``<img>``; Qwen's chat with its ``<|vision_start|>...<|vision_end|>`` image block and no
+``<img>``; Janus-Pro's ``<|User|>: ...\\n\\n<|Assistant|>:<begin_of_image>``.
 """
 
 from __future__ import annotations
@@ -203,6 +209,33 @@ def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def _to_uint8_arrays(images: torch.Tensor) -> list[np.ndarray]:
+    """(B, 3, H, W) in [-1, 1] -> B arrays (H, W, 3) uint8, the input of Hugging Face image processors."""
+    return [(x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for x in _to_unit_range(images)]
+
+
+def scatter_image_features(
+    embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, feats: torch.Tensor
+) -> torch.Tensor:
+    """Put image features into the placeholder slots of the prompt embeddings.
+
+    Args:
+        embeds: (B, S, D) token embeddings of the prompt.
+        input_ids: (B, S) token ids; the slots are where they equal ``image_token_id``.
+        feats: (N, T, D) or (N*T, D) image features, in slot order.
+
+    Returns:
+        (B, S, D) embeddings with the slots replaced by the features.
+    """
+    slots = (input_ids == image_token_id).unsqueeze(-1)
+    if int(slots.sum()) * embeds.shape[-1] != feats.numel():
+        raise ValueError(
+            f"{int(slots.sum())} image placeholder tokens but {feats.numel() // embeds.shape[-1]} image features; "
+            "check the image token count (image_seq_length / num_image_tokens) in the VLM config"
+        )
+    return embeds.masked_scatter(slots, feats.to(embeds.dtype))
+
+
 class InternVLBackbone(VLMBackbone):
     """InternVL3 through ``InternVLForConditionalGeneration`` (``model.model.language_model`` is Qwen2)."""
 
@@ -240,13 +273,7 @@ class InternVLBackbone(VLMBackbone):
         feats = self.model.model.get_image_features(
             pixel_values=batch.pixel_values.to(embeds.device, self.model.dtype)
         ).pooler_output  # (B, image_seq_length, D)
-        slots = (batch.input_ids == self.model.config.image_token_id).unsqueeze(-1)
-        if int(slots.sum()) * embeds.shape[-1] != feats.numel():
-            raise ValueError(
-                f"{int(slots.sum())} image placeholder tokens but {feats.shape[0] * feats.shape[1]} image features; "
-                "check image_seq_length in the VLM config"
-            )
-        return embeds.masked_scatter(slots, feats.to(embeds.dtype))
+        return scatter_image_features(embeds, batch.input_ids, self.model.config.image_token_id, feats)
 
 
 class Qwen25VLBackbone(VLMBackbone):
@@ -267,10 +294,7 @@ class Qwen25VLBackbone(VLMBackbone):
             raise ValueError(
                 "this Qwen2.5-VL backbone was loaded without an image processor; it cannot take images"
             )
-        arrays = [
-            (x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for x in _to_unit_range(images)
-        ]
-        proc = self.image_processor(images=arrays, return_tensors="pt")
+        proc = self.image_processor(images=_to_uint8_arrays(images), return_tensors="pt")
         merge = self.model.config.vision_config.spatial_merge_size
         pad = self.tokenizer.convert_ids_to_tokens(self.model.config.image_token_id)
         texts = []
@@ -292,9 +316,8 @@ class Qwen25VLBackbone(VLMBackbone):
         feats = self.model.model.get_image_features(
             batch.pixel_values.to(embeds.device), batch.image_grid_thw
         ).pooler_output
-        feats = torch.cat(list(feats), dim=0).to(embeds.dtype)
-        slots = (batch.input_ids == self.model.config.image_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(slots, feats)
+        feats = torch.cat(list(feats), dim=0)
+        return scatter_image_features(embeds, batch.input_ids, self.model.config.image_token_id, feats)
 
     def position_ids(self, batch: PromptBatch, num_queries: int) -> torch.Tensor:
         """(3, B, S + Q) positions: mrope for image tokens, queries after the largest prompt position."""
@@ -312,6 +335,53 @@ class Qwen25VLBackbone(VLMBackbone):
         return torch.cat([pos, queries[None].expand(3, -1, -1)], dim=2)
 
 
+class JanusBackbone(VLMBackbone):
+    """Janus-Pro through ``JanusForConditionalGeneration``: its Llama decoder (``model.model.language_model``).
+
+    Only the understanding path is used: an input image goes through the SigLIP encoder and aligner into the
+    ``<image_placeholder>`` slots between ``<begin_of_image>`` / ``<end_of_image>`` (Janus's own understanding
+    format); Janus's VQ tokenizer and image-generation head are loaded with the checkpoint but never run.
+    """
+
+    supports_images = True
+    start_image_token = "<begin_of_image>"
+    end_image_token = "<end_of_image>"
+
+    def __init__(self, model: nn.Module, tokenizer, config: VLMConfig, image_processor=None) -> None:
+        super().__init__(model, tokenizer, config)
+        self.image_processor = image_processor
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image: (image_size / patch_size)^2 (576 for Janus-Pro's 384 px, patch 16)."""
+        return self.model.config.vision_config.num_image_tokens
+
+    def encode_images(self, images: torch.Tensor) -> PromptBatch:
+        if self.image_processor is None:
+            raise ValueError(
+                "this Janus backbone was loaded without an image processor; it cannot take images"
+            )
+        proc = self.image_processor(images=_to_uint8_arrays(images), return_tensors="pt")
+        pad = self.tokenizer.convert_ids_to_tokens(self.model.config.image_token_id)
+        image_text = self.start_image_token + pad * self.num_image_tokens + self.end_image_token
+        text = self.config.image_template.format(image=image_text, instruction=self.config.image_instruction)
+        input_ids, mask = self.tokenize([text] * len(images))
+        return PromptBatch(input_ids, mask, pixel_values=proc["pixel_values"])
+
+    def prompt_embeds(self, batch: PromptBatch) -> torch.Tensor:
+        embeds = self.decoder.get_input_embeddings()(batch.input_ids)
+        if batch.pixel_values is None:
+            return embeds
+        feats = self.model.model.get_image_features(
+            pixel_values=batch.pixel_values.to(embeds.device, self.model.dtype)
+        ).pooler_output  # (B, num_image_tokens, D)
+        return scatter_image_features(embeds, batch.input_ids, self.model.config.image_token_id, feats)
+
+
 class CausalLMBackbone(VLMBackbone):
     """Any Hugging Face decoder-only language model loaded by ``AutoModel`` (its base model, text only)."""
 
@@ -323,5 +393,6 @@ class CausalLMBackbone(VLMBackbone):
 BACKBONES: dict[str, type[VLMBackbone]] = {
     "internvl": InternVLBackbone,
     "qwen2_5_vl": Qwen25VLBackbone,
+    "janus": JanusBackbone,
     "causal_lm": CausalLMBackbone,
 }
