@@ -286,6 +286,41 @@ def test_janus_image_prompts_equal_the_full_hf_forward(janus):
     assert (ours[0] - ours[1]).abs().max() > 1e-4  # the image reaches the queries
 
 
+def test_janus_built_from_an_arch_dict_gets_its_tokens_and_image_processor():
+    arch = dict(
+        text_config=dict(model_type="llama", **TEXT_CONFIG),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+            projection_dim=WIDTH,
+            num_image_tokens=4,
+        ),
+        vq_config=dict(
+            embed_dim=8,
+            num_embeddings=64,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 2],
+            num_res_blocks=1,
+            projection_dim=WIDTH,
+            image_token_embed_dim=WIDTH,
+        ),
+        tie_word_embeddings=False,
+    )
+    vlm = load_vlm(VLMConfig(kind="janus", path=None, arch=arch, dtype="float32"))
+    assert vlm.tokenizer.convert_ids_to_tokens(vlm.model.config.image_token_id) == "<image_placeholder>"
+    batch = vlm.encode_prompts([None], images=_images(1))
+    assert int((batch.input_ids == vlm.model.config.image_token_id).sum()) == 4
+    with torch.no_grad():
+        assert vlm.query_states(batch, _queries()).shape == (1, NUM_LAYERS, Q, WIDTH)
+    vlm.image_processor = None
+    with pytest.raises(ValueError, match="without an image processor"):
+        vlm.encode_prompts([None], images=_images(1))
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
