@@ -15,6 +15,7 @@ from parauni.rl.grpo import (
     LOG_FILE,
     MAX_BAD_STEPS,
     PolicyStep,
+    PromptConditions,
     PromptSource,
     _zone_positions,
     group_advantages,
@@ -178,7 +179,7 @@ def _recomputed_log_probs(model, ro, cfg, zone):
     policy = PolicyStep(model, cfg, zone)
     policy._sigma_max = float(ro.sigmas[1])
     uncond = model.condition(model.encode_prompts([None]))
-    batch = model.encode_prompts(ro.prompts)
+    batch = PromptConditions(batch=model.encode_prompts(ro.prompts))
     out = []
     with torch.no_grad():
         for j in range(cfg.steps):
@@ -367,3 +368,227 @@ def test_rl_with_activation_checkpointing_stays_on_policy(make_tiny, tmp_path):
     assert model.dit.gradient_checkpointing and model.lim.connector.gradient_checkpointing
     assert result.history[0]["ratio_min"] == result.history[0]["ratio_max"] == 1.0
     assert result.history[0]["skipped_updates"] == 0
+
+
+# ------------------------------------------------------------------ issue 15: Flow-GRPO's KL, schedule, groups
+
+
+def test_kl_term_divides_by_flow_grpos_std_computed_from_sigma_and_eta():
+    """The KL scale is eta sqrt(sigma / (1 - sigma)) (Flow-GRPO's std_dev_t), not the step std."""
+    from parauni.rl.grpo import kl_std
+
+    eta, sigma, sigma_next, sigma_max = 0.7, 0.6, 0.45, 0.95
+    mean, ref = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.05)
+    zero = torch.zeros(2)
+    std = kl_std(torch.tensor(sigma), torch.tensor(sigma_next), eta, sigma_max)
+    _, stats = grpo_loss(zero, zero, zero, 1e-4, mean, ref, std, beta=0.04)
+    hand = 0.05**2 / (2 * (eta * math.sqrt(sigma / (1 - sigma))) ** 2)  # = 0.0025 / 1.47
+    assert stats["kl"] == pytest.approx(hand, rel=1e-5)
+    step = kl_std(torch.tensor(sigma), torch.tensor(sigma_next), eta, sigma_max, "step")
+    _, exact = grpo_loss(zero, zero, zero, 1e-4, mean, ref, step, beta=0.04)
+    assert exact["kl"] == pytest.approx(hand / (sigma - sigma_next), rel=1e-5)  # 1/|dt| times stronger
+    # sigma = 1 uses the schedule's second sigma in place of 1 - sigma
+    first = kl_std(torch.tensor(1.0), torch.tensor(0.9), eta, sigma_max)
+    assert float(first) == pytest.approx(eta * math.sqrt(1 / (1 - sigma_max)), rel=1e-6)
+
+
+def test_policy_step_hands_the_kl_flow_grpos_std(make_tiny):
+    model = make_tiny()
+    cfg = _rl_config()
+    items = [("a red circle", None)] * 2
+    ro = rollout(model, items, [0, 0], [0, 1], cfg, epoch=0, ldam=None)
+    policy = PolicyStep(model, cfg, [])
+    policy._sigma_max = float(ro.sigmas[1])
+    uncond = model.condition(model.encode_prompts([None]))
+    src = PromptConditions(batch=model.encode_prompts(ro.prompts))
+    for j in range(cfg.steps):
+        sigma = float(ro.sigmas[j])
+        with torch.no_grad():
+            _, _, std = policy(src, uncond, ro.latents[:, j], ro.latents[:, j + 1], ro.sigmas[j],
+                               ro.sigmas[j + 1], None, 0.0)  # fmt: skip
+        inner = float(ro.sigmas[1]) if sigma == 1.0 else sigma
+        assert float(std) == pytest.approx(cfg.eta * math.sqrt(sigma / (1 - inner)), rel=1e-5)
+
+
+def test_rewarded_image_is_nearly_noise_free_at_the_default_rollout_schedule():
+    """The last SDE step (never trained) adds noise to the image the rewards score: std < 0.01."""
+    from parauni.rl.grpo import rollout_sigmas
+
+    def residual_std(cfg: RLConfig) -> float:
+        sigmas = rollout_sigmas(cfg)
+        x = torch.zeros(4000, 1, 4, 4)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        out = sde_step(x, x, sigmas[-2], sigmas[-1], eta=cfg.eta, sigma_max=float(sigmas[1]), noise=noise)
+        return float((out.sample - out.mean).std())
+
+    default = RLConfig()
+    assert default.schedule == "flow_match" and default.steps == 10 and default.shift == 3.0
+    assert residual_std(default) < 0.01
+    assert residual_std(RLConfig(schedule="uniform")) > 0.1  # the Euler schedule's 0.25 -> 0 step: ~0.2
+
+
+def test_reference_schedule_matches_diffusers_flow_match_euler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from parauni.diffusion.sampling import flow_match_sigmas
+
+    for steps, shift in ((10, 3.0), (20, 3.0), (4, 1.0), (7, 2.5)):
+        ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        ref.set_timesteps(steps)
+        torch.testing.assert_close(flow_match_sigmas(steps, shift), ref.sigmas.float(), rtol=0, atol=1e-6)
+    s = flow_match_sigmas(10, 3.0)
+    assert float(s[-2]) == pytest.approx(0.008929, abs=1e-6) and float(s[-3]) == pytest.approx(
+        0.27805, abs=1e-4
+    )
+
+
+def test_first_sigma_is_exactly_one_for_any_steps_and_shift():
+    from parauni.diffusion.sampling import flow_match_sigmas
+
+    rng = torch.Generator().manual_seed(0)
+    steps = torch.randint(1, 60, (2000,), generator=rng)
+    shifts = 0.1 + 9.9 * torch.rand(2000, generator=rng, dtype=torch.float64)
+    for n, shift in zip(steps.tolist(), shifts.tolist(), strict=True):
+        for make in (flow_sigmas, flow_match_sigmas):
+            s = make(n, shift)
+            assert s[0].item() == 1.0 and s[-1].item() == 0.0, (make.__name__, n, shift)
+            assert bool((s[1:] < s[:-1]).all())
+
+
+def test_groups_are_formed_by_prompt_text():
+    from parauni.rl.grpo import prompt_groups
+
+    groups = prompt_groups(["a", "a", "b", "b", "a", "a", "c", "c"])
+    assert groups.tolist() == [0, 0, 1, 1, 0, 0, 2, 2]
+    r = torch.tensor([1.0, 2.0, 5.0, 7.0, 3.0, 4.0, 0.0, 1.0])
+    adv = group_advantages(r, groups, "global", clip=100.0)
+    # "a" is one group of four: its mean is 2.5, not 1.5 and 3.5 as two groups by index would have
+    torch.testing.assert_close(adv[[0, 1, 4, 5]], (r[[0, 1, 4, 5]] - 2.5) / (r.std(unbiased=False) + 1e-4))
+
+
+def test_zero_advantage_samples_are_dropped_with_equal_counts_per_process():
+    from parauni.rl.grpo import update_samples
+
+    adv = torch.tensor([0.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 2.0])  # process 0: 2 kept, process 1: 1 kept
+    g = torch.Generator().manual_seed(0)
+    assert update_samples(adv, 4, 0, True, g) == [1, 2]
+    one = update_samples(adv, 4, 1, True, g)
+    assert len(one) == 2 and 3 in one  # topped up with one of its zero-advantage samples
+    assert update_samples(adv, 4, 0, False, g) == [0, 1, 2, 3]
+    assert update_samples(torch.zeros(8), 4, 0, True, g) == []
+    assert update_samples(torch.tensor([float("nan")] * 4), 4, 0, True, g) == [0, 1, 2, 3]
+
+
+def test_rl_optimiser_defaults_are_the_papers_and_cosine_reaches_zero():
+    from parauni.rl.grpo import _lr
+
+    cfg = _rl_config(phases=[PhaseConfig("p", {"bright": 1.0}, 4, "deep", 0.0)], updates_per_epoch=2)
+    assert cfg.betas == [0.9, 0.95] and cfg.weight_decay == 0.05 and cfg.lr_schedule == "cosine"
+    lrs = [_lr(cfg, e, 0, u) for e in range(4) for u in range(2)]
+    assert lrs[0] == cfg.lr and all(b < a for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+    assert lrs[-1] == pytest.approx(cfg.lr * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    flat = _rl_config(lr_schedule="constant")
+    assert _lr(flat, 1, 0, 1) == flat.lr
+
+
+# ------------------------------------------------------------------ issue 15: LDAM per round, cooling
+
+
+@pytest.mark.parametrize("cooldown", [0, 1, 2, 5])
+def test_ldam_cooling_blocks_exactly_n_epochs(cooldown):
+    """A gate open every round: triggers come every cooldown + 1 rounds, i.e. cooldown rounds blocked."""
+    cfg = LDAMConfig(window=2, drop_epochs=1, grad_gate=False, cooldown=cooldown)
+    ldam = LDAM(cfg, [0], 2)
+    states = _feed(ldam, [-float(i) for i in range(20)], [1.0] * 20)  # the reward falls every round
+    fired = [i for i, s in enumerate(states) if s["triggered"]]
+    assert all(s["reward_gate"] for s in states[1:])
+    assert fired == list(range(1, 20, cooldown + 1))
+
+
+def test_ldam_drop_streak_counts_consecutive_drops_per_round():
+    ldam = LDAM(LDAMConfig(drop_epochs=3, grad_gate=False, cooldown=0), [0], 2)
+    states = _feed(ldam, [5, 4, 3, 3.5, 3, 2, 1, 0], [1.0] * 8)
+    assert [s["drop_streak"] for s in states] == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert [s["triggered"] for s in states] == [False] * 6 + [True, True]
+    assert states[-1]["zone"] == ""
+    named = LDAM(LDAMConfig(), [0], 2, zone_name="deep")
+    assert named.update(1.0, 1.0)["zone"] == "deep"
+
+
+def test_ldam_gate_logic_any_fires_on_either_gate():
+    spike = [1.0, 1.1, 0.9, 1.0, 1.05, 4.0]
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    either = LDAM(LDAMConfig(gate_logic="any"), [0], 2)
+    assert _feed(either, rising, spike)[-1]["triggered"]
+    with pytest.raises(ValueError, match="gate_logic"):
+        LDAMConfig(gate_logic="both")
+
+
+def test_ldam_state_round_trips_with_the_drop_streak():
+    a = LDAM(LDAMConfig(drop_epochs=2, grad_gate=False), [0], 2)
+    _feed(a, [3.0, 2.0, 1.0], [1.0] * 3)
+    b = LDAM(LDAMConfig(drop_epochs=2, grad_gate=False), [0], 2)
+    b.load_state_dict(a.state_dict())
+    assert b.drop_streak == a.drop_streak == 2
+    old = {k: v for k, v in a.state_dict().items() if k != "drop_streak"}  # a checkpoint from before
+    c = LDAM(LDAMConfig(drop_epochs=2, grad_gate=False), [0], 2)
+    c.load_state_dict(old)
+    assert c.drop_streak == 2
+
+
+# ------------------------------------------------------------------ issue 15: conditions once per epoch
+
+
+def _count_vlm_calls(model) -> list[int]:
+    calls: list[int] = []
+    inner = model.vlm.query_states
+
+    def counted(batch, queries):
+        calls.append(batch.input_ids.shape[0])
+        return inner(batch, queries)
+
+    model.vlm.query_states = counted
+    return calls
+
+
+@pytest.mark.parametrize("train_lim", [False, True])
+def test_cached_conditions_leave_the_log_probs_unchanged(make_tiny, train_lim):
+    from parauni.rl.grpo import ConditionCache
+
+    model = make_tiny()
+    model.set_trainable(TrainableConfig(queries=False, lim=train_lim, dit=False, dit_lora_rank=4))
+    cfg = _rl_config(rollout_batch=6)  # the recomputation below is one batch of 6 too
+    items = [("a red circle", None), ("two squares", None), ("a red circle", None)]
+    groups = [0, 0, 1, 1, 2, 2]
+    zone = _zone_positions(model, "deep")
+    ldam = LDAM(LDAMConfig(), zone, len(model.lim.layers))
+    ldam.gamma, ldam.active_left = 0.3, 1
+    calls = _count_vlm_calls(model)
+    plain = rollout(model, [items[g] for g in groups], groups, list(range(6)), cfg, 0, ldam)
+    assert sum(calls) == 6 + 1  # every sample, plus the unconditional prompt
+    calls.clear()
+    cache = ConditionCache(model, [items[g][0] for g in groups], 1)  # the VLM on one prompt at a time
+    cached = rollout(model, [items[g] for g in groups], groups, list(range(6)), cfg, 0, ldam, cache=cache)
+    assert sum(calls) == 2 + 1 and cache.vlm_forwards == 3  # one forward per distinct prompt + uncond
+    assert cache.frozen_lim == (not train_lim)
+    torch.testing.assert_close(cached.log_probs, plain.log_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.latents, plain.latents, rtol=1e-5, atol=1e-6)
+    # the update's recomputation from the cache gives the rollout's log-probabilities exactly
+    policy = PolicyStep(model, cfg, zone)
+    policy._sigma_max = float(cached.sigmas[1])
+    src = cache.select(cached.prompts)
+    for j in range(cfg.steps):
+        with torch.no_grad():
+            logp, _, _ = policy(src, cache.uncond, cached.latents[:, j], cached.latents[:, j + 1],
+                                cached.sigmas[j], cached.sigmas[j + 1], cached.ldam_eps, cached.gamma)  # fmt: skip
+        assert torch.equal(logp, cached.log_probs[:, j])
+
+
+def test_rl_epoch_runs_the_vlm_once_per_prompt(make_tiny, tmp_path):
+    model = make_tiny()
+    calls = _count_vlm_calls(model)
+    cfg = _rl_config(phases=[PhaseConfig("p", {"bright": 1.0}, 1, "deep", 0.02)], updates_per_epoch=1)
+    prompts = PromptSource([("a red circle", None), ("a blue square", None)])
+    result = train_rl(model, _bright, ["bright"], prompts, cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert sum(calls) == 2 + 1 and result.history[0]["cached_conditions"]
+    assert result.history[0]["ratio_min"] == result.history[0]["ratio_max"] == 1.0

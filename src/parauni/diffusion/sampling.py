@@ -39,15 +39,61 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Step
 
 
 def flow_sigmas(steps: int, shift: float = 3.0, device: torch.device | str | None = None) -> torch.Tensor:
-    """``steps + 1`` sigmas from 1 to 0, uniformly spaced then shifted. Returns (steps + 1,) fp32."""
+    """``steps + 1`` sigmas from 1 to 0, uniformly spaced then shifted. Returns (steps + 1,) fp32.
+
+    Computed in fp64 and rounded once, with the end points pinned: ``sigma[0]`` is exactly 1 and
+    ``sigma[-1]`` exactly 0 for every shift (fp32 arithmetic gave 0.99999988 for some shifts, which the SDE
+    step's ``sigma == 1`` case then missed).
+    """
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    return shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+    sigmas = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+    return _pin_ends(sigmas, last_zero=True).to(device=device, dtype=torch.float32)
+
+
+def flow_match_sigmas(
+    steps: int, shift: float = 3.0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The RL rollout's schedule: diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(steps)`` with
+    ``shift`` and its 1000 training timesteps (Flow-GRPO's SD3 pipeline), then 0. Returns (steps + 1,) fp32.
+
+    That scheduler spaces ``steps`` values uniformly from 1 down to its smallest *shifted* training sigma,
+    ``shift(1/1000)``, and shifts them again, so the last sigma before 0 is small (0.0089 at shift 3). The
+    last SDE step's noise ``eta sqrt(sigma / (1 - sigma)) sqrt(sigma)`` is then about 0.006 at eta 0.7,
+    where :func:`flow_sigmas` (last sigma 0.25 at 10 steps) leaves noise of std about 0.2 in the image the
+    rewards score.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    smallest = float(shift_sigmas(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64), shift))
+    sigmas = shift_sigmas(torch.linspace(1.0, smallest, steps, dtype=torch.float64), shift)
+    sigmas = _pin_ends(torch.cat([sigmas, sigmas.new_zeros(1)]), last_zero=True)
+    return sigmas.to(device=device, dtype=torch.float32)
+
+
+def _pin_ends(sigmas: torch.Tensor, last_zero: bool) -> torch.Tensor:
+    """``sigmas`` (N,) with ``sigmas[0] = 1`` exactly (shift maps 1 to 1) and, if asked, ``sigmas[-1] = 0``."""
+    sigmas = sigmas.clone()
+    sigmas[0] = 1.0
+    if last_zero:
+        sigmas[-1] = 0.0
+    return sigmas
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> StepOutput:
     """x_next = x + (sigma_next - sigma) * v (flow ODE, fp32 arithmetic)."""
     return StepOutput((x.float() + (sigma_next - sigma) * v.float()).to(x.dtype))
+
+
+def sde_noise_scale(sigma: torch.Tensor, eta: float, sigma_max: float) -> torch.Tensor:
+    """Flow-GRPO's ``std_dev_t``: ``eta * sqrt(sigma / (1 - sigma'))``, ``sigma' = sigma_max`` when sigma is 1.
+
+    sigma: a scalar fp32 tensor. This is the SDE's noise scale; one step's standard deviation is it times
+    ``sqrt(-dt)``. Flow-GRPO's KL term divides by ``2 * std_dev_t**2``.
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    denom = 1 - torch.where(sigma >= 1, torch.as_tensor(sigma_max, device=sigma.device), sigma)
+    return eta * torch.sqrt(sigma / denom)
 
 
 def sde_step(
@@ -87,8 +133,7 @@ def sde_step(
     dt = sigma_next - sigma
     if eta == 0:
         return StepOutput((x32 + dt * v32).to(x.dtype) if prev_sample is None else prev_sample)
-    denom = 1 - torch.where(sigma >= 1, torch.as_tensor(sigma_max, device=x.device), sigma)
-    s = eta * torch.sqrt(sigma / denom)
+    s = sde_noise_scale(sigma, eta, sigma_max)
     mean = x32 * (1 + s**2 / (2 * sigma) * dt) + v32 * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
     std = s * torch.sqrt(-dt)
     if prev_sample is None:

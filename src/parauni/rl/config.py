@@ -43,7 +43,12 @@ def paper_phases() -> list[PhaseConfig]:
 
 @dataclass
 class RLConfig:
-    """Stage III on a Stage-II model. Defaults follow system.md section 4 at a single-GPU scale."""
+    """Stage III on a Stage-II model. Defaults follow system.md section 4 at a single-GPU scale.
+
+    Where the paper and Flow-GRPO's code differ, the default is the paper's (the optimiser: AdamW betas 0.9 /
+    0.95, weight decay 0.05, cosine, no warm-up) and Flow-GRPO's is an option; where the paper is silent the
+    default is Flow-GRPO's (rollout schedule, KL scale, groups by prompt text, zero advantages dropped).
+    """
 
     phases: list[PhaseConfig] = field(
         default_factory=paper_phases, metadata={"help": "the reward curriculum"}
@@ -51,6 +56,14 @@ class RLConfig:
     prompts_per_epoch: int = field(default=8, metadata={"help": "distinct prompts per epoch (all processes)"})
     group_size: int = field(default=4, metadata={"help": "images per prompt, k (the reference: 24)"})
     steps: int = field(default=10, metadata={"help": "sampling steps of the SDE rollout"})
+    schedule: str = field(
+        default="flow_match",
+        metadata={
+            "help": "rollout sigmas: 'flow_match' (diffusers' FlowMatchEulerDiscreteScheduler, as Flow-GRPO "
+            "samples: last sigma before 0 is 0.0089 at 10 steps and shift 3, so the rewarded image keeps "
+            "noise of std 0.006) or 'uniform' (the Euler sampler's flow_sigmas: last sigma 0.25, noise 0.2)"
+        },
+    )
     eta: float = field(default=0.7, metadata={"help": "SDE noise level"})
     cfg: float = field(default=4.5, metadata={"help": "CFG scale of rollout and update"})
     shift: float = field(default=3.0, metadata={"help": "flow shift of the sigmas"})
@@ -60,15 +73,52 @@ class RLConfig:
     width: int | None = field(default=None, metadata={"help": "image width (default: the model's sampling)"})
     timestep_fraction: float = field(default=0.99, metadata={"help": "fraction of the steps trained on"})
     adv_std: str = field(default="global", metadata={"help": "advantage std: 'global' (batch) or 'group'"})
+    group_by: str = field(
+        default="prompt",
+        metadata={
+            "help": "advantage groups: 'prompt' (samples with the same prompt text, Flow-GRPO's per-prompt "
+            "tracker; a prompt drawn twice in an epoch forms one group) or 'index' (each draw its own group)"
+        },
+    )
+    drop_zero_advantage: bool = field(
+        default=True,
+        metadata={
+            "help": "leave samples whose advantage is 0 (a group with one reward) out of the update, as "
+            "Flow-GRPO does; processes keep equal counts by keeping some of them back in"
+        },
+    )
+    kl_std: str = field(
+        default="flow_grpo",
+        metadata={
+            "help": "the std the KL term divides by: 'flow_grpo' (eta sqrt(sigma / (1 - sigma)), Flow-GRPO's "
+            "code, which its betas were tuned with) or 'step' (that times sqrt(-dt), the exact KL between the "
+            "two step Gaussians, 1/|dt| times stronger)"
+        },
+    )
     adv_clip: float = field(default=5.0, metadata={"help": "advantages clipped to +-adv_clip"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon"})
     inner_epochs: int = field(default=1, metadata={"help": "policy-update passes over each rollout"})
     updates_per_epoch: int = field(default=2, metadata={"help": "optimizer steps per inner epoch"})
     micro_batch: int = field(default=8, metadata={"help": "samples per forward/backward (per process)"})
     rollout_batch: int = field(default=16, metadata={"help": "samples per rollout forward (per process)"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant, no warm-up)"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (none on 1-D params)"})
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate (no warm-up, the paper's)"})
+    lr_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "'cosine' (the paper's table: from lr to 0 over the run's optimizer steps) or "
+            "'constant' (Flow-GRPO's code)"
+        },
+    )
+    weight_decay: float = field(
+        default=0.05,
+        metadata={
+            "help": "AdamW weight decay, none on 1-D params (the paper's 0.05; Flow-GRPO's code: 1e-4)"
+        },
+    )
+    betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.95],
+        metadata={"help": "AdamW betas (the paper's 0.9, 0.95; Flow-GRPO's code: 0.9, 0.999)"},
+    )
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     ema: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights (0 = off); saved"})
     trainable: TrainableConfig = field(
@@ -78,6 +128,13 @@ class RLConfig:
         metadata={"help": "what RL trains: the DiT (full or LoRA) and/or queries + LIM"},
     )
     ldam: LDAMConfig = field(default_factory=LDAMConfig)
+    cache_conditions: bool = field(
+        default=True,
+        metadata={
+            "help": "run the frozen VLM once per prompt and epoch (the query states; with the LIM frozen too, "
+            "its per-layer outputs) instead of at every rollout batch, trained step and reference call"
+        },
+    )
     log_all_rewards: bool = field(
         default=True,
         metadata={"help": "score and log every configured reward each epoch, not only the phase's"},
@@ -95,6 +152,10 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         _check_choice("rl.adv_std", self.adv_std, ("global", "group"))
+        _check_choice("rl.schedule", self.schedule, ("flow_match", "uniform"))
+        _check_choice("rl.group_by", self.group_by, ("prompt", "index"))
+        _check_choice("rl.kl_std", self.kl_std, ("flow_grpo", "step"))
+        _check_choice("rl.lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _check_choice("rl.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for name in (
             "prompts_per_epoch",

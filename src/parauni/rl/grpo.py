@@ -40,9 +40,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import save_yaml
-from ..diffusion.sampling import SDEStep, denoise, flow_sigmas, sde_step
+from ..diffusion.sampling import SDEStep, denoise, flow_match_sigmas, flow_sigmas, sde_noise_scale, sde_step
 from ..models.lim import zone_layers
 from ..models.parauni import CheckpointError, ParaUni
+from ..models.vlm import PromptBatch
 from ..pipeline import initial_noise
 from ..training.distributed import (
     ModelCalls,
@@ -66,6 +67,7 @@ from ..training.trainer import (
     remove_partial_checkpoints,
     rng_state,
     set_rng_state,
+    warmup_cosine,
 )
 from .config import PhaseConfig, RLConfig
 from .ldam import LDAM, perturbation_scale
@@ -138,6 +140,76 @@ class WorldPromptSource(PromptSource):
         return [(r["prompt"], r) for r in rows]
 
 
+# --------------------------------------------------------------------------------------------- conditions
+@dataclass
+class PromptConditions:
+    """What the policy's condition of a batch of samples is computed from; the first one set is used.
+
+    per_layer: (B, L_sel, Q, C) cached LIM outputs (VLM, queries and LIM frozen);
+    states: (B, L, Q, D) cached VLM query states (VLM and queries frozen; the LIM runs on them);
+    batch: the tokenised prompts (the VLM runs).
+    """
+
+    batch: PromptBatch | None = None
+    states: torch.Tensor | None = None
+    per_layer: torch.Tensor | None = None
+
+    def per_layer_conditions(self, model: ParaUni) -> torch.Tensor:
+        """(B, L_sel, Q, C): the LIM's per-layer outputs, computed only as far as nothing is cached."""
+        if self.per_layer is not None:
+            return self.per_layer
+        if self.states is not None:
+            return model.lim.per_layer(self.states)
+        return model.per_layer_conditions(self.batch)
+
+
+class ConditionCache:
+    """One epoch's prompts through the frozen VLM once: one forward per distinct prompt (issue 15, item 8).
+
+    With the queries frozen (Stage III's default) a prompt's query states cannot change within an epoch; with
+    the LIM frozen too, neither can its per-layer outputs, which are then kept instead. LDAM's perturbation
+    is applied after the LIM, as without the cache. ``uncond`` (1, Q, C) is the unconditional condition.
+    """
+
+    def __init__(self, model: ParaUni, prompts: list[str], batch_size: int) -> None:
+        unique = list(dict.fromkeys(prompts))
+        self.row = {p: i for i, p in enumerate(unique)}
+        self.frozen_lim = not any(p.requires_grad for p in model.lim.parameters())
+        with torch.no_grad():
+            states = torch.cat(
+                [
+                    model.query_states(model.encode_prompts(unique[i : i + batch_size]))
+                    for i in range(0, len(unique), batch_size)
+                ]
+            )
+            self.tensor = model.lim.per_layer(states) if self.frozen_lim else states
+            self.uncond = model.condition(model.encode_prompts([None]))
+        self.vlm_forwards = len(unique) + 1
+
+    @staticmethod
+    def usable(model: ParaUni, cfg: RLConfig) -> bool:
+        """Whether the query states are fixed for an epoch: the cache is on and the queries do not train."""
+        return cfg.cache_conditions and not model.queries.requires_grad
+
+    def select(self, prompts: list[str]) -> PromptConditions:
+        """The cached rows of ``prompts`` (each must be one of the epoch's)."""
+        rows = self.tensor[[self.row[p] for p in prompts]]
+        return PromptConditions(per_layer=rows) if self.frozen_lim else PromptConditions(states=rows)
+
+
+def prompt_conditions(model: ParaUni, prompts: list[str], cache: ConditionCache | None) -> PromptConditions:
+    """The policy's condition input for ``prompts``: cached rows, or the tokenised prompts."""
+    if cache is not None:
+        return cache.select(prompts)
+    return PromptConditions(batch=model.encode_prompts(prompts))
+
+
+def rollout_sigmas(cfg: RLConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """(steps + 1,) sigmas of the rollout: ``rl.schedule`` 'flow_match' (Flow-GRPO's) or 'uniform'."""
+    make = flow_match_sigmas if cfg.schedule == "flow_match" else flow_sigmas
+    return make(cfg.steps, cfg.shift, device=device)
+
+
 # --------------------------------------------------------------------------------------------- rollout
 @dataclass
 class Rollout:
@@ -157,12 +229,12 @@ class Rollout:
 
 
 def policy_condition(
-    model: ParaUni, batch, eps: torch.Tensor | None, gamma: float, zone: list[int]
+    model: ParaUni, src: PromptConditions, eps: torch.Tensor | None, gamma: float, zone: list[int]
 ) -> torch.Tensor:
     """(B, Q, C): the LIM's condition, the zone's per-layer outputs scaled by ``1 + gamma * eps`` (LDAM)."""
+    per_layer = src.per_layer_conditions(model)
     if eps is None:
-        return model.condition(batch)
-    per_layer = model.per_layer_conditions(batch)
+        return model.lim.aggregate(per_layer)
     scale = perturbation_scale(eps.to(per_layer.device, per_layer.dtype), gamma, zone, per_layer.shape[1])
     return model.lim.aggregate(per_layer, scale)
 
@@ -193,14 +265,18 @@ def rollout(
     epoch: int,
     ldam: LDAM | None,
     progress: bool = False,
+    cache: ConditionCache | None = None,
 ) -> Rollout:
-    """Sample the given global sample ``indices`` (their prompts ``items``) with the SDE sampler + CFG."""
+    """Sample the given global sample ``indices`` (their prompts ``items``) with the SDE sampler + CFG.
+
+    ``cache``: the epoch's conditions (:class:`ConditionCache`); without it the VLM runs on every batch.
+    """
     model.eval()
     s = model.config.sampling
     height, width = cfg.height or s.height, cfg.width or s.width
     shape = model.latent_shape(height, width)
-    sigmas = flow_sigmas(cfg.steps, cfg.shift, device=model.device)
-    uncond_one = model.condition(model.encode_prompts([None]))
+    sigmas = rollout_sigmas(cfg, device=model.device)
+    uncond_one = cache.uncond if cache is not None else model.condition(model.encode_prompts([None]))
     lat, logp, eps_all, images = [], [], [], []
     gamma = ldam.gamma if ldam is not None and ldam.active else 0.0
     for start in tqdm(
@@ -208,7 +284,7 @@ def rollout(
     ):
         chunk = items[start : start + cfg.rollout_batch]
         idx = indices[start : start + len(chunk)]
-        batch = model.encode_prompts([p for p, _ in chunk])
+        src = prompt_conditions(model, [p for p, _ in chunk], cache)
         eps = None
         if gamma > 0:
             per_shape = (
@@ -218,7 +294,7 @@ def rollout(
                 model.lim.projector.out_features,
             )
             eps = ldam.noise(per_shape, _generators(cfg.seed, epoch, 2, indices=idx))
-        cond = policy_condition(model, batch, eps, gamma, ldam.zone if ldam is not None else [])
+        cond = policy_condition(model, src, eps, gamma, ldam.zone if ldam is not None else [])
         x = initial_noise(shape, [_seed(cfg.seed, epoch, 0, i) for i in idx], model.device)
         step = SDEStep(cfg.eta, float(sigmas[1]), _generators(cfg.seed, epoch, 1, indices=idx))
         uncond = uncond_one.expand_as(cond)
@@ -266,6 +342,53 @@ def group_advantages(
     return out.clamp(-clip, clip).float()
 
 
+def prompt_groups(prompts: list[str]) -> torch.Tensor:
+    """(N,) group ids: samples with the same prompt text share one (numbered by first appearance).
+
+    Flow-GRPO's per-prompt statistics group this way, so a prompt drawn twice in an epoch is one group.
+    """
+    first: dict[str, int] = {}
+    return torch.tensor([first.setdefault(p, len(first)) for p in prompts], dtype=torch.long)
+
+
+def update_samples(
+    advantages: torch.Tensor, n_local: int, rank: int, drop_zero: bool, generator: torch.Generator
+) -> list[int]:
+    """This process's samples (local indices, sorted) the policy update trains on.
+
+    advantages: (N,) of every process, process p holding samples ``[p n_local, (p + 1) n_local)``. With
+    ``drop_zero``, samples of advantage 0 are left out (Flow-GRPO's filter); every process then trains on the
+    largest kept count of any process, topping its own up with randomly chosen zero-advantage samples (as
+    Flow-GRPO tops up to a multiple of its batch count), so that all processes run the same number of
+    backward passes. An empty list means no process has a sample with a non-zero advantage.
+    """
+    if not drop_zero:
+        return list(range(n_local))
+    nonzero = (advantages != 0).view(-1, n_local)  # (processes, n_local); NaN counts as non-zero
+    target = int(nonzero.sum(dim=1).max())
+    mine = nonzero[rank]
+    kept = torch.nonzero(mine).flatten()
+    zeros = torch.nonzero(~mine).flatten()
+    fill = zeros[torch.randperm(len(zeros), generator=generator)][: target - len(kept)]
+    return sorted(torch.cat([kept, fill]).tolist())
+
+
+def kl_std(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float, sigma_max: float, mode: str = "flow_grpo"
+) -> torch.Tensor:
+    """The std the KL term divides by, ``kl = mean((mean - ref_mean)^2) / (2 std^2)`` (scalar fp32 tensor).
+
+    'flow_grpo': Flow-GRPO's ``std_dev_t = eta sqrt(sigma / (1 - sigma))`` (sigma_max in place of sigma = 1);
+    'step': that times ``sqrt(sigma - sigma_next)``, the step's own std (the exact KL of the two Gaussians).
+    """
+    s = sde_noise_scale(sigma, eta, sigma_max)
+    if mode == "flow_grpo":
+        return s
+    if mode == "step":
+        return s * torch.sqrt(torch.as_tensor(sigma, dtype=torch.float32) - sigma_next)
+    raise ValueError(f"unknown kl_std {mode!r}; choose 'flow_grpo' or 'step'")
+
+
 def grpo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -279,7 +402,8 @@ def grpo_loss(
     """Flow-GRPO's clipped objective for one step of a batch, plus beta x KL to the reference policy.
 
     log_prob, old_log_prob, advantages: (B,). mean, ref_mean: (B, C, h, w) step means under the policy and
-    the reference; std: the step's scalar standard deviation. Returns (loss, statistics).
+    the reference; std: the scalar the squared difference is scaled by, ``kl = mean((mean - ref)^2) /
+    (2 std^2)`` (see :func:`kl_std`: Flow-GRPO's ``std_dev_t`` by default). Returns (loss, statistics).
     """
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
@@ -305,8 +429,9 @@ def grpo_loss(
 class PolicyStep(nn.Module):
     """The policy's view of one rollout step (the loop runs it as a forward of the prepared ``ModelCalls``).
 
-    forward(batch, uncond, x, prev, sigma, sigma_next, eps, gamma) -> StepOutput fields (log_prob, mean, std)
-    of the stored next latent ``prev`` under the current weights, with CFG (unconditional branch detached).
+    forward(src, uncond, x, prev, sigma, sigma_next, eps, gamma) -> (log_prob, mean, std) of the stored next
+    latent ``prev`` under the current weights, with CFG (unconditional branch detached); ``src`` is the
+    samples' :class:`PromptConditions` and ``std`` the KL term's scale (:func:`kl_std`, ``rl.kl_std``).
     """
 
     def __init__(self, model: ParaUni, cfg: RLConfig, zone: list[int]) -> None:
@@ -315,13 +440,14 @@ class PolicyStep(nn.Module):
         self.cfg = cfg
         self.zone = zone
 
-    def forward(self, batch, uncond, x, prev, sigma, sigma_next, eps, gamma: float):
+    def forward(self, src: PromptConditions, uncond, x, prev, sigma, sigma_next, eps, gamma: float):
         m, c = self.model, self.cfg
         t = sigma.expand(x.shape[0])
-        cond = policy_condition(m, batch, eps, gamma, self.zone)
+        cond = policy_condition(m, src, eps, gamma, self.zone)
         v = cfg_velocity(m, x, t, cond, uncond.expand_as(cond), c.cfg)
         out = sde_step(x, v, sigma, sigma_next, eta=c.eta, sigma_max=self._sigma_max, prev_sample=prev)
-        return out.log_prob, out.mean, out.std
+        std = out.std if c.kl_std == "step" else kl_std(sigma, sigma_next, c.eta, self._sigma_max, c.kl_std)
+        return out.log_prob, out.mean, std
 
     _sigma_max: float = 0.0
 
@@ -468,7 +594,8 @@ def train_rl(
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     ema = {n: p.detach().clone() for n, p in named.items()} if cfg.ema > 0 else None
     ldams = [
-        LDAM(cfg.ldam, _zone_positions(model, phase.zone), len(model.lim.layers)) for phase in cfg.phases
+        LDAM(cfg.ldam, _zone_positions(model, phase.zone), len(model.lim.layers), phase.zone)
+        for phase in cfg.phases
     ]
     start, history, bad_in_a_row = 0, [], 0
     ckpt = _latest_checkpoint(out) if resume else None
@@ -520,6 +647,12 @@ def train_rl(
         groups = [i // cfg.group_size for i in indices]
         perturbed = ldam.active
         with acc.autocast():  # the same precision as the update's forward, so on-policy ratios stay 1
+            cache = None
+            if ConditionCache.usable(model, cfg):
+                local_prompts = [items[g][0] for g in groups]
+                cache = outside_training(
+                    acc, wrapped, ConditionCache, model, local_prompts, cfg.rollout_batch
+                )
             ro = outside_training(
                 acc,
                 wrapped,
@@ -531,6 +664,8 @@ def train_rl(
                 cfg,
                 epoch,
                 ldam if perturbed else None,
+                False,
+                cache,
             )
         # ---- rewards, gathered over processes, and advantages
         names = (
@@ -542,12 +677,22 @@ def train_rl(
         local = {n: torch.tensor(scores[n], dtype=torch.float32, device=model.device) for n in names}
         gathered = {n: acc.gather(v).cpu() for n, v in local.items()}
         total = sum(w * gathered[n] for n, w in phase.rewards.items())
-        all_groups = torch.arange(n_total) // cfg.group_size
+        if cfg.group_by == "prompt":
+            all_groups = prompt_groups([items[i // cfg.group_size][0] for i in range(n_total)])
+        else:
+            all_groups = torch.arange(n_total) // cfg.group_size
         adv = group_advantages(total, all_groups, cfg.adv_std, cfg.adv_clip)
         ro.advantages = adv[rank * n_local : (rank + 1) * n_local].to(model.device)
+        keep = update_samples(
+            adv,
+            n_local,
+            rank,
+            cfg.drop_zero_advantage,
+            torch.Generator().manual_seed(_seed(cfg.seed, epoch, 4)),
+        )
         # ---- policy update
         stats, grad_norms, skips = _update(
-            wrapped, policy, model, ro, cfg, phase, params, reference, optimizer, acc, epoch, ema
+            wrapped, policy, model, ro, cfg, phase, params, reference, optimizer, acc, epoch, ema, keep, cache
         )
         for skipped in skips:
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
@@ -564,6 +709,9 @@ def train_rl(
             **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in gathered.items()},
             "grad_norm": grad_norm,
             "skipped_updates": sum(skips),
+            "update_samples": len(keep) * world,
+            "lr": _lr(cfg, epoch, cfg.inner_epochs - 1, cfg.updates_per_epoch - 1),
+            "cached_conditions": cache is not None,
             **stats,
             "ldam_perturbed": perturbed,
             "ldam_gamma_used": ro.gamma,
@@ -598,6 +746,15 @@ def train_rl(
     return RLResult(cfg.total_epochs, out, out / LOG_FILE, time.time() - t0, history, cfg, ldam_states)
 
 
+def _lr(cfg: RLConfig, epoch: int, inner: int, update: int) -> float:
+    """The learning rate of one optimizer step: ``rl.lr`` constant, or cosine to 0 over the run's steps."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    per_epoch = cfg.inner_epochs * cfg.updates_per_epoch
+    step = epoch * per_epoch + inner * cfg.updates_per_epoch + update
+    return warmup_cosine(step, cfg.lr, 0, cfg.total_epochs * per_epoch)
+
+
 def _update(
     wrapped,
     policy,
@@ -611,28 +768,40 @@ def _update(
     acc,
     epoch: int,
     ema,
+    keep: list[int] | None = None,
+    cache: ConditionCache | None = None,
 ) -> tuple[dict, list[float], list[bool]]:
     """The policy update of one epoch: inner epochs x updates, each accumulating over micro-batches and the
-    trained steps. Returns the statistics (means over every process), the gradient norm of every optimizer
-    step taken and, per update, whether it was skipped for a non-finite gradient (on every process)."""
+    trained steps, on the samples ``keep`` (local indices; default all). Returns the statistics (means over
+    every process), the gradient norm of every optimizer step taken and, per update, whether it was skipped
+    for a non-finite gradient (on every process)."""
+    keep = list(range(len(ro.prompts))) if keep is None else keep
+    if not keep:
+        return {}, [], []
     model.train()
     policy._sigma_max = float(ro.sigmas[1])
-    n = len(ro.prompts)
+    n = len(keep)
     steps = cfg.train_steps
-    with torch.no_grad(), acc.autocast():  # as in the rollout
-        uncond = outside_training(acc, wrapped, model.condition, model.encode_prompts([None]))
+    if cache is not None:
+        uncond = cache.uncond
+    else:
+        with torch.no_grad(), acc.autocast():  # as in the rollout
+            uncond = outside_training(acc, wrapped, model.condition, model.encode_prompts([None]))
+    kept = torch.tensor(keep, dtype=torch.long)
     totals: dict[str, float] = {}
     count, grad_norms, skips = 0, [], []
     for inner in range(cfg.inner_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, 3, inner)))
-        chunks = [c for c in order.chunk(min(cfg.updates_per_epoch, n)) if len(c)]
-        for chunk in chunks:
+        chunks = [c for c in kept[order].chunk(min(cfg.updates_per_epoch, n)) if len(c)]
+        for update, chunk in enumerate(chunks):
+            for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps in the last
+                group["lr"] = _lr(cfg, epoch, inner, update)
             micro = list(chunk.split(cfg.micro_batch))
             n_backward = len(micro) * steps
             done = 0
             for mb in micro:
                 idx = mb.tolist()
-                batch = model.encode_prompts([ro.prompts[i] for i in idx])
+                batch = prompt_conditions(model, [ro.prompts[i] for i in idx], cache)
                 eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
                 adv = ro.advantages[idx]
                 for j in range(steps):

@@ -1,18 +1,29 @@
 """LDAM, the Layer-wise Dynamic Adjustment Mechanism (paper section 3.3, Algorithm 1; supplementary eqs. 1-5).
 
-While a reward is optimised, LDAM watches two per-epoch signals: the epoch mean of that reward and the
-gradient norm. When training stalls, it perturbs the per-layer LIM outputs of the layer zone tied to the
-reward, ``c_i <- c_i * (1 + gamma * eps)``, ``eps ~ N(0, I)``, for the next rollout(s):
+While a reward is optimised, LDAM watches two signals once per round (an RL epoch: one rollout and its
+policy update): the epoch mean of that reward and the gradient norm. When training stalls, it perturbs the
+per-layer LIM outputs of the layer zone tied to the reward, ``c_i <- c_i * (1 + gamma * eps)``,
+``eps ~ N(0, I)``, for the next rollout(s). What the paper says, and how each round implements it:
 
-* window: the last ``window`` (W = 5) epochs of both signals;
-* ``gamma = gamma0 * ((G_max - G_min) + (R_max - R_min))`` over that window (gamma0 = 0.1);
-* reward gate: the reward fell in each of the last ``drop_epochs`` (5) consecutive epochs;
-* grad-norm gate: the latest gradient norm exceeds mean + ``grad_sigmas`` (2) x std of the W epochs before it;
-* a perturbation fires when every enabled gate fires and no cooling period is running; it is applied to the
-  next ``perturb_epochs`` rollouts, and no new trigger fires for ``cooldown`` epochs (default W) after it.
+* reward gate ("a reward consistently drops, r_s >= 5 consecutive rounds"): a counter ``r_s`` (the drop
+  streak) grows by one in every round whose reward is below the previous round's and is reset to 0 by any
+  other round; the gate is open while ``r_s >= drop_epochs`` (5);
+* grad-norm gate ("the gradient norm spikes"; the paper gives no threshold): this round's gradient norm is
+  above mean + ``grad_sigmas`` (2) x std of the ``window`` rounds before it;
+* dual gate: a round triggers when every enabled gate is open in that round (``gate_logic="all"``, the
+  paper's Algorithm 1 and its ablations (6)/(7), which each switch one gate off); ``"any"`` triggers on
+  either (the summary's wording "declines or fluctuates") and is an option;
+* ``gamma = gamma0 * ((G_max - G_min) + (R_max - R_min))`` over the last ``window`` (W = 5) rounds
+  (gamma0 = 0.1);
+* after a trigger the perturbation is applied to the next ``perturb_epochs`` rollouts, and the ``cooldown``
+  rounds after the trigger round (default W) cannot trigger: exactly that many.
 
 The perturbation noise of every rollout sample is drawn here and stored with the trajectory, so that its
 log-probability is recomputed with exactly the same condition (ratio 1 on-policy).
+
+How often the gates open depends on the run: fed i.i.d. noise, the paper's constants (5 consecutive drops and
+a 2-sigma spike) fire about once per 20,000 rounds, so short runs (the shapes world's 12 epochs a phase) use
+looser constants; ``benchmarks/bench_rl.py --gate-rates`` measures the rates of any setting.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ConfigError
+
+GATE_LOGIC = ("all", "any")
 
 
 @dataclass
@@ -44,6 +57,13 @@ class LDAMConfig:
         default=None, metadata={"help": "epochs after a trigger with no new trigger (default: window)"}
     )
     perturb_epochs: int = field(default=1, metadata={"help": "rollouts perturbed after each trigger"})
+    gate_logic: str = field(
+        default="all",
+        metadata={
+            "help": "'all': trigger when every enabled gate is open in the same round (Algorithm 1); "
+            "'any': when one is"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("window", "drop_epochs", "perturb_epochs"):
@@ -55,6 +75,8 @@ class LDAMConfig:
             raise ConfigError(f"ldam.gamma0={self.gamma0} must be >= 0")
         if self.cooldown is not None and self.cooldown < 0:
             raise ConfigError(f"ldam.cooldown={self.cooldown} must be >= 0")
+        if self.gate_logic not in GATE_LOGIC:
+            raise ConfigError(f"ldam.gate_logic={self.gate_logic!r}; choose one of {list(GATE_LOGIC)}")
 
     @property
     def cooling_epochs(self) -> int:
@@ -76,6 +98,16 @@ def reward_gate(rewards: list[float], drop_epochs: int) -> bool:
     return all(b < a for a, b in zip(tail[:-1], tail[1:], strict=True))
 
 
+def _trailing_drops(rewards: list[float]) -> int:
+    """The drop streak ``r_s`` of a reward history: how many of its last rounds fell below the round before."""
+    n = 0
+    for a, b in zip(rewards[-2::-1], rewards[::-1], strict=False):
+        if not b < a:
+            break
+        n += 1
+    return n
+
+
 def grad_norm_gate(grad_norms: list[float], window: int, sigmas: float) -> bool:
     """True when the latest grad norm exceeds mean + sigmas x std of the ``window`` epochs before it."""
     if len(grad_norms) < window + 1:
@@ -85,15 +117,16 @@ def grad_norm_gate(grad_norms: list[float], window: int, sigmas: float) -> bool:
 
 
 class LDAM:
-    """The state of LDAM for one reward phase (its zone, histories, cooling and any active perturbation).
+    """The state of LDAM for one reward phase (its zone, histories, drop streak, cooling and perturbation).
 
     Args:
         config: the switches and constants.
         zone: positions, within the model's *selected* layers (the LIM's layer axis), of the zone to perturb.
         num_layers: number of selected layers (the size of the LIM's layer axis).
+        zone_name: the zone's name for logs and plots ('middle', 'deep', ...).
     """
 
-    def __init__(self, config: LDAMConfig, zone: list[int], num_layers: int) -> None:
+    def __init__(self, config: LDAMConfig, zone: list[int], num_layers: int, zone_name: str = "") -> None:
         if config.enabled and not zone:
             raise ConfigError(
                 "LDAM's zone holds none of the model's selected layers; pick another rl phase zone or "
@@ -103,9 +136,11 @@ class LDAM:
             raise ConfigError(f"LDAM zone positions {zone} fall outside the {num_layers} selected layers")
         self.config = config
         self.zone = list(zone)
+        self.zone_name = zone_name
         self.num_layers = num_layers
         self.rewards: list[float] = []
         self.grad_norms: list[float] = []
+        self.drop_streak = 0
         self.gamma = 0.0
         self.active_left = 0
         self.cooling_left = 0
@@ -117,38 +152,54 @@ class LDAM:
         """Whether the next rollout is perturbed."""
         return self.config.enabled and self.active_left > 0 and self.gamma > 0
 
+    def _record(self, reward: float, grad_norm: float) -> None:
+        """Append this round's finite values and advance the drop streak ``r_s``."""
+        if math.isfinite(reward):
+            fell = bool(self.rewards) and reward < self.rewards[-1]
+            self.drop_streak = self.drop_streak + 1 if fell else 0
+            self.rewards.append(float(reward))
+        if math.isfinite(grad_norm):
+            self.grad_norms.append(float(grad_norm))
+        keep = self.config.window + 1
+        self.rewards, self.grad_norms = self.rewards[-keep:], self.grad_norms[-keep:]
+
+    def _gates_fire(self, gates: dict[str, bool]) -> bool:
+        """Whether the enabled gates open the dual gate this round (all of them, or any under 'any')."""
+        c = self.config
+        enabled = [gates[name] for name in ("reward_gate", "grad_gate") if getattr(c, name)]
+        if not enabled:
+            return False
+        return all(enabled) if c.gate_logic == "all" else any(enabled)
+
     def update(self, reward: float, grad_norm: float) -> dict:
-        """Record one epoch (the optimised reward's mean, the epoch's gradient norm); decide on a trigger.
+        """Record one round (the optimised reward's epoch mean, the epoch's gradient norm); decide on a trigger.
 
         Call once per epoch, after its policy update. Returns what the epoch log records: the two gates, the
-        trigger, gamma, cooling and whether the next rollout is perturbed.
+        drop streak, the trigger, gamma, the zone, cooling and whether the next rollout is perturbed.
         """
         c = self.config
         if self.active_left > 0:
             self.active_left -= 1  # the rollout of this epoch consumed one perturbed epoch
-        if self.cooling_left > 0:
+        cooling = self.cooling_left > 0  # this round lies inside the cooling period of an earlier trigger
+        if cooling:
             self.cooling_left -= 1
-        if math.isfinite(reward):
-            self.rewards.append(float(reward))
-        if math.isfinite(grad_norm):
-            self.grad_norms.append(float(grad_norm))
-        keep = max(c.window, c.drop_epochs) + 1
-        self.rewards, self.grad_norms = self.rewards[-keep:], self.grad_norms[-keep:]
+        self._record(reward, grad_norm)
         gates = {
-            "reward_gate": reward_gate(self.rewards, c.drop_epochs),
+            "reward_gate": self.drop_streak >= c.drop_epochs,
             "grad_gate": grad_norm_gate(self.grad_norms, c.window, c.grad_sigmas),
         }
-        enabled = [gates[name] for name in ("reward_gate", "grad_gate") if getattr(c, name)]
-        fired = c.enabled and bool(enabled) and all(enabled) and self.cooling_left == 0
+        fired = c.enabled and self._gates_fire(gates) and not cooling
         gamma = ldam_gamma(self.rewards[-c.window :], self.grad_norms[-c.window :], c.gamma0)
         if fired:
             self.gamma = gamma
             self.active_left = c.perturb_epochs
-            self.cooling_left = max(c.cooling_epochs, c.perturb_epochs)
+            self.cooling_left = max(c.cooling_epochs, c.perturb_epochs - 1)  # no trigger while perturbing
             self.triggers += 1
         return {
             **gates,
+            "drop_streak": self.drop_streak,
             "triggered": fired,
+            "zone": self.zone_name,
             "gamma": self.gamma if fired or self.active_left > 0 else gamma,
             "perturb_next": self.active,
             "cooling": self.cooling_left,
@@ -159,6 +210,7 @@ class LDAM:
         return {
             "rewards": list(self.rewards),
             "grad_norms": list(self.grad_norms),
+            "drop_streak": self.drop_streak,
             "gamma": self.gamma,
             "active_left": self.active_left,
             "cooling_left": self.cooling_left,
@@ -168,6 +220,7 @@ class LDAM:
     def load_state_dict(self, state: dict) -> None:
         for key in ("rewards", "grad_norms", "gamma", "active_left", "cooling_left", "triggers"):
             setattr(self, key, state[key])
+        self.drop_streak = state.get("drop_streak", _trailing_drops(self.rewards))
 
     # ------------------------------------------------------------------------------------------ noise
     def noise(
