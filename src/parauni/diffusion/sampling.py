@@ -205,11 +205,45 @@ def dpm_solver_scheduler(shift: float = 3.0):
     )
 
 
+def _dpm_times_distinct(steps: int, shift: float, scheduler=None) -> bool:
+    """Whether DPM-Solver++'s ``steps`` integer timesteps at ``shift`` are all different."""
+    scheduler = scheduler or dpm_solver_scheduler(shift)
+    scheduler.set_timesteps(steps)
+    times = scheduler.timesteps
+    return len(times) == steps and bool((times[1:] < times[:-1]).all())
+
+
+def dpm_max_steps(shift: float = 3.0) -> int:
+    """The most steps DPM-Solver++ takes at ``shift`` with every timestep distinct (350 at shift 3).
+
+    Its timesteps are the shifted sigmas times 1000, rounded to integers: past this count two steps round to
+    the same timestep (a wasted, wrong step) and past ~500 diffusers indexes beyond its sigma table.
+    Duplicates, once they appear, stay for every larger count, so the bound is found by bisection.
+    """
+    scheduler = dpm_solver_scheduler(shift)
+    lo, hi = 1, NUM_TRAIN_TIMESTEPS  # lo is valid; the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _dpm_times_distinct(mid, shift, scheduler) else (lo, mid - 1)
+    return lo
+
+
+def check_dpm_steps(steps: int, shift: float = 3.0) -> None:
+    """ValueError naming the bound when DPM-Solver++ cannot take ``steps`` distinct steps at ``shift``."""
+    if not _dpm_times_distinct(steps, shift):
+        raise ValueError(
+            f"steps={steps} is more than the DPM-Solver++ sampler takes at shift {shift:g} "
+            f"(at most {dpm_max_steps(shift)}: beyond that two steps fall on the same timestep); "
+            "use fewer steps or the euler sampler (--sampler euler / --sampling.sampler=euler)"
+        )
+
+
 def make_sampler(kind: str, steps: int, shift: float = 3.0, device=None) -> tuple[torch.Tensor, StepFn]:
     """``(sigmas, step_fn)`` for ``kind`` 'euler' or 'dpm'."""
     if kind == "euler":
         return flow_sigmas(steps, shift, device), euler_step
     if kind == "dpm":
+        check_dpm_steps(steps, shift)
         step = SchedulerStep(dpm_solver_scheduler(shift), steps, device)
         return step.sigmas, step
     raise ValueError(f"unknown sampler {kind!r}; choose 'dpm' or 'euler'")
