@@ -592,3 +592,25 @@ def test_rl_epoch_runs_the_vlm_once_per_prompt(make_tiny, tmp_path):
     result = train_rl(model, _bright, ["bright"], prompts, cfg, tmp_path, progress=False, log=lambda *a: None)
     assert sum(calls) == 2 + 1 and result.history[0]["cached_conditions"]
     assert result.history[0]["ratio_min"] == result.history[0]["ratio_max"] == 1.0
+
+
+def test_trigger_summary_and_plot_mark_each_trigger_with_its_zone(tmp_path):
+    from parauni.rl.plots import plot_reward_curves, trigger_summary
+
+    rows = [
+        {"epoch": i, "phase": "a" if i < 3 else "b", "phase_reward": 0.1 * i, "reward_x": 0.1 * i}
+        for i in range(6)
+    ]
+    rows[1].update(ldam_triggered=True, ldam_zone="middle")
+    rows[4].update(ldam_triggered=True, ldam_zone="deep")
+    assert trigger_summary(rows) == "2 (middle at epoch 1; deep at epoch 4)"
+    assert trigger_summary(rows[:1]) == "0"
+    assert plot_reward_curves({"run": rows}, tmp_path / "c.png").is_file()
+
+
+def test_configuration_reference_shows_the_rl_trainable_defaults():
+    from parauni.config_reference import reference_markdown
+
+    text = reference_markdown()
+    assert "| `rl.trainable.queries` | `bool` | `False` |" in text
+    assert "| `rl.trainable.dit_lora_rank` | `int` | `32` |" in text

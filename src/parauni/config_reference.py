@@ -37,12 +37,19 @@ TREES = (
 )
 
 
-def _default(f: dataclasses.Field) -> str:
+def _field_default(f: dataclasses.Field, instance: object | None):
+    """The field's default: its value in ``instance`` (a parent's default section) when given."""
+    if instance is not None:
+        return getattr(instance, f.name)
     if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _default(value) -> str:
+    if value is dataclasses.MISSING:
         return "(required)"
     if dataclasses.is_dataclass(value):
         return "(section)"
@@ -52,20 +59,22 @@ def _default(f: dataclasses.Field) -> str:
     return f"`{text}`".replace("|", "\\|")
 
 
-def _rows(cls: type, prefix: str) -> list[str]:
+def _rows(cls: type, prefix: str, instance: object | None = None) -> list[str]:
+    """The table rows of ``cls``'s fields; a nested section shows the defaults its parent gives it (e.g.
+    ``rl.trainable`` is a ``TrainableConfig`` whose RL defaults differ from the class's own)."""
     rows, sections = [], []
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _field_default(f, instance)
         if dataclasses.is_dataclass(default):
-            sections.append((f, type(default)))
+            sections.append((f, default))
             continue
         help_text = f.metadata.get("help", "").replace("|", "\\|")
         kind = str(f.type).replace("|", "\\|")
-        rows.append(f"| `{prefix}{f.name}` | `{kind}` | {_default(f)} | {help_text} |")
+        rows.append(f"| `{prefix}{f.name}` | `{kind}` | {_default(default)} | {help_text} |")
     for f, sub in sections:
-        doc = (sub.__doc__ or "").strip().splitlines()[0] if sub.__doc__ else ""
+        doc = (type(sub).__doc__ or "").strip().splitlines()[0] if type(sub).__doc__ else ""
         rows.append(f"| **`{prefix}{f.name}.*`** | section | | {doc} |")
-        rows += _rows(sub, f"{prefix}{f.name}.")
+        rows += _rows(type(sub), f"{prefix}{f.name}.", sub)
     return rows
 
 

@@ -719,6 +719,12 @@ def train_rl(
             "seconds": time.time() - te,
         }
         history.append(row)
+        if ldam_state["triggered"] and acc.is_main_process:
+            log(
+                f"RL epoch {epoch}: LDAM trigger {ldam.triggers} of phase {phase.name!r}: zone {phase.zone} "
+                f"(LIM layers {ldam.zone}), gamma {ldam.gamma:.4g}; the next {cfg.ldam.perturb_epochs} "
+                "rollout(s) perturbed"
+            )
         if acc.is_main_process:
             with (out / LOG_FILE).open("a") as f:
                 f.write(json.dumps(row) + "\n")

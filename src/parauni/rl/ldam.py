@@ -238,6 +238,13 @@ class LDAM:
         return torch.stack([torch.randn(len(self.zone), q, ch, generator=g) for g in generators])
 
 
+def replay(config: LDAMConfig, rewards: list[float], grad_norms: list[float]) -> list[dict]:
+    """Feed a fresh LDAM one round per (reward, grad norm) pair; returns each round's state (for logs and
+    measuring how often a setting fires, e.g. on an ``rl_log.jsonl``'s ``phase_reward`` and ``grad_norm``)."""
+    ldam = LDAM(config, [0], 1)
+    return [ldam.update(r, g) for r, g in zip(rewards, grad_norms, strict=True)]
+
+
 def perturbation_scale(
     eps: torch.Tensor | None, gamma: float, zone: list[int], num_layers: int
 ) -> torch.Tensor | None:

@@ -29,6 +29,19 @@ def phase_gains(rows: list[dict], n: int = 2) -> dict[str, tuple[float, float]]:
     return out
 
 
+def trigger_summary(rows: list[dict]) -> str:
+    """The LDAM triggers of a log, e.g. ``'3 (middle at epochs 4, 9; deep at 17)'``, or ``'0'``."""
+    by_zone: dict[str, list[int]] = {}
+    for r in rows:
+        if r.get("ldam_triggered"):
+            by_zone.setdefault(r.get("ldam_zone") or "?", []).append(r["epoch"])
+    n = sum(len(v) for v in by_zone.values())
+    if not n:
+        return "0"
+    parts = [f"{z} at epoch{'s' if len(e) > 1 else ''} {', '.join(map(str, e))}" for z, e in by_zone.items()]
+    return f"{n} ({'; '.join(parts)})"
+
+
 def reward_names(rows: list[dict]) -> list[str]:
     """Reward names logged in ``rows`` (keys ``reward_<name>``, without their ``_std`` companions)."""
     names = {
@@ -38,7 +51,8 @@ def reward_names(rows: list[dict]) -> list[str]:
 
 
 def plot_reward_curves(runs: dict[str, list[dict]], out: str | Path, rate: float = 0.1) -> Path:
-    """One panel per reward: every run's raw curve (thin) and EMA (thick); triangles mark LDAM triggers and
+    """One panel per reward: every run's raw curve (thin) and EMA (thick); triangles labelled with the
+    perturbed zone mark LDAM triggers (rows whose ``ldam_triggered`` is set, after that epoch's update) and
     dotted lines the starts of curriculum phases. ``runs``: label -> log rows (e.g. LDAM on / off)."""
     import matplotlib
 
@@ -58,9 +72,15 @@ def plot_reward_curves(runs: dict[str, list[dict]], out: str | Path, rate: float
             color = f"C{i}"
             ax.plot(x, y, color=color, alpha=0.3, lw=1)
             ax.plot(x, ema(list(y), rate), color=color, lw=2, label=f"{label} (EMA {rate})")
-            trig = [(r["epoch"], r[f"reward_{name}"]) for r in rows if r.get("ldam_triggered")]
-            if trig:
-                ax.scatter(*zip(*trig, strict=True), marker="^", color=color, s=30, zorder=3)
+            trig = [
+                (r["epoch"], r[f"reward_{name}"], r.get("ldam_zone", ""))
+                for r in rows
+                if r.get("ldam_triggered")
+            ]
+            for x_t, y_t, zone in trig:  # each trigger: a triangle labelled with the zone it perturbed
+                ax.scatter([x_t], [y_t], marker="^", color=color, s=30, zorder=3)
+                ax.annotate(zone or "LDAM", (x_t, y_t), textcoords="offset points", xytext=(0, 6),
+                            ha="center", fontsize=6, color=color)  # fmt: skip
         first = next(iter(runs.values()))
         starts = [
             r["epoch"]
