@@ -11,30 +11,38 @@ from PIL import Image
 
 from parauni.cli import main
 from parauni.models.parauni import CONFIG_FILE
+from parauni.pipeline import GenerationCancelled
 from parauni.serve import (
     RL_LOG_FILE,
+    Gate,
     ServeError,
     ServeSettings,
+    build_app,
     check_cfg,
     check_int,
     check_prompt,
     check_size,
+    check_time,
     comparison_variants,
     demo_sources,
+    estimate_seconds,
     last_layer_scale_fn,
+    launch,
+    load_served,
+    max_sides,
     parse_model_spec,
     read_upload,
     reconstruct,
     text_to_image,
 )
 
-SETTINGS = ServeSettings(max_prompt_chars=20, max_steps=8, max_size=128, max_batch=3, max_upload_bytes=4096)
+SETTINGS = ServeSettings(max_prompt_chars=20, max_steps=8, max_scale=2, max_batch=3, max_upload_bytes=4096)
 SAMPLING = dict(steps=2, cfg=4.5, seed=0, height=64, width=96, settings=SETTINGS)
 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("port", 0), ("port", 70000), ("port", "80"), ("max_steps", 0), ("max_batch", True), ("max_size", 2.0)],
+    [("port", 0), ("port", 70000), ("port", "80"), ("max_steps", 0), ("max_batch", True), ("max_scale", 2.0)],
 )
 def test_settings_reject_bad_values(field, value):
     with pytest.raises(ServeError, match=field):
@@ -84,7 +92,9 @@ def test_check_size(tiny_model):
         ServeError, match="width=60 does not fit this model: sides must be multiples of 8, e.g. 56 or 64"
     ):
         check_size(tiny_model, 64, 60, SETTINGS)
-    with pytest.raises(ServeError, match=r"height=136 is out of range.*\(--max-size\)"):
+    with pytest.raises(
+        ServeError, match=r"height=136 is out of range.*2 x the model's sampling size; --max-scale"
+    ):
         check_size(tiny_model, 136, 64, SETTINGS)
     with pytest.raises(ServeError, match="height=4 is out of range"):
         check_size(tiny_model, 4, 64, SETTINGS)
@@ -212,3 +222,82 @@ def test_cli_serve_rejects_bad_settings(capsys):
 def test_cli_serve_rejects_duplicate_names(capsys):
     assert main(["serve", "--model", "tiny", "--model", "x=tiny", "--model", "x=tiny"]) == 2
     assert "model name(s) ['x'] given twice" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ sizes, time, cancel
+
+
+def test_allowed_sizes_follow_the_model(tiny_model, make_tiny):
+    assert max_sides(tiny_model, SETTINGS) == (128, 128)  # 2 x the tiny preset's 64 px
+    assert max_sides(tiny_model, ServeSettings(max_scale=3)) == (192, 192)
+    small = make_tiny(sampling={"height": 32, "width": 48})
+    assert max_sides(small, SETTINGS) == (64, 96)
+    with pytest.raises(ServeError, match=r"width=104 is out of range: it must be between 8 and 96"):
+        check_size(small, 32, 104, SETTINGS)
+
+
+def test_time_estimate_scales_with_steps_images_and_pixels(tiny_model):
+    one = estimate_seconds(0.5, tiny_model, steps=1, height=64, width=64, images=1)
+    assert one == pytest.approx(0.5)
+    assert estimate_seconds(0.5, tiny_model, steps=10, height=128, width=64, images=3) == pytest.approx(30.0)
+    assert check_time(119.0, ServeSettings()) == 119.0
+    with pytest.raises(
+        ServeError, match=r"about 121 s on this machine; the limit is 120 s \(--max-seconds\)"
+    ):
+        check_time(121.0, ServeSettings())
+
+
+def test_gate_announces_long_requests_and_refuses_longer_ones(tiny_model):
+    gate = Gate(ServeSettings(max_steps=50, notice_seconds=10, max_seconds=100))
+    gate.timings.one_step[id(tiny_model)] = 1.0  # as if a one-step generation took 1 s here
+    assert gate.admit(tiny_model, 5, 64, 64, images=1) is None
+    assert (
+        gate.admit(tiny_model, 20, 64, 64, images=1) == "about 20 s on this machine; working (Stop cancels)"
+    )
+    with pytest.raises(ServeError, match="about 160 s"):
+        gate.admit(tiny_model, 20, 128, 128, images=2)
+
+
+def test_timings_measure_a_one_step_generation_once(tiny_model):
+    gate = Gate(ServeSettings())
+    first = gate.timings(tiny_model)
+    assert 0 < first < 60 and gate.timings(tiny_model) == first
+
+
+def test_a_set_cancel_event_stops_the_generation(tiny_model):
+    gate = Gate(ServeSettings())
+    gate.cancel.set()
+    with pytest.raises(GenerationCancelled):
+        text_to_image(tiny_model, "a red circle", batch=1, cancel=gate.cancel, **SAMPLING)
+
+
+def test_the_app_refuses_an_oversized_request(tiny_model, tmp_path):
+    """A 1024x1024 request to a model trained at 64 px, sent over HTTP, is refused in the status box."""
+    pytest.importorskip("gradio", reason="parauni serve needs Gradio: pip install -e '.[serve]'")
+    from gradio_client import Client
+
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    settings = ServeSettings(port=_free_port(), max_steps=8)
+    app = build_app(load_served([f"tiny={folder}"], []), settings)
+    launch(app, settings, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{settings.port}/", verbose=False)
+        gallery, status = client.predict("tiny", "a red circle", 2, 4.5, 0, 1024, 1024, 1, api_name="/t2i")
+        assert gallery == []
+        assert status == (
+            "Error: height=1024 is out of range: it must be between 8 and 128 "
+            "(2 x the model's sampling size; --max-scale)"
+        )
+        gallery, status = client.predict("tiny", "a red circle", 2, 4.5, 0, 64, 64, 1, api_name="/t2i")
+        assert status == "1 image(s) from tiny" and len(gallery) == 1
+    finally:
+        app.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -55,7 +55,7 @@ def server(tiny_model, tmp_path_factory):
     """The app serving the tiny model on a free localhost port; yields its URL."""
     folder = tmp_path_factory.mktemp("serve") / "tiny"
     tiny_model.save_pretrained(folder)
-    settings = ServeSettings(port=_free_port(), max_steps=8, max_size=128)
+    settings = ServeSettings(port=_free_port(), max_steps=8, max_scale=2)
     app = build_app(load_served([f"tiny={folder}"], []), settings)
     launch(app, settings, block=False)
     yield f"http://127.0.0.1:{settings.port}/"

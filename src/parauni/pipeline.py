@@ -1,18 +1,27 @@
 """Text-to-image and image-to-image generation with a :class:`~parauni.models.parauni.ParaUni` model.
 
-Steps: (1) validate the request, (2) conditions for the prompts (or input images) and the unconditional
+Steps: (1) validate the request (values, sizes, and the memory one batch needs, before anything is
+allocated), (2) conditions for the prompts (or input images) and the unconditional
 template, (3) per-image seeded noise, (4) the one denoising loop with CFG, (5) decode to pixels.
 Each image's noise depends only on ``seed + index``, so results do not depend on the batch size.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion.sampling import sample
+from .diffusion.sampling import check_dpm_steps, sample
 from .models.parauni import ParaUni
 from .models.vlm import check_prompts
+
+
+class GenerationCancelled(Exception):
+    """The caller's cancel event was set: the generation stopped between two denoising steps."""
 
 
 def initial_noise(
@@ -22,6 +31,61 @@ def initial_noise(
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(
         device
     )
+
+
+def estimate_memory(model: ParaUni, height: int, width: int, batch: int, cfg: float = 1.0) -> int:
+    """Bytes of the largest activations one batch of ``batch`` images of height x width holds at once.
+
+    A lower bound from the two largest tensors of a generation: the DiT's MLP hidden states,
+    (B', tokens, width x mlp_ratio) with B' = 2B under classifier-free guidance, and the VAE decoder's
+    highest-resolution block, input and output of (B, C0, H, W) with C0 its first decoder width (in pixel
+    space, the (B, 3, H, W) fp32 output). Weights are not counted; they are already loaded.
+    """
+    dit = model.dit.config
+    f = model.latent_factor
+    tokens = (height // f // dit.patch_size) * (width // f // dit.patch_size)
+    branches = 1 if cfg == 1.0 else 2
+    hidden = dit.num_attention_heads * dit.attention_head_dim * getattr(dit, "mlp_ratio", 4.0)
+    dit_bytes = branches * batch * tokens * hidden * next(model.dit.parameters()).element_size()
+    if model.vae is None:
+        return int(max(dit_bytes, batch * 3 * height * width * 4))
+    c0 = model.vae.config.decoder_block_out_channels[0]
+    vae_bytes = 2 * batch * c0 * height * width * next(model.vae.parameters()).element_size()
+    return int(max(dit_bytes, vae_bytes))
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Free bytes on ``device``: CUDA's free memory, else the system's MemAvailable; None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(model: ParaUni, height: int, width: int, batch: int, cfg: float = 1.0) -> None:
+    """ValueError with the figures when one batch cannot fit in the memory left on the model's device."""
+    need = estimate_memory(model, height, width, batch, cfg)
+    free = available_memory(model.device)
+    if free is None or need <= free:
+        return
+    fix = "lower --height / --width" + (" or --batch-size" if batch > 1 else "")
+    raise ValueError(
+        f"{height}x{width} images in batches of {batch} need at least {need / 1e9:.1f} GB of activations, "
+        f"more than the {free / 1e9:.1f} GB free on {model.device}; {fix}"
+    )
+
+
+def check_cfg(cfg: float) -> float:
+    """The guidance scale as a float; ValueError for NaN, infinities and negative values."""
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
+        raise ValueError(f"cfg={cfg!r} must be a finite number >= 0 (1 turns guidance off)")
+    return float(cfg)
 
 
 @torch.no_grad()
@@ -40,6 +104,7 @@ def generate(
     batch_size: int = 4,
     progress: bool = True,
     scale_fn=None,
+    cancel: threading.Event | None = None,
 ) -> torch.Tensor:
     """Generate one image per prompt (or per input image).
 
@@ -49,6 +114,7 @@ def generate(
         steps / cfg / sampler / shift / height / width: default to ``model.config.sampling``.
         seed: image i uses noise seed ``seed + i``.
         scale_fn: optional ``(per_layer_conditions) -> scale`` hook, e.g. per-layer analysis or LDAM.
+        cancel: when set (by another thread), raise :class:`GenerationCancelled` before the next DiT call.
 
     Returns:
         (N, 3, H, W) pixels in [-1, 1] on the CPU.
@@ -62,6 +128,13 @@ def generate(
     width = s.width if width is None else width
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
+    cfg = check_cfg(cfg)
+    if not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift={shift!r} must be a finite number > 0")
+    if sampler not in ("dpm", "euler"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'dpm' or 'euler'")
+    if sampler == "dpm":
+        check_dpm_steps(steps, shift)
     if prompts is not None and images is not None:
         raise ValueError("give prompts (text-to-image) or images (image-to-image), not both")
     if images is None:
@@ -74,7 +147,9 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     shape = model.latent_shape(height, width)
+    check_memory(model, height, width, min(batch_size, n), cfg)
     model.eval()
+    velocity = model.velocity if cancel is None else _cancellable(model.velocity, cancel)
     outputs = []
     bar = tqdm(total=n, desc="generating", unit="img", disable=not progress)
     for start in range(0, n, batch_size):
@@ -90,8 +165,19 @@ def generate(
             cond = model.lim.aggregate(per_layer, scale_fn(per_layer))
         uncond = model.condition(model.encode_prompts([None])).expand_as(cond)
         x = initial_noise(shape, list(range(seed + start, seed + stop)), model.device)
-        x = sample(model.velocity, cond, uncond, x, sampler=sampler, steps=steps, shift=shift, cfg=cfg)
+        x = sample(velocity, cond, uncond, x, sampler=sampler, steps=steps, shift=shift, cfg=cfg)
         outputs.append(model.decode_latents(x).cpu())
         bar.update(stop - start)
     bar.close()
     return torch.cat(outputs)
+
+
+def _cancellable(velocity, cancel: threading.Event):
+    """``velocity`` that raises GenerationCancelled once ``cancel`` is set."""
+
+    def fn(*args, **kwargs):
+        if cancel.is_set():
+            raise GenerationCancelled("the generation was cancelled")
+        return velocity(*args, **kwargs)
+
+    return fn

@@ -12,9 +12,13 @@ Three tabs, all through :func:`parauni.pipeline.generate`:
   conditioned on its deepest selected layer alone through the LIM's per-layer scale
   (:func:`parauni.analysis.layers.kept_layers_scale`), and the page says so.
 
-Every request is checked against :class:`ServeSettings` (prompt length, steps, image size, batch, upload
-bytes); a refused request or an unreadable upload is answered in the tab's status box, never by a crash.
-All tabs share one Gradio queue slot, so generations run one at a time. The server binds 127.0.0.1 by
+Every request is checked against :class:`ServeSettings` (prompt length, steps, batch, upload bytes, and an
+image size of at most ``--max-scale`` times the model's own sampling size, the size it was trained at); a
+refused request or an unreadable upload is answered in the tab's status box, never by a crash. Before a
+request runs, its time is estimated from a one-step generation timed once per model on this machine
+(:func:`estimate_seconds`): a request estimated over ``--max-seconds`` is refused with the estimate, one
+over ``--notice-seconds`` is announced with it, and every tab has a Stop button that cancels the running
+request between two denoising steps. All tabs share one Gradio queue slot, so generations run one at a time. The server binds 127.0.0.1 by
 default, with Gradio's analytics and version check off and no share link, so nothing reaches the network.
 """
 
@@ -25,8 +29,10 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,19 +65,23 @@ class ServeSettings:
     port: int = 7860
     max_prompt_chars: int = 500
     max_steps: int = 50
-    max_size: int = 1024  # pixels, each side
+    max_scale: int = 2  # each side at most this multiple of the model's sampling (training) size
     max_batch: int = 4
     max_upload_bytes: int = 10_000_000
     max_queue: int = 16  # waiting requests beyond this are turned away by Gradio
+    max_seconds: int = 120  # requests estimated to take longer are refused
+    notice_seconds: int = 10  # requests estimated to take longer are announced before they start
 
     def __post_init__(self) -> None:
         for name in (
             "max_prompt_chars",
             "max_steps",
-            "max_size",
+            "max_scale",
             "max_batch",
             "max_upload_bytes",
             "max_queue",
+            "max_seconds",
+            "notice_seconds",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -88,10 +98,14 @@ SETTING_HELP = {
     "port": "port to listen on",
     "max_prompt_chars": "longest prompt accepted, in characters",
     "max_steps": "most denoising steps a request may ask for",
-    "max_size": "largest image height / width a request may ask for, in pixels",
+    "max_scale": "largest image height / width a request may ask for, as a multiple of the model's sampling "
+    "size (the size it was trained at)",
     "max_batch": "most images per text-to-image request",
     "max_upload_bytes": "largest image upload accepted, in bytes",
     "max_queue": "most requests waiting for the one generation slot; more are turned away",
+    "max_seconds": "requests estimated to take longer than this many seconds on this machine are refused",
+    "notice_seconds": "requests estimated to take longer than this many seconds are announced with the "
+    "estimate before they start",
 }
 
 
@@ -154,11 +168,20 @@ def check_cfg(cfg: object) -> float:
     return float(cfg)
 
 
+def max_sides(model: ParaUni, settings: ServeSettings) -> tuple[int, int]:
+    """The largest (height, width) a request may ask of ``model``: ``--max-scale`` times its sampling size,
+    rounded down to its size step."""
+    m, s = model.size_multiple, model.config.sampling
+    return tuple(max(m, settings.max_scale * side // m * m) for side in (s.height, s.width))
+
+
 def check_size(model: ParaUni, height: object, width: object, settings: ServeSettings) -> tuple[int, int]:
-    """(height, width) within --max-size that fit the model's VAE and DiT (multiples of its size step)."""
+    """(height, width) within :func:`max_sides` that fit the model's VAE and DiT (multiples of its size step)."""
     m = model.size_multiple
+    limits = max_sides(model, settings)
     sides = [
-        check_int(n, v, m, settings.max_size, "--max-size") for n, v in (("height", height), ("width", width))
+        check_int(n, v, m, hi, f"{settings.max_scale} x the model's sampling size; --max-scale")
+        for (n, v), hi in zip((("height", height), ("width", width)), limits, strict=True)
     ]
     for name, value in zip(("height", "width"), sides, strict=True):
         if value % m:
@@ -167,6 +190,47 @@ def check_size(model: ParaUni, height: object, width: object, settings: ServeSet
                 f"{name}={value} does not fit this model: sides must be multiples of {m}, e.g. {lo} or {lo + m}"
             )
     return sides[0], sides[1]
+
+
+def estimate_seconds(
+    one_step: float, model: ParaUni, steps: int, height: int, width: int, images: int
+) -> float:
+    """Seconds a request will take: ``one_step`` (a one-step generation of one image at the model's sampling
+    size, timed on this machine) times steps x images x the request's pixels over the sampling size's.
+
+    An upper estimate: the prompt encoding and decoding that a one-step timing includes are counted again
+    for every step.
+    """
+    s = model.config.sampling
+    return one_step * steps * images * (height * width) / (s.height * s.width)
+
+
+def check_time(seconds: float, settings: ServeSettings) -> float:
+    """``seconds`` if within --max-seconds, else a ServeError with the estimate and what to lower."""
+    if seconds > settings.max_seconds:
+        raise ServeError(
+            f"this request would take about {seconds:.0f} s on this machine; the limit is "
+            f"{settings.max_seconds} s (--max-seconds): lower the steps, the size or the batch"
+        )
+    return seconds
+
+
+class Timings:
+    """The one-step timing of each served model, measured on first use (a one-step generation of one
+    image at the model's sampling size)."""
+
+    def __init__(self) -> None:
+        self.one_step: dict[int, float] = {}
+
+    def __call__(self, model: ParaUni) -> float:
+        from .pipeline import generate
+
+        key = id(model)
+        if key not in self.one_step:
+            start = time.perf_counter()
+            generate(model, ["a timing run"], steps=1, batch_size=1, progress=False)
+            self.one_step[key] = time.perf_counter() - start
+        return self.one_step[key]
 
 
 def read_upload(path: str | Path | None, settings: ServeSettings) -> Image.Image:
@@ -216,8 +280,10 @@ def text_to_image(
     batch: object,
     settings: ServeSettings,
     last_layer_only: bool = False,
+    cancel: threading.Event | None = None,
 ) -> list[Image.Image]:
-    """``batch`` images of one validated prompt (image i with noise seed ``seed + i``)."""
+    """``batch`` images of one validated prompt (image i with noise seed ``seed + i``); ``cancel`` set
+    stops the generation (GenerationCancelled) between two denoising steps."""
     from .pipeline import generate
     from .utils.images import tensor_to_pil
 
@@ -238,6 +304,7 @@ def text_to_image(
         batch_size=batch,
         progress=False,
         scale_fn=last_layer_scale_fn(model) if last_layer_only else None,
+        cancel=cancel,
     )
     return [tensor_to_pil(x) for x in pixels]
 
@@ -252,6 +319,7 @@ def reconstruct(
     height: object,
     width: object,
     settings: ServeSettings,
+    cancel: threading.Event | None = None,
 ) -> tuple[Image.Image, Image.Image]:
     """(the upload resized and centre-cropped to height x width, its reconstruction by the model)."""
     from .pipeline import generate
@@ -271,6 +339,7 @@ def reconstruct(
         height=height,
         width=width,
         progress=False,
+        cancel=cancel,
     )
     return image, tensor_to_pil(pixels[0])
 
@@ -376,17 +445,43 @@ def load_served(specs: list[str], overrides: list[str], demo_dir: str | Path = "
 
 
 # ------------------------------------------------------------------------------------------------- pages
-def _answer(fn: Callable[..., tuple]) -> Callable[..., tuple]:
-    """Run a handler; a refused request becomes (empty gallery, 'Error: ...') in the status box."""
+def _answer(fn: Callable[..., Iterator[tuple]]) -> Callable[..., Iterator[tuple]]:
+    """Run a handler (a generator of (gallery, status) updates); a refused request becomes (empty gallery,
+    'Error: ...') in the status box, a cancelled one 'Cancelled.'."""
+    from .pipeline import GenerationCancelled
 
     def run(*args):
         try:
-            return fn(*args)
+            yield from fn(*args)
+        except GenerationCancelled:
+            yield [], "Cancelled."
         except ValueError as err:  # ServeError, ImageReadError and the pipeline's own checks
             log.info("refused request: %s", err)
-            return [], f"Error: {err}"
+            yield [], f"Error: {err}"
 
     return run
+
+
+@dataclass
+class Gate:
+    """What every request passes before it runs: its time estimate (refused over --max-seconds, announced
+    over --notice-seconds) and the Stop button's cancel flag (one generation runs at a time)."""
+
+    settings: ServeSettings
+    timings: Timings = field(default_factory=Timings)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def admit(self, model: ParaUni, steps: object, height: object, width: object, images: int) -> str | None:
+        """Check the request's time; the announcement to show before it starts, or None when it is short."""
+        steps = check_int("steps", steps, 1, self.settings.max_steps, "--max-steps")
+        height, width = check_size(model, height, width, self.settings)
+        seconds = check_time(
+            estimate_seconds(self.timings(model), model, steps, height, width, images), self.settings
+        )
+        self.cancel.clear()
+        if seconds > self.settings.notice_seconds:
+            return f"about {seconds:.0f} s on this machine; working (Stop cancels)"
+        return None
 
 
 def build_app(served: Served, settings: ServeSettings) -> gr.Blocks:
@@ -422,19 +517,27 @@ def build_app(served: Served, settings: ServeSettings) -> gr.Blocks:
                     value=v,
                     precision=0,
                     step=step,
-                    label=f"{n} (multiple of {step})",
+                    label=f"{n} (multiple of {step}, at most {hi})",
                     elem_id=f"{prefix}-{n}",
                 )
-                for n, v in (("height", s.height), ("width", s.width))
+                for n, v, hi in zip(
+                    ("height", "width"), (s.height, s.width), max_sides(first, settings), strict=True
+                )
             ]
             controls = [steps, cfg, seed, *sides]
             if with_batch:
                 controls.append(gr.Slider(1, settings.max_batch, value=1, step=1, label="batch"))
         return controls
 
+    gate = Gate(settings)
+
     def results(prefix: str, label: str, button_text: str, columns: int) -> tuple:
-        """The run button, the status box and the PNG gallery of one tab."""
-        button = gr.Button(button_text, variant="primary", elem_id=f"{prefix}-generate")
+        """The run button, the stop button, the status box and the PNG gallery of one tab."""
+        with gr.Row():
+            button = gr.Button(button_text, variant="primary", elem_id=f"{prefix}-generate")
+            stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
+        # not queued: it must reach the server while a generation holds the one queue slot
+        stop.click(gate.cancel.set, None, None, queue=False)
         status = gr.Textbox(label="status", interactive=False, elem_id=f"{prefix}-status")
         gallery = gr.Gallery(
             label=label,
@@ -450,28 +553,49 @@ def build_app(served: Served, settings: ServeSettings) -> gr.Blocks:
 
     def t2i(name, prompt, steps, cfg, seed, height, width, batch):
         model = served.models[name]
+        batch = check_int("batch", batch, 1, settings.max_batch, "--max-batch")
+        check_prompt(prompt, settings)
+        notice = gate.admit(model, steps, height, width, images=batch)
+        if notice:
+            yield [], notice
         sampling = dict(steps=steps, cfg=cfg, seed=seed, height=height, width=width, settings=settings)
-        images = text_to_image(model, prompt, batch=batch, **sampling)
+        images = text_to_image(model, prompt, batch=batch, cancel=gate.cancel, **sampling)
         captions = [f"seed {int(seed) + i}" for i in range(len(images))]
-        return list(zip(images, captions, strict=True)), f"{len(images)} image(s) from {name}"
+        yield list(zip(images, captions, strict=True)), f"{len(images)} image(s) from {name}"
 
     def i2i(name, upload, steps, cfg, seed, height, width):
+        model = served.models[name]
+        read_upload(upload, settings)
+        notice = gate.admit(model, steps, height, width, images=1)
+        if notice:
+            yield [], notice
         sampling = dict(steps=steps, cfg=cfg, seed=seed, height=height, width=width, settings=settings)
-        image, out = reconstruct(served.models[name], upload, **sampling)
-        return [(image, "input"), (out, f"reconstruction by {name}")], f"reconstructed by {name}"
+        image, out = reconstruct(model, upload, cancel=gate.cancel, **sampling)
+        yield [(image, "input"), (out, f"reconstruction by {name}")], f"reconstructed by {name}"
 
     def compare(prompt, steps, cfg, seed, height, width):
+        check_prompt(prompt, settings)
+        notices = [
+            gate.admit(served.models[v.model], steps, height, width, images=1) for v in served.variants
+        ]
+        if any(notices):
+            yield [], f"{len(served.variants)} columns, each " + next(n for n in notices if n)
         sampling = dict(steps=steps, cfg=cfg, seed=seed, height=height, width=width, settings=settings)
         images = [
             (
                 text_to_image(
-                    served.models[v.model], prompt, batch=1, last_layer_only=v.last_layer_only, **sampling
+                    served.models[v.model],
+                    prompt,
+                    batch=1,
+                    last_layer_only=v.last_layer_only,
+                    cancel=gate.cancel,
+                    **sampling,
                 )[0],
                 v.label,
             )
             for v in served.variants
         ]
-        return images, f"{len(images)} columns, seed {int(seed)}"
+        yield images, f"{len(images)} columns, seed {int(seed)}"
 
     with gr.Blocks(title="ParaUni", analytics_enabled=False) as app:
         gr.Markdown(
@@ -487,8 +611,14 @@ def build_app(served: Served, settings: ServeSettings) -> gr.Blocks:
             )
             controls = sampling_controls("t2i", with_batch=True)
             button, status, gallery = results("t2i", "images", "Generate", columns=4)
-            for trigger in (button.click, prompt.submit):
-                trigger(_answer(t2i), [model, prompt, *controls], [gallery, status], concurrency_id=QUEUE_ID)
+            for trigger, api in ((button.click, "t2i"), (prompt.submit, False)):
+                trigger(
+                    _answer(t2i),
+                    [model, prompt, *controls],
+                    [gallery, status],
+                    concurrency_id=QUEUE_ID,
+                    api_name=api,
+                )
         with gr.Tab("Image to image"):
             gr.Markdown(
                 'The VLM reads the uploaded image with the instruction "Keep the image as it is." and the DiT '
