@@ -26,6 +26,11 @@
 Commands take ``--section.key=value`` overrides of the model config, ``--train.key=value`` of the training
 config, ``--rl.key=value`` / ``--rewards.key=value`` of Stage III and ``--world.key=value`` of the world config
 (unknown keys are errors).
+
+Every command checks its inputs and its output location before it loads a model or computes anything, and
+replaces nothing already there without ``--overwrite`` (resumable commands continue what their ``--out``
+holds instead; ``train`` / ``rl`` take ``--resume`` for that). A user's mistake is answered in one line that
+names the value and the fix (exit status 2); a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -52,12 +57,24 @@ def _fmt(n: int) -> str:
     return f"{n:>15,}" + (f" ({n / 1e9:.2f}B)" if n >= 1e8 else f" ({n / 1e6:.2f}M)" if n >= 1e5 else "")
 
 
+def _looks_like_path(source: str) -> bool:
+    """Whether a --model value is meant as a path (a folder or a YAML file) rather than a preset name."""
+    return (
+        "/" in source or "\\" in source or source.startswith((".", "~")) or source.endswith((".yaml", ".yml"))
+    )
+
+
 def model_config(source: str, overrides: list[str]):
     """The ModelConfig of a model folder (its config.yaml) or a preset name / YAML file, without weights."""
-    from .config import ModelConfig, apply_overrides, from_dict, load_model_config, load_yaml
+    from .config import ModelConfig, apply_overrides, from_dict, list_presets, load_model_config, load_yaml
     from .models.parauni import CONFIG_FILE
 
-    path = Path(source)
+    path = Path(source).expanduser()
+    if not path.exists() and _looks_like_path(source):
+        raise ConfigError(
+            f"--model {source}: the folder does not exist; give a model folder (config.yaml + weights), "
+            f"a YAML file or a preset name ({', '.join(list_presets())})"
+        )
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise ConfigError(f"{path} has no {CONFIG_FILE}; it is not a ParaUni model folder")
@@ -69,7 +86,7 @@ def load_model(source: str, overrides: list[str], meta: bool = False):
     """A ParaUni model from a model folder (config.yaml + weights) or a preset name / YAML file."""
     from .models.parauni import ParaUni
 
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir() and not meta:
         model = ParaUni.from_pretrained(path, overrides)
     else:
@@ -89,6 +106,10 @@ def default_device() -> str:
 
 
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .utils.files import check_output_file
+
+    if args.json:
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     model = load_model(args.model, overrides, meta=not args.load)
     cfg = model.config
     vlm, dit = model.vlm, model.dit
@@ -148,12 +169,12 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
+    from .utils.files import read_lines
+
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise ConfigError(f"--prompts-file {path} does not exist")
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(read_lines(path, "--prompts-file"), 1):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
@@ -166,42 +187,101 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _read_images(spec: str, height: int, width: int):
-    import torch
-
+def _image_files(spec: str) -> list[Path]:
+    """The --image input: one image file, or the image files of a folder (sorted)."""
     from .training.data import IMAGE_SUFFIXES
-    from .utils.images import ImageReadError, pil_to_tensor, read_image, resize_center_crop
+    from .utils.images import ImageReadError
 
     path = Path(spec)
+    if not path.exists():
+        raise ImageReadError(f"--image {path} does not exist; give an image file or a folder of images")
     files = (
         sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
     )
     if not files:
         raise ImageReadError(f"--image folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _read_images(files: list[Path], height: int, width: int):
+    """(N, 3, height, width) in [-1, 1]: each file resized and centre-cropped."""
+    import torch
+
+    from .utils.images import pil_to_tensor, read_image, resize_center_crop
+
     return torch.stack([pil_to_tensor(resize_center_crop(read_image(f), height, width)) for f in files])
 
 
-def _output_paths(out: str, n: int) -> list[Path]:
+def output_paths(out: str, n: int, overwrite: bool = False) -> list[Path]:
+    """Where ``parauni generate`` writes its ``n`` images, checked before anything is generated.
+
+    ``--out`` with an image suffix (.png, .jpg, .jpeg, .webp, .bmp) is a file (``stem_0000.png``, ... for
+    several images), in that format; a path without a suffix, or ending in ``/``, is a folder of
+    ``0000.png``, ... Nothing existing is replaced without ``overwrite``.
+    """
+    from .training.data import IMAGE_SUFFIXES
+    from .utils.files import OutputPathError, check_output_dir, check_output_file
+
     path = Path(out)
-    if path.suffix.lower() == ".png":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return [path] if n == 1 else [path.with_name(f"{path.stem}_{i:04d}.png") for i in range(n)]
-    path.mkdir(parents=True, exist_ok=True)
-    return [path / f"{i:04d}.png" for i in range(n)]
+    is_folder = out.endswith(("/", "\\")) or path.is_dir() or not path.suffix
+    if not is_folder and path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise OutputPathError(
+            f"--out {out}: {path.suffix} is not an image type this command writes; end the file name in "
+            f"{', '.join(IMAGE_SUFFIXES)}, or give a folder (end it with / if its name has a dot)"
+        )
+    if is_folder:
+        check_output_dir(path, resumable=True)
+        paths = [path / f"{i:04d}.png" for i in range(n)]
+    else:
+        paths = [path] if n == 1 else [path.with_name(f"{path.stem}_{i:04d}{path.suffix}") for i in range(n)]
+    for p in paths:
+        if p.exists() and not overwrite:
+            more = f" (and {n - 1} more name(s) like it)" if n > 1 else ""
+            raise OutputPathError(
+                f"--out: {p}{more} already exists; pass --overwrite to replace it or choose another --out"
+            )
+        if not is_folder:
+            check_output_file(p, overwrite=overwrite)
+    return paths
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """--steps, --cfg, --seed, --batch-size (and --height / --width where the command has them), before any
+    work: one-line errors naming the value and the allowed range."""
+    from .pipeline import check_cfg
+
+    if args.cfg is not None:
+        try:
+            check_cfg(args.cfg)
+        except ValueError as err:
+            raise ConfigError(
+                f"--cfg {args.cfg}: must be a finite number >= 0 (1 turns guidance off)"
+            ) from err
+    positive = [("--steps", args.steps), ("--batch-size", args.batch_size)]
+    positive += [(f"--{n}", getattr(args, n, None)) for n in ("height", "width", "images_per_prompt")]
+    for flag, value in positive:
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag.replace('_', '-')} {value} must be >= 1")
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed} must be >= 0")
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from .pipeline import generate
     from .utils.images import tensor_to_pil
 
+    # every input and the output location first: nothing is loaded or generated before they pass
     prompts = _read_prompts(args)
     if args.image is None and not prompts:
         raise ConfigError("nothing to generate: give --prompt TEXT, --prompts-file FILE or --image IN")
     if args.image is not None and prompts:
         raise ConfigError("--image (image-to-image) and --prompt / --prompts-file exclude each other")
+    _check_sampling_args(args)
+    files = None if args.image is None else _image_files(args.image)
+    paths = output_paths(args.out, len(files) if files else len(prompts), args.overwrite)
     s = model_config(args.model, overrides).sampling
     height, width = args.height or s.height, args.width or s.width
-    images = None if args.image is None else _read_images(args.image, height, width)
+    images = None if files is None else _read_images(files, height, width)
     model = load_model(args.model, overrides)
     model.check_size(height, width)
     pixels = generate(
@@ -217,7 +297,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    paths = _output_paths(args.out, len(pixels))
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     for x, p in zip(pixels, paths, strict=True):
         tensor_to_pil(x).save(p)
     print(f"wrote {len(paths)} image(s): {paths[0]}" + (f" ... {paths[-1]}" if len(paths) > 1 else ""))
@@ -232,21 +312,40 @@ def _route(overrides: list[str], prefix: str) -> tuple[list[str], list[str]]:
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .utils.files import check_output_dir
     from .world.demo import run_demo
 
     world, rest = _route(overrides, "world")
     if rest:
         raise ConfigError(f"parauni demo takes --world.* overrides only, got {rest}")
-    run_demo(args.out, args.cache, quick=args.quick, overrides=world, progress=not args.quiet)
+    out = Path(args.out)
+    earlier_report = (out / "report.md").is_file() or (out / "metrics.json").is_file()
+    check_output_dir(out, overwrite=args.overwrite, resumable=earlier_report)
+    run_demo(
+        args.out, args.cache, quick=args.quick, overrides=world, progress=not args.quiet, stage0=args.stage0
+    )
+    return 0
+
+
+def cmd_world_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .world.release import run_pretrain
+
+    world, rest = _route(overrides, "world")
+    if rest:
+        raise ConfigError(f"parauni world pretrain takes --world.* overrides only, got {rest}")
+    phases = args.phases.split(",") if args.phases else None
+    run_pretrain(args.out, world, phases, recipe=not args.no_recipe, progress=not args.quiet)
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .utils.files import check_output_dir
     from .world.reproduce import run_reproduce
 
     world, rest = _route(overrides, "world")
     if rest:
         raise ConfigError(f"parauni reproduce takes --world.* overrides only, got {rest}")
+    check_output_dir(args.out, resumable=True)  # a rerun continues the table
     run_reproduce(
         args.out,
         seeds=args.seeds,
@@ -256,8 +355,34 @@ def cmd_reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides=world,
         analyses=not args.no_analyses,
         progress=not args.quiet,
+        stage0=args.stage0,
     )
     return 0
+
+
+RUN_FILES = ("checkpoints", "model.safetensors", "config.yaml", "train_log.jsonl", "rl_log.jsonl")
+
+
+def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
+    """The --out of ``train`` / ``rl``: a new or empty folder; one holding a run needs --resume (continue)
+    or --overwrite (start over: its checkpoints are deleted first, by the launcher's first process)."""
+    import os
+    import shutil
+
+    from .utils.files import OutputPathError, check_output_dir
+
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one")
+    path = Path(out)
+    held = [name for name in RUN_FILES if path.is_dir() and (path / name).exists()]
+    if held and not (resume or overwrite):
+        raise OutputPathError(
+            f"--out {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+            "--overwrite to start over, or choose another folder"
+        )
+    check_output_dir(path, overwrite=overwrite, resumable=resume)
+    if overwrite and (path / "checkpoints").is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(path / "checkpoints")
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -272,6 +397,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.image_size:
         train_dict["image_size"] = args.image_size
     kind = data_kind(args.data)
+    stage_config(args.stage, train_dict)  # the training config's errors before any data is read
+    check_run_folder(args.out, args.resume, args.overwrite)
     options = DataOptions(args.image_column, args.caption_column, args.shards_per_group)
     latents = LatentShardSource(args.data, args.shards_per_group) if kind == "latents" else None
     if latents is not None:  # extracted latents fix the image size
@@ -314,7 +441,9 @@ def cmd_extract_latents(args: argparse.Namespace, overrides: list[str]) -> int:
     from .models.components import resolve_path
     from .training.latents import extract_latents, finish_extraction, vae_encoder
     from .training.sources import DataOptions, pixel_source
+    from .utils.files import check_output_dir
 
+    check_output_dir(args.out, resumable=True)  # a rerun with the same options resumes
     config = model_config(args.model, overrides)
     root = Path(args.model) if Path(args.model).is_dir() else None
     size = args.image_size or config.sampling.height
@@ -384,15 +513,14 @@ def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
 
     rl_items, rest = _route(overrides, "rl")
     reward_items, model_overrides = _route(rest, "rewards")
+    check_run_folder(args.out, args.resume, args.overwrite)
     rl_dict, rewards_dict = {}, {}
     model_dir = args.model
     if args.world:
-        from .world.demo import default_cache_dir, world_config
-        from .world.pretrain import stage0_folder
+        from .world.release import existing_stage0
         from .world.rl import world_rl_config
 
-        wcfg = world_config()
-        stage0 = stage0_folder(wcfg, args.cache or default_cache_dir())
+        wcfg, stage0 = existing_stage0("scratch" if args.cache else args.stage0, args.cache)
         rl_dict = dataclasses.asdict(world_rl_config(wcfg.rl, wcfg.image_size))
         rewards_dict = {"world": str(stage0)}
         model_dir = model_dir or "parauni-demo/stage2"
@@ -445,7 +573,13 @@ def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_import_openuni(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_model_config
     from .models.openuni import import_openuni
+    from .utils.files import check_output_dir
 
+    if not Path(args.checkpoint).is_file():
+        raise ConfigError(
+            f"checkpoint {args.checkpoint} does not exist; give the OpenUni / ParaUni .pth file"
+        )
+    check_output_dir(args.out, overwrite=args.overwrite)
     config = load_model_config(args.preset, overrides)
     model = import_openuni(args.checkpoint, config, args.out, layers=args.layers)
     print(
@@ -491,27 +625,39 @@ def _geneval_detector(args: argparse.Namespace):
 
 def _score_and_print(args: argparse.Namespace, images: str, out: Path, pair: tuple | None = None) -> None:
     """Score `images` with `pair` (detector, classify_colors), by default the one the arguments name."""
-    from .eval.geneval import format_summary, score_geneval
+    from .eval.geneval import format_summary, score_geneval, world_classes
 
     detector, classify_colors = pair or _geneval_detector(args)
-    summary = score_geneval(images, detector, classify_colors, out, progress=not args.quiet)
+    if args.detector == "world":
+        classes = world_classes()
+    elif args.detector == "mask2former":
+        from .eval.geneval_mask2former import GENEVAL_OBJECTS
+
+        classes = GENEVAL_OBJECTS
+    else:  # precomputed detections: the detector that made them is not known here
+        classes = None
+    summary = score_geneval(images, detector, classify_colors, out, classes=classes, progress=not args.quiet)
     print(format_summary(summary))
     print(f"per-image results: {out}; summary: {out.parent / 'summary.json'}")
 
 
 def cmd_eval_geneval(args: argparse.Namespace, overrides: list[str]) -> int:
     from .eval.geneval import generate_geneval
+    from .utils.files import check_output_dir, read_lines
     from .world.captions import read_metadata
 
     if args.no_score and (args.detector or args.detections or args.detector_model or args.clip):
         raise ConfigError(
             "--no-score skips scoring; drop --detector / --detections / --detector-model / --clip"
         )
+    _check_sampling_args(args)
+    check_output_dir(args.out, resumable=True)  # a rerun completes the prompts not yet generated
     # Load the detector before spending time on generation (its errors come first).
     pair = None if args.no_score else _geneval_detector(args)
     metadata = Path(args.metadata)
     if not metadata.is_file():
         raise ConfigError(f"--metadata {metadata} does not exist; give GenEval's evaluation_metadata.jsonl")
+    read_lines(metadata, "--metadata")  # a line that is not UTF-8 is named before the rows are parsed
     rows = read_metadata(metadata)
     if args.limit is not None:
         if args.limit < 1:
@@ -539,8 +685,11 @@ def cmd_eval_geneval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_eval_geneval_score(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .utils.files import check_output_file
+
     if overrides:
         raise ConfigError(f"parauni eval geneval-score takes no config overrides, got {overrides}")
+    check_output_file(args.out, overwrite=args.overwrite)
     _score_and_print(args, args.images, Path(args.out))
     return 0
 
@@ -575,7 +724,10 @@ def _dpg_score_and_print(
 
 def cmd_eval_dpg(args: argparse.Namespace, overrides: list[str]) -> int:
     from .eval.dpg import RESULTS_FILE, generate_dpg, read_dpg_prompts
+    from .utils.files import check_output_dir
 
+    _check_sampling_args(args)
+    check_output_dir(args.out, resumable=True)  # a rerun completes the grids not yet generated
     if args.no_score and (args.csv or args.vqa):
         raise ConfigError("--no-score skips scoring; drop --csv / --vqa")
     # Check the scoring inputs before spending time on generation.
@@ -611,8 +763,11 @@ def cmd_eval_dpg(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_eval_dpg_score(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .utils.files import check_output_file
+
     if overrides:
         raise ConfigError(f"parauni eval dpg-score takes no config overrides, got {overrides}")
+    check_output_file(args.out, overwrite=args.overwrite)
     items, vqa_source = _dpg_questions(args)
     _dpg_score_and_print(args, items, vqa_source, args.images, Path(args.out))
     return 0
@@ -629,9 +784,10 @@ def _model_names(sources: list[str]) -> list[str]:
 def cmd_eval_reconstruct(args: argparse.Namespace, overrides: list[str]) -> int:
     from .eval.reconstruct import read_image_folder, reconstruct_folder, side_by_side
     from .rl.rewards import CLIPEmbedder
+    from .utils.files import check_output_dir
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
+    _check_sampling_args(args)
+    check_output_dir(args.out, overwrite=args.overwrite)
     images = Path(args.images)
     if not images.is_dir():
         raise ConfigError(f"--images {images} is not a folder")
@@ -711,7 +867,9 @@ def _analysis_prompts(args: argparse.Namespace) -> tuple[list[str], list[dict] |
             rows = read_metadata(path)
             prompts, metadata = [r["prompt"] for r in rows], rows
         else:
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            from .utils.files import read_lines
+
+            prompts = [line.strip() for line in read_lines(path, "--prompts") if line.strip()]
             metadata = None
     elif args.world:
         from .world.captions import make_eval_metadata
@@ -737,17 +895,18 @@ def cmd_analyze_layers(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(
             "give exactly one reward source: --world (the shapes world's rewards) or --clip PATH_OR_ID"
         )
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
+    from .utils.files import check_output_dir
+
+    _check_sampling_args(args)
+    check_output_dir(args.out, overwrite=args.overwrite)
     if args.cache and not args.world:
         raise ConfigError("--cache is the shapes world's Stage-0 cache; it needs --world")
     prompts, metadata = _analysis_prompts(args)
     if args.world:
-        from .world.demo import default_cache_dir, world_config
-        from .world.pretrain import stage0_folder
+        from .world.release import existing_stage0
         from .world.reward_models import world_rewards
 
-        rewards = world_rewards(stage0_folder(world_config(), args.cache or default_cache_dir()))
+        rewards = world_rewards(existing_stage0("scratch" if args.cache else args.stage0, args.cache)[1])
         if metadata is None:  # the GenEval-style reward needs metadata rows
             rewards.pop("geneval")
     else:
@@ -784,8 +943,11 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+OVERWRITE_RUN_HELP = "start over in an --out that holds a run (its checkpoints/ are deleted first)"
+
 DATA_HELP = (
-    "a folder with a JSONL of {image, caption} or image + .txt pairs; a folder of webdataset .tar shards, a "
+    "a JSONL file of {image, caption} lines (image paths relative to the file); a folder with such JSONL "
+    "files or image + .txt pairs; a folder of webdataset .tar shards, a "
     ".tar path or a shard pattern ('data/shard-{000000..000099}.tar', 'data/*.tar'); a Hugging Face dataset "
     "folder (save_to_disk, parquet or arrow; needs `datasets`); or extracted latents (parauni extract-latents)"
 )
@@ -847,13 +1009,64 @@ def _add_sampling_args(
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs as written (they list config keys one a line); every flag's default in its help, unless the
+    help already says it or there is none to say (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with :class:`HelpFormatter`; sub-command parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("parauni")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def train_epilog() -> str:
+    """``parauni train --help``'s list of the --train.* keys with their per-stage defaults and meaning."""
+    import dataclasses
+
+    from .training.config import STAGE_DEFAULTS, TrainConfig
+
+    lines = [
+        "training settings as --train.key=value (e.g. --train.steps=2000 --train.batch_size=64 --train.lr=1e-4):"
+    ]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        staged = {stage: d[f.name] for stage, d in STAGE_DEFAULTS.items() if f.name in d}
+        shown = ", ".join(f"{v} at stage {k}" for k, v in staged.items()) if staged else default
+        lines.append(f"  --train.{f.name:<24} {f.metadata.get('help', '')} (default: {shown})")
+    lines.append(
+        "model settings as --section.key=value (e.g. --lim.layers=last); all keys: docs/configuration.md"
+    )
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="parauni", description="ParaUni: all-layer VLM conditioning for diffusion."
-    )
+    parser = Parser(prog="parauni", description="ParaUni: all-layer VLM conditioning for diffusion.")
+    parser.add_argument("--version", action="version", version=f"parauni {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -861,9 +1074,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and measure the whole pipeline on the embedded shapes world",
         epilog="world overrides as --world.section.key=value, e.g. --world.t2i.steps=500",
     )
-    p.add_argument("--out", default="parauni-demo", help="report folder (default: parauni-demo)")
-    p.add_argument("--cache", help="Stage-0 cache (default: $PARAUNI_CACHE or ~/.cache/parauni/world)")
+    p.add_argument(
+        "--out",
+        default="parauni-demo",
+        help="report folder; an earlier demo report there is replaced (default: parauni-demo)",
+    )
+    p.add_argument(
+        "--stage0",
+        default="release",
+        help="the world's Stage-0 models: 'release' (shipped with the package, default), 'scratch' (train quick "
+        "ones here, cached in --cache), a folder written by `parauni world pretrain`, or a Hub id",
+    )
+    p.add_argument(
+        "--cache", help="with --stage0 scratch: its cache (default: $PARAUNI_CACHE or ~/.cache/parauni/world)"
+    )
     p.add_argument("--quick", action="store_true", help="every stage for a few steps (smoke test)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into an --out folder that holds other files"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
 
@@ -880,6 +1108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these rows (default: all): last_layer all_layers no_shallow no_middle no_deep interval "
         "no_layernorm rl_no_ldam ldam_no_grad_gate ldam_no_reward_gate full",
     )
+    p.add_argument(
+        "--stage0",
+        default="release",
+        help="the world's Stage-0 models: 'release' (shipped, default), 'scratch', a release folder or a Hub id",
+    )
     p.add_argument("--cache", help="Stage-0 cache (default: as parauni demo)")
     p.add_argument("--quick", action="store_true", help="every stage for a few steps (smoke test)")
     p.add_argument(
@@ -888,7 +1121,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_reproduce)
 
-    p = sub.add_parser("train", help="Stage I / II on your own image-caption folder", epilog=OVERRIDE_HELP)
+    p = sub.add_parser("world", help="the shapes world's own models")
+    worlds = p.add_subparsers(dest="world_command", required=True)
+    p = worlds.add_parser(
+        "pretrain",
+        help="train the world's Stage-0 models by the long recipe (resumable: rerun the same command)",
+        epilog="world overrides as --world.section.key=value on top of the recipe, e.g. --world.t2i.steps=500",
+    )
+    p.add_argument("--out", required=True, help="the Stage-0 folder (a killed run resumes from it)")
+    p.add_argument(
+        "--phases",
+        help="comma-separated subset of vlm,ae,t2i,rewards (default: all, then measured and finished as a "
+        "release); two processes may train different phases into one --out at once",
+    )
+    p.add_argument(
+        "--no-recipe",
+        action="store_true",
+        help="the world config's quick defaults instead of the long recipe",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_world_pretrain)
+
+    p = sub.add_parser("train", help="Stage I / II on your own image-caption folder", epilog=train_epilog())
     p.add_argument("--stage", type=int, required=True, choices=[1, 2], help="1: queries + LIM; 2: + DiT")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument(
@@ -910,6 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sharded data: shards whose samples are shuffled together (default: 4)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_RUN_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_train)
 
@@ -944,8 +1199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file with 'rl' (RLConfig) and 'rewards' (RewardsConfig) sections")
     p.add_argument("--prompts", help="RL prompts: .txt (one a line) or .jsonl with 'prompt' (GenEval rows)")
     p.add_argument("--world", action="store_true", help="the shapes world: its prompts, rewards and defaults")
-    p.add_argument("--cache", help="with --world: the Stage-0 cache (default: as parauni demo)")
+    p.add_argument(
+        "--stage0",
+        default="release",
+        help="with --world: the Stage-0 models ('release' = shipped, default; 'scratch' = `parauni demo --stage0 "
+        "scratch`'s; a release folder or Hub id)",
+    )
+    p.add_argument("--cache", help="with --world: the scratch Stage-0 cache (implies --stage0 scratch)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_RUN_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_rl)
 
@@ -958,12 +1220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layers", help="override the layer selection (default: all with its LayerNorm, else last)"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.set_defaults(fn=cmd_import_openuni)
 
     p = sub.add_parser("info", help="components, layers, queries and parameter counts", epilog=OVERRIDE_HELP)
     p.add_argument("model", help="a preset name (paper, openuni_b, tiny, ...), a YAML file or a model folder")
     p.add_argument("--load", action="store_true", help="load real weights instead of a meta-device build")
     p.add_argument("--json", help="also write the counts to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("generate", help="text-to-image / image-to-image to PNG files", epilog=OVERRIDE_HELP)
@@ -975,7 +1239,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-file", help="a .txt file with one prompt per line, or a .jsonl with 'prompt' keys"
     )
     p.add_argument("--image", help="an input image or a folder of images (image-to-image)")
-    p.add_argument("--out", required=True, help="a .png path for one image, else a folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="an image path (.png, .jpg, .webp, .bmp; name_0000.png ... for several images) or a folder "
+        "(0000.png ...; end it with / if its name has a dot)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace images already at those paths")
     _add_sampling_args(p)
     p.add_argument("--sampler", choices=["dpm", "euler"], help="sampler (default: the model's)")
     p.add_argument("--height", type=int, help="image height (default: the model's)")
@@ -1011,6 +1281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="a GenEval output folder (00000/metadata.jsonl, ...)")
     _add_detector_args(p)
     p.add_argument("--out", required=True, help="per-image results JSONL; summary.json is written beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_eval_geneval_score)
 
@@ -1039,6 +1310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="a folder of <item_id>.png 2x2 grids")
     _add_dpg_score_args(p)
     p.add_argument("--out", required=True, help="per-prompt results JSONL; summary.json is written beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_eval_dpg_score)
 
@@ -1064,6 +1336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image-size", type=int, help="square size (default: each model's sampling size)")
     _add_sampling_args(p)
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_eval_reconstruct)
 
@@ -1089,10 +1362,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--world", action="store_true", help="the shapes world's rewards (aesthetic, clip, geneval)"
     )
-    p.add_argument("--cache", help="with --world: the Stage-0 cache (default: as parauni demo)")
+    p.add_argument(
+        "--stage0",
+        default="release",
+        help="with --world: the Stage-0 models ('release' = shipped, default; 'scratch' = `parauni demo --stage0 "
+        "scratch`'s; a release folder or Hub id)",
+    )
+    p.add_argument("--cache", help="with --world: the scratch Stage-0 cache (implies --stage0 scratch)")
     p.add_argument("--clip", help="a CLIP model folder or Hugging Face id: CLIP score as the reward")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     _add_sampling_args(p, "image i uses noise seed seed + i (same for every run)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_analyze_layers)
 
@@ -1113,6 +1393,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models.parauni import CheckpointError
     from .rl.rewards import RewardModelError
     from .training.data import DataError
+    from .utils.errors import TrainingDiverged
     from .utils.images import ImageReadError
 
     parser = build_parser()
@@ -1127,11 +1408,16 @@ def main(argv: list[str] | None = None) -> int:
         ImageReadError,
         DataError,
         RewardModelError,
+        TrainingDiverged,
         FileNotFoundError,
         ValueError,
         TypeError,
     ) as err:
-        sub_command = getattr(args, "eval_command", None) or getattr(args, "analyze_command", None)
+        sub_command = (
+            getattr(args, "eval_command", None)
+            or getattr(args, "analyze_command", None)
+            or getattr(args, "world_command", None)
+        )
         command = " ".join(filter(None, [args.command, sub_command]))
         print(f"parauni {command}: error: {err}", file=sys.stderr)
         return 2

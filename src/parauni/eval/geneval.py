@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +67,41 @@ def _is_complete(folder: Path, row: dict, images_per_prompt: int) -> bool:
     meta = folder / METADATA_FILE
     if not meta.is_file():
         return False
-    existing = json.loads(meta.read_text())
+    existing = read_row(meta)
     if existing != row:
         raise ValueError(
             f"{meta} holds the row {existing.get('prompt')!r}, not {row.get('prompt')!r}; this output folder "
             "was generated from another metadata file: use a fresh --out folder"
         )
     return all(sample_path(folder, j).is_file() for j in range(images_per_prompt))
+
+
+def read_row(meta: Path) -> dict:
+    """The one metadata row of a prompt folder's metadata.jsonl; ValueError naming the file and line."""
+    lines = [(i, line) for i, line in enumerate(meta.read_bytes().splitlines(), 1) if line.strip()]
+    if len(lines) != 1:
+        raise ValueError(
+            f"{meta} holds {len(lines)} non-empty lines, not one metadata row; delete its prompt folder and "
+            "rerun parauni eval geneval to regenerate it"
+        )
+    number, line = lines[0]
+    try:
+        row = json.loads(line.decode("utf-8"))
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        validate_metadata(row)
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"{meta}, line {number}: bad metadata row ({err}); delete its prompt folder and rerun "
+            "parauni eval geneval to regenerate it"
+        ) from err
+    return row
+
+
+def unknown_classes(row: dict, classes: Collection[str]) -> set[str]:
+    """The object classes a metadata row names (include and exclude) that are not in ``classes``."""
+    named = {c.get("class") for c in [*row.get("include", []), *row.get("exclude", [])]}
+    return {c for c in named if c is not None} - set(classes)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -227,8 +256,7 @@ def iter_layout(image_dir: str | Path) -> Iterator[tuple[str, dict, Path]]:
             raise FileNotFoundError(
                 f"{meta} is missing: prompt {folder.name} is unfinished; rerun the generation to complete it"
             )
-        row = json.loads(meta.read_text())
-        validate_metadata(row)
+        row = read_row(meta)
         samples = sorted((folder / SAMPLES_DIR).glob("*.png"))
         if not samples:
             raise FileNotFoundError(f"{folder / SAMPLES_DIR} holds no .png samples")
@@ -253,9 +281,13 @@ def score_geneval(
     classify_colors: ColorClassifier,
     out_path: str | Path,
     *,
+    classes: Collection[str] | None = None,
     progress: bool = False,
 ) -> dict:
     """Score a GenEval layout: one JSONL row per image to `out_path`, the summary to summary.json beside it.
+
+    `classes`: the object classes the detector can find; prompts naming others are warned about (they can
+    only be scored wrong). None: not checked.
 
     Each row holds `filename` (relative to `image_dir`), `tag`, `prompt`, `correct`, `reason` (GenEval's
     failure reasons, newline-joined), `metadata` and `detections` (the kept detections per class).
@@ -265,6 +297,8 @@ def score_geneval(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     items = list(iter_layout(image_dir))
+    if classes is not None:
+        _warn_unknown_classes(items, classes)
     for filename, metadata, path in tqdm(items, desc="scoring", unit="img", disable=not progress):
         with Image.open(path) as img:
             image = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
@@ -286,6 +320,22 @@ def score_geneval(
     return summary
 
 
+def _warn_unknown_classes(items: list[tuple[str, dict, Path]], classes: Collection[str]) -> None:
+    """One warning for the prompts whose metadata names classes outside ``classes`` (scored 0 by design)."""
+    bad = {}
+    for filename, row, _ in items:
+        unknown = unknown_classes(row, classes)
+        if unknown:
+            bad.setdefault(filename.split("/")[0], (row.get("prompt"), sorted(unknown)))
+    if bad:
+        folder, (prompt, unknown) = next(iter(bad.items()))
+        warnings.warn(
+            f"{len(bad)} prompt(s) name object classes the detector does not know, e.g. {folder} "
+            f"{prompt!r}: {unknown}; their images are all scored wrong (check the metadata's class names)",
+            stacklevel=3,
+        )
+
+
 def format_summary(summary: dict) -> str:
     """The per-tag table and the overall score as text."""
     lines = [f"{'tag':<15}{'images':>8}{'accuracy':>10}"]
@@ -296,6 +346,13 @@ def format_summary(summary: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------------- detectors
+
+
+def world_classes() -> tuple[str, ...]:
+    """The object classes the shapes world's detector finds."""
+    from parauni.world.scene import SHAPES
+
+    return SHAPES
 
 
 def world_detector() -> tuple[Detector, ColorClassifier]:

@@ -1,8 +1,8 @@
 """Training data: image-caption sources addressed by example index, so that a run resumes exactly.
 
 A source maps a global example index to ``(image, caption)``; the trainer asks for the indices of its step.
-* :class:`FolderSource` - your own data: a folder with a JSONL of ``{"image": path, "caption": text}`` or
-  ``name.png`` + ``name.txt`` pairs. Images are read once, resized and centre-cropped, unreadable ones are
+* :class:`FolderSource` - your own data: a JSONL file of ``{"image": path, "caption": text}`` lines, or a
+  folder with such JSONL files or ``name.png`` + ``name.txt`` pairs. Images are read once, resized and centre-cropped, unreadable ones are
   skipped and counted, and the prepared tensors (VAE latents when the model has a VAE) are cached on disk.
 * the shapes world's endless stream (:mod:`parauni.world`).
 
@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
+from ..utils.files import read_lines, save_safetensors
 from ..utils.images import ImageReadError, pil_to_tensor, read_image, resize_center_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -41,15 +42,31 @@ class Record:
     caption: str
 
 
+def is_jsonl_file(path: str | Path) -> bool:
+    """Whether ``--data`` names one JSONL file of image-caption lines."""
+    return Path(path).is_file() and Path(path).suffix.lower() == ".jsonl"
+
+
+def _lines(path: Path) -> list[str]:
+    """The UTF-8 lines of a data file; DataError naming the file and line otherwise."""
+    try:
+        return read_lines(path, "--data")
+    except ConfigError as err:
+        raise DataError(str(err)) from err
+
+
 def scan_folder(root: str | Path) -> list[Record]:
-    """Image-caption records of a folder: every ``*.jsonl`` in it, else ``image`` + ``image.txt`` pairs."""
+    """Image-caption records of a JSONL file, or of a folder: every ``*.jsonl`` in it, else ``image`` +
+    ``image.txt`` pairs. Image paths in a JSONL are relative to the folder that holds it."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"--data {root} is not a folder")
+    jsonl_file = is_jsonl_file(root)
+    if not (root.is_dir() or jsonl_file):
+        raise DataError(f"--data {root} is neither a folder nor a .jsonl file")
     records: list[Record] = []
-    jsonls = sorted(root.glob("*.jsonl"))
+    jsonls = [root] if jsonl_file else sorted(root.glob("*.jsonl"))
+    base = root.parent if jsonl_file else root
     for path in jsonls:
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(_lines(path), 1):
             if not line.strip():
                 continue
             try:
@@ -59,13 +76,14 @@ def scan_folder(root: str | Path) -> list[Record]:
                 raise DataError(f"{path}:{i} must be a JSON object with 'image' and 'caption' keys") from err
             if not isinstance(caption, str) or not caption.strip():
                 raise DataError(f"{path}:{i} has an empty or non-text caption")
-            image_path = Path(image) if Path(image).is_absolute() else root / image
+            image_path = Path(image) if Path(image).is_absolute() else base / image
             records.append(Record(image_path, caption.strip()))
     if not jsonls:
         for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             txt = image.with_suffix(".txt")
-            if txt.is_file() and txt.read_text().strip():
-                records.append(Record(image, txt.read_text().strip()))
+            caption = "\n".join(_lines(txt)).strip() if txt.is_file() else ""
+            if caption:
+                records.append(Record(image, caption))
     if not records:
         raise DataError(
             f"no image-caption pairs in {root}: add a JSONL of {{'image': path, 'caption': text}} lines, or "
@@ -105,7 +123,8 @@ class FolderSource:
                 f"{r.image}|{r.caption}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()
             )
         fingerprint.update(f"{image_size}|{cache_key}".encode())
-        cache_dir = Path(cache_dir) if cache_dir else Path(root) / ".parauni_cache"
+        folder = Path(root).parent if is_jsonl_file(root) else Path(root)
+        cache_dir = Path(cache_dir) if cache_dir else folder / ".parauni_cache"
         cache = cache_dir / f"data-{fingerprint.hexdigest()[:16]}.safetensors"
         if cache.is_file():
             stored = load_file(str(cache))
@@ -114,9 +133,9 @@ class FolderSource:
             self.inputs, keep = self._prepare(encode, batch_size, progress)
             cache_dir.mkdir(parents=True, exist_ok=True)
             # one temporary file per process: under a launcher every process prepares the same cache
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            save_file({"inputs": self.inputs.contiguous(), "keep": torch.tensor(keep)}, str(tmp))
-            tmp.replace(cache)
+            # written atomically through a per-process temporary file: under a launcher every process
+            # prepares the same cache
+            save_safetensors({"inputs": self.inputs.contiguous(), "keep": torch.tensor(keep)}, cache)
         self.skipped = [str(r.image) for r, k in zip(self.records, keep, strict=True) if not k]
         self.captions = [r.caption for r, k in zip(self.records, keep, strict=True) if k]
         if not self.captions:

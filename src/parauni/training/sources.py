@@ -3,7 +3,8 @@
 a latents folder (plan.json of parauni extract-latents)  -> LatentShardSource  (encoded; no VAE per step)
 a save_to_disk / parquet / arrow folder                  -> HFDatasetSource    (needs `datasets`)
 a folder of *.tar, a .tar path, a glob / brace pattern   -> TarShardSource     (webdataset shards, streamed)
-any other folder (JSONL list or image + .txt pairs)      -> FolderSource       (read once, latents cached)
+a .jsonl file, or any other folder (JSONL lists or image + .txt pairs)
+                                                         -> FolderSource       (read once, latents cached)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError, FolderSource, scan_folder
+from .data import DataError, FolderSource, is_jsonl_file, scan_folder
 from .hf_datasets import HFDatasetSource, is_hf_folder
 from .latents import LatentShardSource, is_latents_folder
 from .streaming import SHARDS_PER_GROUP, RecordsSource, ShardedSource
@@ -38,10 +39,17 @@ def data_kind(spec: str) -> str:
         if any(path.glob("*.tar")):
             return "tar"
         return "folder"
+    if is_jsonl_file(path):
+        return "folder"
     if is_shard_pattern(spec):
         return "tar"
+    if path.is_file():
+        raise DataError(
+            f"--data {spec} is a file that is neither a .jsonl of {{image, caption}} lines nor a .tar shard; "
+            "give one of those, or a folder"
+        )
     raise DataError(
-        f"--data {spec} does not exist; give a folder (images + captions, tar shards, a Hugging Face dataset "
+        f"--data {spec} does not exist; give a .jsonl file of {{image, caption}} lines, a folder (images + captions, tar shards, a Hugging Face dataset "
         "or extracted latents), a .tar shard, or a shard pattern such as 'data/shard-{000000..000099}.tar'"
     )
 

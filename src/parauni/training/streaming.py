@@ -57,6 +57,8 @@ def decode_image(data: bytes, name: str, image_size: int) -> torch.Tensor:
             rgb = img.convert("RGB")
     except UnidentifiedImageError as err:
         raise CorruptSample(name, "image cannot be read (not an image format PIL knows)") from err
+    except Image.DecompressionBombError as err:  # a few KB that would decode to gigabytes
+        raise CorruptSample(name, f"image too large to read safely ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated or damaged data of a known format
         raise CorruptSample(name, f"image cannot be read ({err})") from err
     return pil_to_tensor(resize_center_crop(rgb, image_size, image_size))

@@ -14,7 +14,11 @@ class ImageReadError(ValueError):
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, raising :class:`ImageReadError` with the path for anything unreadable."""
+    """Open an image file as RGB, raising :class:`ImageReadError` with the path for anything unreadable.
+
+    Images of more than twice PIL's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb: a few KB of PNG that
+    would take gigabytes) are refused before they are decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image {path} does not exist")
@@ -22,6 +26,11 @@ def read_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(
+            f"image {path} is too large to read safely ({err}); resize it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if it is a real image"
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"image {path} cannot be read (not an image or corrupt): {err}") from err
 
