@@ -2,8 +2,10 @@
 
     python -m parauni.config_reference > docs/configuration.md
 
-Every field of every config tree, with its override key, type, default and help text. A test checks that the
-committed page equals what this module prints, so the reference cannot drift from the code.
+Every field of every config tree, with its override key, type, default and help text. A field without help
+text (many of the world's model sizes and schedules) is described from its name (:func:`implied_help`:
+``text_heads`` -> "attention heads (text encoder)"). A test checks that the committed page equals what this
+module prints, so the reference cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -37,6 +39,55 @@ TREES = (
 )
 
 
+# What a field name means when its dataclass gives no help: the name's last part ...
+NAME_MEANINGS = {
+    "layers": "number of layers",
+    "heads": "attention heads",
+    "kv_heads": "key/value heads (grouped-query attention)",
+    "hidden": "width",
+    "intermediate": "MLP width",
+    "mlp_ratio": "MLP width as a multiple of the model width",
+    "latent_channels": "latent channels",
+    "projection_dim": "width of the shared image-text embedding",
+    "steps": "training steps",
+    "batch_size": "examples per step",
+    "lr": "peak learning rate",
+    "warmup": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "betas": "AdamW betas",
+    "grad_clip": "max gradient norm (0 = off)",
+    "dropout": "dropout probability",
+    "enabled": "train and use this component (false: see the section's description)",
+    "timestep_sampling": "how training times are drawn (as train.timestep_sampling)",
+    "per_tag": "prompts per GenEval tag",
+    "images_per_prompt": "images per prompt",
+    "cfg": "classifier-free guidance scale",
+    "sampler": "'dpm' (DPM-Solver++) or 'euler'",
+    "prompts_per_epoch": "prompts per RL epoch",
+    "group_size": "images per prompt (the GRPO group)",
+    "micro_batch": "samples per forward/backward (per process)",
+    "seed": "random seed",
+}
+# ... and whose part it is, from the name's first part.
+NAME_OWNERS = {
+    "text": "text encoder",
+    "vision": "vision tower",
+    "dit": "DiT",
+    "connector": "LIM connector",
+    "aesthetic": "aesthetic head",
+    "stage1": "Stage I",
+    "stage2": "Stage II",
+}
+
+
+def implied_help(name: str) -> str:
+    """A description of a config field from its name alone, or "" when the name says nothing known."""
+    owner, _, rest = name.partition("_")
+    if owner in NAME_OWNERS and rest in NAME_MEANINGS:
+        return f"{NAME_MEANINGS[rest]} ({NAME_OWNERS[owner]})"
+    return NAME_MEANINGS.get(name, "")
+
+
 def _field_default(f: dataclasses.Field, instance: object | None):
     """The field's default: its value in ``instance`` (a parent's default section) when given."""
     if instance is not None:
@@ -68,7 +119,7 @@ def _rows(cls: type, prefix: str, instance: object | None = None) -> list[str]:
         if dataclasses.is_dataclass(default):
             sections.append((f, default))
             continue
-        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        help_text = (f.metadata.get("help") or implied_help(f.name)).replace("|", "\\|")
         kind = str(f.type).replace("|", "\\|")
         rows.append(f"| `{prefix}{f.name}` | `{kind}` | {_default(default)} | {help_text} |")
     for f, sub in sections:
