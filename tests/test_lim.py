@@ -157,6 +157,18 @@ def test_lim_without_layernorm():
     assert not torch.allclose(per.mean(-1), torch.zeros(()), atol=1e-3)
 
 
+def test_openuni_last_layer_baseline_is_connector_and_projector_only(make_tiny):
+    """OpenUni's baseline: the last layer's query states through the connector and projector, no LayerNorm."""
+    lim = _lim([5], use_layernorm=False).eval()
+    states = torch.randn(2, 6, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(lim(states), lim.projector(lim.connector(states[:, -1])))
+    with_ln = _lim([5]).eval()  # this project's variant keeps the LIM's LayerNorm
+    assert with_ln.norm is not None
+    model = make_tiny(["lim.layers=last", "lim.use_layernorm=false"])
+    assert model.lim.layers == [model.vlm.num_layers - 1] and model.lim.norm is None
+
+
 def test_lim_layernorm_normalises_each_layer_output():
     lim = _lim([0, 1, 2])
     nn.init.ones_(lim.norm.weight)

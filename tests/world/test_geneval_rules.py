@@ -78,6 +78,31 @@ def test_filter_keeps_at_most_16_per_class_best_first():
     assert len(kept["square"]) == 1
 
 
+def _official_order(scores: list[float], cutoff: float) -> list[int]:
+    """The official evaluate_images.py's selection, on an mmdet-style float32 score column."""
+    column = np.asarray(scores, dtype=np.float32)
+    ordering = np.argsort(column, kind="stable")[::-1]  # numpy 1.23's quicksort on <= 16 items: stable
+    return ordering[column[ordering] > cutoff][:16].tolist()
+
+
+def test_filter_breaks_ties_as_the_official_script_latest_first():
+    scores = [0.8, 0.5, 0.8, 0.8, 0.5, 0.9]
+    dets = [det("circle", cx=10.0 * i, score=s) for i, s in enumerate(scores)]
+    kept = filter_detections(dets, "single_object")["circle"]
+    assert [dets.index(d) for d in kept] == _official_order(scores, 0.3) == [5, 3, 2, 0, 4, 1]
+
+
+def test_filter_compares_scores_with_the_threshold_in_float32():
+    at = float(np.float32(0.3))  # 0.30000001192..., > 0.3 in float64 but == 0.3 in float32
+    above = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    dets = [det("circle", score=at), det("circle", cx=20.0, score=above)]
+    kept = filter_detections(dets, "single_object")["circle"]
+    assert [d.score for d in kept] == [above]
+    assert _official_order([at, above], 0.3) == [1]
+    counting = [det("circle", score=float(np.float32(0.9)))]
+    assert "circle" not in filter_detections(counting, "counting")
+
+
 def test_filter_has_no_nms():
     dets = [det("circle", score=0.9), det("circle", score=0.8)]  # identical boxes
     assert len(filter_detections(dets, "single_object")["circle"]) == 2

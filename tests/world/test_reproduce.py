@@ -36,6 +36,18 @@ def test_summary_is_mean_and_population_std_over_seeds():
     assert "last layer only" in text and "**0.400 ± 0.200**" in text and "0.86" in text
 
 
+def test_last_layer_rows_are_openuni_and_the_layernorm_variant_with_the_papers_source():
+    from parauni.world.reproduce import ROWS
+
+    rows = {r.name: r for r in ROWS}
+    assert rows["last_layer"].lim == {"layers": "last", "use_layernorm": False}  # as OpenUni builds it
+    assert rows["last_layer_ln"].lim == {"layers": "last"} and not rows["last_layer_ln"].paper
+    assert "OpenUni" in rows["last_layer"].label and "LayerNorm" in rows["last_layer_ln"].label
+    table = summarise({n: [_unit(n, 0, 0.3)] for n in ("last_layer", "last_layer_ln", "no_deep")})
+    text = format_table(table)
+    assert "0.86 (OpenUni in the main table)" in text and "0.84 (ablation table)" in text
+
+
 def test_quick_reproduce_writes_the_table_and_resumes(tmp_path, quick_cache, capsys):
     out = tmp_path / "rep"
     args = [
@@ -49,7 +61,7 @@ def test_quick_reproduce_writes_the_table_and_resumes(tmp_path, quick_cache, cap
         "last_layer",
         "ldam_no_grad_gate",
     ]
-    assert main(args + ["--out", str(out), "--cache", str(quick_cache)]) == 0
+    assert main(args + ["--out", str(out), "--stage0", "scratch", "--cache", str(quick_cache)]) == 0
     assert "expected duration" in capsys.readouterr().out
     report = json.loads((out / "reproduce.json").read_text())
     assert list(report["table"]) == ["last_layer", "all_layers", "ldam_no_grad_gate"]
@@ -80,6 +92,7 @@ def test_quick_reproduce_writes_the_table_and_resumes(tmp_path, quick_cache, cap
         seeds=[0, 1],
         rows=["last_layer", "ldam_no_grad_gate"],
         cache_dir=quick_cache,
+        stage0="scratch",
         quick=True,
         analyses=False,
         progress=False,

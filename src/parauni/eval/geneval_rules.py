@@ -125,7 +125,13 @@ def filter_detections(
     max_objects: int = MAX_OBJECTS,
 ) -> dict[str, list[Detection]]:
     """Keep each class's confident detections, best first: score > threshold (counting_threshold for the
-    counting tag), at most `max_objects` per class, no NMS. Classes with nothing kept are absent."""
+    counting tag), at most `max_objects` per class, no NMS. Classes with nothing kept are absent.
+
+    As the official `evaluate_images.py`, which reads mmdet's float32 score column: scores and thresholds
+    are compared in float32 (a score of float32(0.3) is not kept at threshold 0.3), and the order is an
+    ascending sort reversed, so equal scores come latest-detected first (numpy 1.23's quicksort is
+    insertion sort, hence stable, for the <= 16 detections a class has in practice).
+    """
     if tag not in GENEVAL_TAGS:
         raise ValueError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
     cutoff = counting_threshold if tag == "counting" else threshold
@@ -134,10 +140,11 @@ def filter_detections(
         by_class.setdefault(det.label, []).append(det)
     kept: dict[str, list[Detection]] = {}
     for label, dets in by_class.items():
-        ranked = sorted(dets, key=lambda d: d.score, reverse=True)
-        confident = [d for d in ranked if d.score > cutoff][:max_objects]
-        if confident:
-            kept[label] = confident
+        scores = np.asarray([d.score for d in dets], dtype=np.float32)
+        order = np.argsort(scores, kind="stable")[::-1]  # descending; ties: the later detection first
+        order = order[scores[order] > np.float32(cutoff)][:max_objects]
+        if len(order):
+            kept[label] = [dets[i] for i in order]
     return kept
 
 

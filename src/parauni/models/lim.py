@@ -46,7 +46,8 @@ def select_layers(
 ) -> list[int]:
     """The 0-based decoder layers whose query states condition the DiT.
 
-    Modes: ``all``; ``last`` (the OpenUni baseline); ``list`` (explicit, negative indices allowed);
+    Modes: ``all``; ``last`` (the last layer only: OpenUni's baseline when the LIM has no LayerNorm,
+    ``lim.use_layernorm=false``, as OpenUni's connector has none); ``list`` (explicit, negative indices allowed);
     ``drop_shallow`` / ``drop_middle`` / ``drop_deep`` (remove one zone); ``interval`` (every ``interval``-th
     layer, ending at the last one).
     """
@@ -159,6 +160,9 @@ class Connector(nn.Module):
 
 class LayerIntegrationModule(nn.Module):
     """Shared connector + projector + LayerNorm applied to every selected layer, then the mean.
+
+    With one layer (the last) and ``use_layernorm=False`` this is exactly OpenUni's connector and projector
+    (its baseline); with the LayerNorm it is this project's last-layer variant, which OpenUni does not have.
 
     Args:
         in_dim: the VLM width D.

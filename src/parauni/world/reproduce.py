@@ -2,14 +2,17 @@
 
 Every row is trained and evaluated here, for several seeds, through the same code as ``parauni demo``:
 
-* layer rows (Stage I + Stage II, then ShapesEval): last layer only (OpenUni), all layers, without the
-  shallow / middle / deep zone, interval sampling, LIM without LayerNorm;
+* layer rows (Stage I + Stage II, then ShapesEval): last layer only as OpenUni builds it (connector and
+  projector, no LayerNorm), last layer only with the LIM's LayerNorm (this project's earlier baseline), all
+  layers, without the shallow / middle / deep zone, interval sampling, LIM without LayerNorm;
 * RL rows (Stage III from the all-layer Stage-II model of the same seed, then ShapesEval): Flow-GRPO without
   LDAM, LDAM without the grad-norm gate, LDAM without the reward-drop gate, and the full model (all layers +
   LIM + LDAM with both gates).
 
 ShapesEval (GenEval's rules on the world) is reported per tag and overall as mean +- std over the seeds,
-beside the paper's GenEval numbers, in ``reproduce.md`` and ``reproduce.json``. The seed-0 last-layer and
+beside the paper's GenEval numbers (each with the table it comes from: the last-layer row's are OpenUni's
+row of the paper's main table, the ablation rows' the ablation table's), in ``reproduce.md`` and
+``reproduce.json``. The seed-0 last-layer and
 all-layer models are also compared on reconstruction ("Keep the image as it is.", supplementary section 4)
 and the all-layer model goes through the layer analyses (figures 2, 4, 5).
 
@@ -53,6 +56,7 @@ class AblationRow:
     lim: dict = field(default_factory=dict)  # ModelConfig.lim overrides (layer rows)
     rl: dict | None = None  # None: the Stage-II model is evaluated; else WorldRLConfig overrides
     paper: dict = field(default_factory=dict)  # GenEval: tag -> score and "overall"
+    source: str = "ablation table"  # where in the paper ``paper``'s numbers are printed
 
 
 PAPER_FULL = {
@@ -74,11 +78,15 @@ def _paper(single: float, colors: float, position: float, overall: float) -> dic
 ROWS: tuple[AblationRow, ...] = (
     AblationRow(
         "last_layer",
-        "last layer only (OpenUni)",
-        {"layers": "last"},
+        "last layer only, as OpenUni (no LayerNorm)",
+        {"layers": "last", "use_layernorm": False},
         paper={"two_object": 0.92, "counting": 0.76, "position": 0.82, "color_attr": 0.77, "overall": 0.86},
+        source="OpenUni in the main table",
     ),
-    AblationRow("all_layers", "all layers (Stage II, before RL)"),
+    AblationRow(
+        "last_layer_ln", "last layer only + LIM LayerNorm (not in the paper)", {"layers": "last"}, source=""
+    ),
+    AblationRow("all_layers", "all layers (Stage II, before RL)", source=""),
     AblationRow(
         "no_shallow",
         "(1) remove shallow zone",
@@ -102,7 +110,7 @@ ROWS: tuple[AblationRow, ...] = (
         None,
         _paper(0.98, 0.61, 0.75, 0.73),
     ),
-    AblationRow("rl_no_ldam", "all layers + Flow-GRPO without LDAM", rl={"ldam": False}),
+    AblationRow("rl_no_ldam", "all layers + Flow-GRPO without LDAM", rl={"ldam": False}, source=""),
     AblationRow(
         "ldam_no_grad_gate",
         "(6) LDAM without grad-norm gate",
@@ -115,7 +123,9 @@ ROWS: tuple[AblationRow, ...] = (
         rl={"ldam_reward_gate": False},
         paper=_paper(0.98, 0.90, 0.81, 0.86),
     ),
-    AblationRow("full", "ours: all layers + LIM + LDAM", rl={}, paper=PAPER_FULL),
+    AblationRow(
+        "full", "ours: all layers + LIM + LDAM", rl={}, paper=PAPER_FULL, source="main and ablation tables"
+    ),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
@@ -294,6 +304,7 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         table[name] = {
             "label": by_name[name].label,
             "paper": by_name[name].paper,
+            "paper_source": by_name[name].source,
             "seeds": [u["seed"] for u in units],
             "overall": _mean_std([u["shapeseval"]["overall"] for u in units]),
             "tags": {t: _mean_std([u["shapeseval"]["tags"][t] for u in units]) for t in GENEVAL_TAGS},
@@ -302,8 +313,9 @@ def summarise(results: dict[str, list[dict]]) -> dict:
 
 
 def format_table(table: dict) -> str:
-    """The Markdown table: ShapesEval mean +- std per tag and overall, and the paper's GenEval overall."""
-    header = "| row | " + " | ".join(GENEVAL_TAGS) + " | **overall** | paper GenEval overall |"
+    """The Markdown table: ShapesEval mean +- std per tag and overall, and the paper's GenEval overall with
+    the table of the paper it is printed in."""
+    header = "| row | " + " | ".join(GENEVAL_TAGS) + " | **overall** | paper GenEval overall (where) |"
     lines = [header, "|---|" + "---|" * (len(GENEVAL_TAGS) + 2)]
     for row in table.values():
         cells = [f"{row['tags'][t]['mean']:.3f} ± {row['tags'][t]['std']:.3f}" for t in GENEVAL_TAGS]
@@ -312,7 +324,7 @@ def format_table(table: dict) -> str:
             f"| {row['label']} | "
             + " | ".join(cells)
             + f" | **{row['overall']['mean']:.3f} ± {row['overall']['std']:.3f}** | "
-            + (f"{paper:.2f}" if paper is not None else "–")
+            + (f"{paper:.2f} ({row.get('paper_source') or 'paper'})" if paper is not None else "–")
             + " |"
         )
     return "\n".join(lines)
@@ -320,13 +332,17 @@ def format_table(table: dict) -> str:
 
 def _paper_table(table: dict) -> str:
     lines = [
-        "| row | " + " | ".join(GENEVAL_TAGS) + " | overall |",
-        "|---|" + "---|" * (len(GENEVAL_TAGS) + 1),
+        "| row | " + " | ".join(GENEVAL_TAGS) + " | overall | from |",
+        "|---|" + "---|" * (len(GENEVAL_TAGS) + 2),
     ]
     for row in table.values():
         if row["paper"]:
             cells = [f"{row['paper'][t]:.2f}" if t in row["paper"] else "–" for t in GENEVAL_TAGS]
-            lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {row['paper']['overall']:.2f} |")
+            lines.append(
+                f"| {row['label']} | "
+                + " | ".join(cells)
+                + f" | {row['paper']['overall']:.2f} | {row.get('paper_source', '')} |"
+            )
     return "\n".join(lines)
 
 
