@@ -49,8 +49,9 @@ def data_kind(spec: str) -> str:
             "give one of those, or a folder"
         )
     raise DataError(
-        f"--data {spec} does not exist; give a .jsonl file of {{image, caption}} lines, a folder (images + captions, tar shards, a Hugging Face dataset "
-        "or extracted latents), a .tar shard, or a shard pattern such as 'data/shard-{000000..000099}.tar'"
+        f"--data {spec} does not exist; give a folder (images + captions, tar shards, a Hugging Face dataset "
+        "or extracted latents), a .jsonl file of {image, caption} lines, a .tar shard, or a shard pattern "
+        "such as 'data/shard-{000000..000099}.tar'"
     )
 
 
