@@ -104,3 +104,17 @@ def test_a_diverged_training_is_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err == (
         "parauni info: error: 5 steps in a row had a non-finite loss or gradient; lower train.lr\n"
     )
+
+
+def test_read_json_names_the_file_line_and_column(tmp_path):
+    from parauni.utils.files import read_json
+
+    path = tmp_path / "state.json"
+    path.write_text('{\n  "step": 4,\n  "lr": \n')
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint state .*state.json, line 4, column 1: not valid JSON \(Expecting value\)",
+    ):
+        read_json(path, "checkpoint state")
+    path.write_text('{"step": 4}')
+    assert read_json(path) == {"step": 4}

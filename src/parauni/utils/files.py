@@ -136,3 +136,23 @@ def read_lines(path: str | Path, flag: str) -> list[str]:
                 "save the file as UTF-8"
             ) from err
     return lines
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """A JSON file's value; a ConfigError naming the file, the line and the column for anything unreadable.
+
+    Args:
+        path: the file.
+        what: what it is, for the message (e.g. ``"checkpoint state"``).
+    """
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start}); it is damaged") from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{what} {path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); it is damaged"
+        ) from err
