@@ -40,7 +40,8 @@ from parauni.training.trainer import train  # noqa: E402
 CAPTIONS = ["a red circle", "two blue squares", "a green cross left of a yellow triangle", "a photo of a cat"]
 PROMPTS = [("a red circle", None), ("a blue square", None), ("two crosses", None)]
 TRAIN_STEPS, SAVE_EVERY, GLOBAL_BATCH = 6, 2, 4
-RL_EPOCHS = 4
+RL_EPOCHS, RL_UPDATES = 4, 1  # RL_UPDATES: optimizer steps per epoch
+LR = 1e-3  # both runs; test_distributed derives its tolerances from it
 # a run takes 5-40 s; one still running after this long is hung: every thread's stack goes to stderr, exit 1
 HANG_SECONDS = float(os.environ.get("DISTRIBUTED_RUN_HANG_SECONDS", 240))
 HANG_MARK = "Timeout ("  # how faulthandler's dump begins
@@ -99,7 +100,7 @@ def run_train(args: argparse.Namespace) -> None:
             "steps": TRAIN_STEPS,
             "batch_size": GLOBAL_BATCH,
             "grad_accum": args.grad_accum,
-            "lr": 1e-3,
+            "lr": LR,
             "warmup": 1,
             "save_every": SAVE_EVERY,
             "keep_last": 2,
@@ -122,10 +123,10 @@ def rl_config() -> RLConfig:
         cfg=2.0,
         height=32,
         width=32,
-        updates_per_epoch=1,
+        updates_per_epoch=RL_UPDATES,
         micro_batch=8,
         rollout_batch=8,
-        lr=1e-3,
+        lr=LR,
         trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
         ldam=LDAMConfig(window=2, drop_epochs=1, grad_gate=False),
         save_every=1,
