@@ -232,7 +232,7 @@ def test_extract_latents_split_over_processes_resume_then_train(tmp_path, tiny_m
                 "--model",
                 "tiny",
                 "--out",
-                str(run),
+                str(tmp_path / "run_128"),
                 "--image-size",
                 "128",
             ]
