@@ -156,6 +156,29 @@ def test_resume_continues_exactly(make_tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ema_weights_are_saved_and_resume_exactly(make_tiny, tmp_path):
+    """train.ema: the model folder holds the EMA, the run folder the last raw weights, and a resumed run
+    (EMA restored from the checkpoint) ends with the same EMA as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from parauni.training.trainer import RAW_FILE
+
+    full, result = _tiny_run(make_tiny, tmp_path, steps=6, out="full", save_every=3, ema=0.5)
+    raw = load_file(str(result.model_dir / RAW_FILE))
+    ema = full.trained_state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw if k in ema)
+    assert (latest_checkpoint(result.model_dir) / "ema.safetensors").is_file()
+    _tiny_run(make_tiny, tmp_path, steps=6, out="broken", save_every=3, ema=0.5)
+    broken = tmp_path / "broken"
+    for name in ("model.safetensors", "config.yaml", RAW_FILE):
+        (broken / name).unlink()
+    resumed, _ = _tiny_run(make_tiny, tmp_path, steps=6, out="broken", resume=True, save_every=3, ema=0.5)
+    again = resumed.trained_state_dict()
+    assert all(torch.equal(ema[k], again[k]) for k in ema)
+    with pytest.raises(ValueError, match="train.ema=1.0 must be in"):
+        stage_config(1, {"ema": 1.0})
+
+
 def test_non_finite_steps_are_skipped_logged_and_stop_the_run(make_tiny, tmp_path):
     model = make_tiny()
     velocity = model.velocity

@@ -46,6 +46,13 @@ class TrainConfig:
         default=False,
         metadata={"help": "recompute the DiT's and the connector's activations in the backward pass"},
     )
+    ema: float = field(
+        default=0.0,
+        metadata={
+            "help": "EMA decay of the trained weights, updated after every optimizer step (0 = off); the saved "
+            "model holds the EMA weights and the run folder also keeps the last raw ones (raw_trainable.safetensors)"
+        },
+    )
     condition_distill: float = field(
         default=0.0,
         metadata={
@@ -76,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"train.caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"train.ema={self.ema} must be in [0, 1) (0 = off; 0.999 is usual)")
         if self.condition_distill < 0:
             raise ConfigError(f"train.condition_distill={self.condition_distill} must be >= 0 (0 = off)")
         if len(self.betas) != 2:

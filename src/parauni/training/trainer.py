@@ -42,6 +42,7 @@ from .distributed import (
     check_backend,
     configure_deepspeed,
     grad_norm,
+    like,
     load_optimizer,
     prepare,
     save_model,
@@ -51,6 +52,8 @@ from .distributed import (
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
+EMA_FILE = "ema.safetensors"
+RAW_FILE = "raw_trainable.safetensors"
 MAX_BAD_STEPS = 5
 # captions (None = unconditional) -> (states (B, S, C), mask (B, S)) of the DiT's pretraining text encoder
 Teacher = Callable[[list[str | None]], tuple[torch.Tensor, torch.Tensor]]
@@ -192,21 +195,31 @@ def _schedule(cfg: TrainConfig) -> dict:
 
 
 def save_checkpoint(
-    folder: Path, acc, model: ParaUni, wrapped, optimizer, state: dict, keep_last: int
+    folder: Path,
+    acc,
+    model: ParaUni,
+    wrapped,
+    optimizer,
+    state: dict,
+    keep_last: int,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_N`` (N = ``state['step']``) atomically; every process must call it.
 
-    It holds the trained tensors (gathered whole when sharded), the optimizer state (``optimizer.pt``, or
-    DeepSpeed's ``deepspeed/``), ``state.json`` (step, data position, schedule, skipped-step count) and one RNG
-    state per process.
+    It holds the trained tensors (gathered whole when sharded), their EMA when ``train.ema`` is on
+    (``ema.safetensors``), the optimizer state (``optimizer.pt``, or DeepSpeed's ``deepspeed/``), ``state.json``
+    (step, data position, schedule, skipped-step count) and one RNG state per process.
     """
     root = folder / CHECKPOINT_DIR
     with atomic_checkpoint(root, f"step_{state['step']:07d}", acc, keep_last) as tmp:
         torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
         tensors = whole_tensors(acc, {n: p for n, p in model.named_parameters() if p.requires_grad})
+        averaged = whole_tensors(acc, ema) if ema is not None else None
         save_optimizer(acc, wrapped, optimizer, tmp)
         if acc.is_main_process:
             save_file(tensors, str(tmp / "trainable.safetensors"))
+            if averaged is not None:
+                save_file(averaged, str(tmp / EMA_FILE))
             (tmp / "state.json").write_text(json.dumps(state))
     return root / f"step_{state['step']:07d}"
 
@@ -243,6 +256,33 @@ def load_checkpoint(path: Path, model: ParaUni, rank: int = 0) -> dict:
     if (rng := path / f"rng_{rank}.pt").is_file():
         set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+def init_ema(
+    named: dict[str, torch.Tensor], ckpt: Path | None, decay: float
+) -> dict[str, torch.Tensor] | None:
+    """The EMA of the trained tensors (None when ``decay`` is 0): from ``ckpt``'s ``ema.safetensors`` when
+    resuming, else a copy of the current weights."""
+    if decay == 0:
+        return None
+    ema = {n: p.detach().clone() for n, p in named.items()}
+    if ckpt is not None:
+        if not (ckpt / EMA_FILE).is_file():
+            raise CheckpointError(f"{ckpt} has no {EMA_FILE}: it was written with train.ema=0")
+        saved = load_file(str(ckpt / EMA_FILE))
+        with torch.no_grad():
+            for name, value in ema.items():
+                value.copy_(like(value, saved[name]))
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor] | None, named: dict[str, torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, after an optimizer step."""
+    if ema is None:
+        return
+    for name, p in named.items():
+        ema[name].lerp_(p.detach(), 1 - decay)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -321,9 +361,11 @@ def train(
     wrapped, optimizer = prepare(acc, model, optimizer, model)
     if ckpt is not None:
         load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", world))
-    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP's are DTensors
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # after prepare: FSDP's are DTensors
+    params = list(named.values())
     if not params:
         raise ValueError("nothing to train: no parameter of the model requires a gradient")
+    ema = init_ema(named, ckpt, cfg.ema)
     log_path = out_dir / LOG_FILE
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -380,6 +422,7 @@ def train(
                         acc.print(f"step {step}: non-finite loss or gradient (norm {norm}), step skipped")
                     if finite and not skipped:
                         bad_in_a_row = 0
+                        update_ema(ema, named, cfg.ema)
                     optimizer.zero_grad(set_to_none=True)
         loss_value = float(acc.gather(torch.stack(losses).mean()[None]).mean())
         bar.update(1)
@@ -411,7 +454,11 @@ def train(
                 "bad_in_a_row": bad_in_a_row,
                 "num_processes": world,
             }
-            save_checkpoint(out_dir, acc, model, wrapped, optimizer, state, cfg.keep_last)
+            save_checkpoint(out_dir, acc, model, wrapped, optimizer, state, cfg.keep_last, ema)
     bar.close()
-    save_model(acc, model, out_dir)
+    if ema is not None:  # the last raw weights, beside the EMA ones that the model folder gets
+        raw = whole_tensors(acc, named)
+        if acc.is_main_process:
+            save_file(raw, str(out_dir / RAW_FILE))
+    save_model(acc, model, out_dir, ema)
     return TrainResult(cfg.steps, loss_value, time.time() - t0, out_dir, log_path)
