@@ -151,12 +151,11 @@ def test_shapeseval_reward_gives_full_credit_to_ground_truth_renders():
 
 def test_world_reward_models_train_save_and_score(tmp_path):
     from parauni.world.config import WorldConfig
-    from parauni.world.pretrain import train_world_reward_models, world_tokenizer
+    from parauni.world.pretrain import pretrain
     from parauni.world.reward_models import world_rewards
 
     cfg = WorldConfig().quick()
-    tokenizer = world_tokenizer(cfg)
-    metrics = train_world_reward_models(tmp_path, tokenizer, cfg, progress=False, log=lambda *a: None)
+    metrics = pretrain(cfg, tmp_path, phases=["rewards"], progress=False, log=lambda *a: None)["rewards"]
     assert 0 <= metrics["heldout_retrieval_top1"] <= 1 and "aesthetic" in metrics
     rewards = world_rewards(tmp_path)
     assert sorted(rewards) == ["aesthetic", "clip", "geneval"]

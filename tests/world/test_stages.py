@@ -29,10 +29,10 @@ def test_stage0_writes_and_reuses_its_artefacts(stage0):
         "stage0_vlm",
         "stage0_ae",
         "stage0_t2i",
-        "stage0_clip",
+        "stage0_rewards",
     }
     assert 0.0 <= info["metrics"]["vlm"]["heldout_token_accuracy"] <= 1.0
-    assert 0.0 <= info["metrics"]["clip"]["heldout_retrieval_top1"] <= 1.0
+    assert 0.0 <= info["metrics"]["rewards"]["heldout_retrieval_top1"] <= 1.0
     assert (folder / "clip" / "config.json").is_file() and (folder / "aesthetic.safetensors").is_file()
     messages = []
     assert run_stage0(cfg, folder.parent, progress=False, log=messages.append) == folder
@@ -103,7 +103,18 @@ def test_world_config_overrides_are_checked():
 
 def test_quick_demo_writes_the_report(tmp_path, quick_cache):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--quiet", "--out", str(out), "--cache", str(quick_cache)]) == 0
+    args = [
+        "demo",
+        "--quick",
+        "--quiet",
+        "--out",
+        str(out),
+        "--stage0",
+        "scratch",
+        "--cache",
+        str(quick_cache),
+    ]
+    assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["shapeseval"]) == {"stage0_t2i", "stage1", "stage2", "stage3"}
     for scores in metrics["shapeseval"].values():
@@ -112,10 +123,11 @@ def test_quick_demo_writes_the_report(tmp_path, quick_cache):
         metrics["timings"]
     )
     assert set(metrics["rl"]["rewards_first_last"]) == {"aesthetic", "clip", "geneval"}
-    for name in ["report.md", "losses.png", "rl_rewards.png", "samples_counting.png", "eval_metadata.jsonl"]:
+    for name in ["report.md", "losses.png", "rl_curves.png", "samples_counting.png", "eval_metadata.jsonl"]:
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
-    assert "ShapesEval" in report and "Stage III (RL)" in report
+    assert "ShapesEval" in report and "Stage III (RL)" in report and "A smoke run (`--quick`)" in report
+    assert set(metrics["estimate"]) == {"stage1", "stage2", "stage3_rl", "shapeseval", "total"}
     rl_rows = [json.loads(line) for line in (out / "stage3" / "rl_log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rl_rows] == ["aesthetic", "clip+geneval"]
     # both stages pull the condition toward the Stage-0 text encoder's states (parauni.stage{1,2}_distill)

@@ -8,10 +8,28 @@ as ``--world.section.key=value``.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, apply_overrides, from_dict
 from .rl import WorldRLConfig
+
+# Each Stage-0 model and each stage of the demo draws its own stream of world examples: example i of a stage
+# is example i of WorldStream(seed + offset).
+STREAM_OFFSETS: dict[str, int] = {
+    "tokenizer": 101,
+    "vlm": 202,
+    "t2i": 303,
+    "stage1": 404,
+    "stage2": 505,
+    "heldout": 606,
+    "text": 707,
+    "ae": 808,
+    "clip": 909,
+    "aesthetic": 1010,
+}
 
 
 @dataclass
@@ -32,6 +50,9 @@ class WorldVLMConfig:
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 30
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (matrices only)"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
     restate: bool = field(
         default=False,
         metadata={
@@ -53,6 +74,10 @@ class WorldAEConfig:
     steps: int = 400
     batch_size: int = 64
     lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
     latent_noise: float = field(
         default=0.1, metadata={"help": "noise added to latents in training (diffusability)"}
     )
@@ -72,6 +97,18 @@ class WorldT2IConfig:
     )
     text_batch_size: int = 64
     text_lr: float = 2e-3
+    text_warmup: int = 20
+    text_weight_decay: float = 0.01
+    text_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    text_grad_clip: float = 1.0
+    text_tokens: int = field(
+        default=32,
+        metadata={
+            "help": "captions padded (or cut) to this many tokens, all read by the DiT, padding states included "
+            "(= parauni.num_queries, so that every condition token ParaUni gives was seen in Stage 0); 0 = "
+            "padded to the batch's longest and masked"
+        },
+    )
     tune_text_encoder: bool = field(
         default=True,
         metadata={"help": "keep training the text encoder with the DiT (else frozen, as in SANA)"},
@@ -90,6 +127,9 @@ class WorldT2IConfig:
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 50
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the DiT stage"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "unconditional captions (for CFG)"})
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the DiT's weights (0 = off)"})
     timestep_sampling: str = "logit_normal"
 
 
@@ -97,7 +137,7 @@ class WorldT2IConfig:
 class WorldParaUniConfig:
     """ParaUni on the world: queries + LIM sizes and Stages I and II."""
 
-    num_queries: int = 16
+    num_queries: int = field(default=32, metadata={"help": "learnable queries = condition tokens"})
     connector_layers: int = 2
     connector_heads: int = 4
     connector_intermediate: int = 384
@@ -152,6 +192,9 @@ class WorldRewardConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 20
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    grad_clip: float = 1.0
     hard_negatives: bool = field(
         default=True,
         metadata={
@@ -166,6 +209,8 @@ class WorldRewardConfig:
     aesthetic_steps: int = 100
     aesthetic_batch_size: int = 64
     aesthetic_lr: float = 1e-3
+    aesthetic_warmup: int = 10
+    aesthetic_weight_decay: float = 0.01
 
 
 @dataclass
@@ -174,6 +219,10 @@ class WorldConfig:
 
     image_size: int = field(default=32, metadata={"help": "side of the world's square images"})
     seed: int = 0
+    save_every: int = field(
+        default=100,
+        metadata={"help": "Stage-0 checkpoints every N steps of each model (resuming; no effect on results)"},
+    )
     vlm: WorldVLMConfig = field(default_factory=WorldVLMConfig)
     ae: WorldAEConfig = field(default_factory=WorldAEConfig)
     t2i: WorldT2IConfig = field(default_factory=WorldT2IConfig)
@@ -188,6 +237,12 @@ class WorldConfig:
             raise ConfigError(
                 f"world.image_size={self.image_size} must be a multiple of 4 x vlm.patch ({4 * self.vlm.patch}) "
                 f"and of the autoencoder factor x t2i.dit_patch ({dit_multiple})"
+            )
+        if self.t2i.text_tokens and self.t2i.text_tokens != self.parauni.num_queries:
+            raise ConfigError(
+                f"world.t2i.text_tokens={self.t2i.text_tokens} must equal world.parauni.num_queries="
+                f"{self.parauni.num_queries} (the DiT is pretrained on as many condition tokens as ParaUni gives), "
+                "or be 0 (masked captions)"
             )
         if self.image_size % self.reward.patch:
             raise ConfigError(
@@ -204,6 +259,7 @@ class WorldConfig:
         q.t2i.text_steps, q.t2i.text_batch_size = 3, 8
         q.t2i.dit_layers, q.t2i.text_layers, q.t2i.text_hidden = 2, 1, 64
         q.parauni.connector_intermediate = 128
+        q.t2i.text_tokens = q.parauni.num_queries = 16
         q.parauni.stage1_steps = q.parauni.stage2_steps = 3
         q.parauni.stage1_warmup = q.parauni.stage2_warmup = 1
         q.parauni.batch_size = 8
@@ -215,3 +271,25 @@ class WorldConfig:
         q.rl.aesthetic_epochs = q.rl.clip_epochs = 1
         q.rl.prompts_per_epoch, q.rl.group_size, q.rl.steps, q.rl.micro_batch = 2, 2, 3, 4
         return q
+
+
+def world_config(
+    overrides: list[str] | None = None, quick: bool = False, base: dict | None = None
+) -> WorldConfig:
+    """The world config with ``section.key=value`` overrides (``--`` and ``world.`` prefixes optional), applied
+    on ``base`` (a dict of some of its fields, e.g. a Stage-0 release's ``world.json``) over the defaults."""
+    items = [o[2:] if o.startswith("--") else o for o in overrides or []]
+    items = [o.removeprefix("world.") for o in items]
+    data = dataclasses.asdict(WorldConfig())
+    for key, value in (base or {}).items():
+        if isinstance(value, dict):
+            data[key].update(value)
+        elif key in data:
+            data[key] = value
+    cfg = from_dict(WorldConfig, apply_overrides(data, items), prefix="world.")
+    return cfg.quick() if quick else cfg
+
+
+def default_cache_dir() -> Path:
+    """Where the quick from-scratch Stage 0 is cached: ``$PARAUNI_CACHE`` or ``~/.cache/parauni/world``."""
+    return Path(os.environ.get("PARAUNI_CACHE", Path.home() / ".cache" / "parauni" / "world"))

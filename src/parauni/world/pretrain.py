@@ -3,9 +3,14 @@
 * a tokenizer trained on the world's words (byte-level BPE, with the InternVL chat special tokens);
 * a small VLM of the InternVL architecture (``InternVLForConditionalGeneration``) pretrained on captioning the
   world's images and on its captions as text, so that its layers carry meaning;
-* a small SANA DiT pretrained for text-to-image with its own Gemma-2-architecture text encoder.
+* a small DC-AE, and a small SANA DiT pretrained for text-to-image with its own Gemma-2-architecture text
+  encoder;
+* the world's reward models (a CLIP and an aesthetic MLP).
 
-Artefacts are cached under a key of the world config, so a second ``parauni demo`` skips Stage 0.
+:func:`pretrain` trains them into a folder, model by model ("phases"), resumable after a kill at any point;
+``parauni world pretrain`` runs it with the long recipe (:data:`RECIPE`) whose result ships with the package
+(:mod:`parauni.world.release`); ``parauni demo --stage0 scratch`` runs it with the world config's quick defaults,
+cached under a key of the config.
 """
 
 from __future__ import annotations
@@ -14,38 +19,52 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import ModelConfig, from_dict
 from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
 from ..training.config import TrainConfig
-from ..training.trainer import train, warmup_cosine
+from ..training.trainer import CHECKPOINT_DIR, RAW_FILE, train
 from ..utils.images import pil_to_tensor
 from .captions import WorldStream, world_vocabulary
-from .config import WorldConfig
+from .config import STREAM_OFFSETS, WorldConfig
+from .fit import FitSchedule, fit
 from .t2i import TextToImage
 
-STAGE0_VERSION = 2  # bump when the code that trains Stage 0 changes its results (2: per-example draws)
+STAGE0_VERSION = (
+    3  # bump when the code that trains Stage 0 changes its results (3: fixed-length DiT captions)
+)
 CAPTION_INSTRUCTION = "Describe the image."
 DONE_FILE = "stage0.json"
-# Each stage draws its own stream of world examples.
-STREAM_OFFSETS = {
-    "tokenizer": 101,
-    "vlm": 202,
-    "t2i": 303,
-    "stage1": 404,
-    "stage2": 505,
-    "heldout": 606,
-    "text": 707,
-    "ae": 808,
-    "clip": 909,
-    "aesthetic": 1010,
-}
+CONFIG_FILE = "world.json"
+METRICS_DIR = "metrics"
+WORK_DIR = ".work"
+# Phases of Stage 0 in the order they run; t2i needs the autoencoder, rewards nothing but the tokenizer.
+PHASES: tuple[str, ...] = ("vlm", "ae", "t2i", "rewards")
+# The long recipe of the shipped Stage 0 (`parauni world pretrain`): overrides of the world config's quick
+# defaults, chosen by the measurements in docs/world.md.
+RECIPE: tuple[str, ...] = (
+    "vlm.steps=1500",
+    "vlm.warmup=50",
+    "vlm.restate=true",
+    "ae.steps=800",
+    "t2i.text_steps=300",
+    "t2i.steps=6000",
+    "t2i.warmup=100",
+    "t2i.ema=0.999",
+    "reward.steps=1500",
+    "reward.warmup=50",
+    "reward.aesthetic_steps=300",
+)
+
+
+class Stage0Error(ValueError):
+    """A Stage-0 folder that cannot be used as asked (another config, a missing model)."""
 
 
 class WorldSource:
@@ -59,20 +78,6 @@ class WorldSource:
     def examples(self, indices: list[int], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
         items = [self.stream.example(i) for i in indices]
         return torch.stack([pil_to_tensor(e["image"]) for e in items]), [e["caption"] for e in items]
-
-
-def stage0_key(cfg: WorldConfig) -> str:
-    """Cache key of the Stage-0 artefacts: everything that changes them."""
-    data = {
-        "version": STAGE0_VERSION,
-        "image_size": cfg.image_size,
-        "seed": cfg.seed,
-        "vlm": dataclasses.asdict(cfg.vlm),
-        "t2i": dataclasses.asdict(cfg.t2i),
-        "ae": dataclasses.asdict(cfg.ae),
-        "reward": dataclasses.asdict(cfg.reward),
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -192,34 +197,52 @@ def vlm_loss(model, tokenizer, items: list[dict], restate: bool = False) -> tupl
     return loss, accuracy
 
 
-def train_world_vlm(model, tokenizer, cfg: WorldConfig, progress: bool = True) -> dict:
-    """Pretrain the world VLM; returns its loss curve and held-out captioning metrics."""
+def vlm_schedule(cfg: WorldConfig) -> FitSchedule:
+    v = cfg.vlm
+    return FitSchedule(v.steps, v.lr, v.warmup, v.weight_decay, tuple(v.betas), v.grad_clip)
+
+
+@torch.no_grad()
+def caption_accuracy(model, tokenizer, items: list[dict]) -> float:
+    """Next-token accuracy over the caption tokens of image -> caption rows only (teacher forcing)."""
+    batch = _vlm_batch(model, tokenizer, items, [False] * len(items))
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    valid = labels != -100
+    return float((logits.argmax(-1)[valid] == labels[valid]).float().mean())
+
+
+def train_world_vlm(
+    model, tokenizer, cfg: WorldConfig, progress: bool = True, work: str | Path | None = None
+) -> dict:
+    """Pretrain the world VLM (resumable from ``work``); returns its loss curve and held-out metrics: the
+    mixed batch's loss and token accuracy, and the token accuracy of captioning alone."""
     v = cfg.vlm
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["vlm"], cfg.image_size)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-        lr=v.lr,
-        betas=(0.9, 0.95),
-    )
-    model.train()
-    curve = []
-    for step in tqdm(range(v.steps), desc="stage 0: VLM", disable=not progress):
-        lr = warmup_cosine(step, v.lr, v.warmup, v.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         loss, acc = vlm_loss(model, tokenizer, stream.batch(step * v.batch_size, v.batch_size), v.restate)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        curve.append({"step": step, "loss": loss.item(), "accuracy": acc.item()})
-    model.eval()
+        return loss, {"accuracy": acc}
+
+    work = work or _scratch_work("vlm")
+    result = fit(
+        "VLM", model, step_loss, vlm_schedule(cfg), work, cfg.seed, cfg.save_every, progress=progress
+    )
     heldout = WorldStream(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size).batch(0, 128)
     with torch.no_grad():
         loss, acc = vlm_loss(model, tokenizer, heldout, v.restate)
-    return {"curve": curve, "heldout_loss": float(loss), "heldout_token_accuracy": float(acc)}
+    return {
+        **result,
+        "heldout_loss": float(loss),
+        "heldout_token_accuracy": float(acc),
+        "heldout_caption_accuracy": caption_accuracy(model, tokenizer, heldout),
+    }
+
+
+def _scratch_work(name: str) -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"parauni-{name}-"))
 
 
 # ----------------------------------------------------------------------------------------------- the autoencoder
@@ -251,38 +274,39 @@ def world_autoencoder(cfg: WorldConfig):
         )
 
 
-def train_world_autoencoder(ae, cfg: WorldConfig, progress: bool = True) -> dict:
-    """Train the autoencoder to reconstruct world images (decoder robust to latent noise), then set its
-    ``scaling_factor`` to 1 / std of the latents, as DC-AE's is set for SANA."""
+def train_world_autoencoder(
+    ae, cfg: WorldConfig, progress: bool = True, work: str | Path | None = None
+) -> dict:
+    """Train the autoencoder to reconstruct world images (decoder robust to latent noise; resumable from
+    ``work``), then set its ``scaling_factor`` to 1 / std of the latents, as DC-AE's is set for SANA."""
     a = cfg.ae
     source = WorldSource(cfg.seed + STREAM_OFFSETS["ae"], cfg.image_size)
-    opt = torch.optim.AdamW(ae.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ae.train()
-    curve = []
-    for step in tqdm(range(a.steps), desc="stage 0: autoencoder", disable=not progress):
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, a.lr, 20, a.steps)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         x, _ = source.examples(list(range(step * a.batch_size, (step + 1) * a.batch_size)))
         z = ae.encode(x).latent
         z = z + a.latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
-        loss = torch.nn.functional.mse_loss(ae.decode(z).sample, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
-        opt.step()
-        curve.append({"step": step, "loss": loss.item()})
-    ae.eval().requires_grad_(False)
+        return torch.nn.functional.mse_loss(ae.decode(z).sample, x), {}
+
+    schedule = FitSchedule(a.steps, a.lr, a.warmup, a.weight_decay, tuple(a.betas), a.grad_clip)
+    result = fit(
+        "autoencoder",
+        ae,
+        step_loss,
+        schedule,
+        work or _scratch_work("ae"),
+        cfg.seed,
+        cfg.save_every,
+        progress=progress,
+    )
+    ae.requires_grad_(False)
     x, _ = WorldSource(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size).examples(list(range(256)))
     with torch.no_grad():
         z = ae.encode(x).latent
         mse = torch.nn.functional.mse_loss(ae.decode(z).sample.clamp(-1, 1), x).item()
     ae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    return {
-        "curve": curve,
-        "heldout_psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
-        "latent_std": float(z.std()),
-    }
+    return {**result, "heldout_psnr": 10 * math.log10(4.0 / max(mse, 1e-12)), "latent_std": float(z.std())}
 
 
 # ----------------------------------------------------------------------------------------------- the T2I model
@@ -334,38 +358,48 @@ def world_t2i(cfg: WorldConfig, tokenizer, vae=None) -> TextToImage:
             norm_eps=1e-6,
             qk_norm=None,
         )
-    return TextToImage(text_encoder, tokenizer, dit, vae=vae)
+    fixed = t.text_tokens > 0
+    return TextToImage(
+        text_encoder, tokenizer, dit, max_length=t.text_tokens if fixed else 64, vae=vae, fixed_length=fixed
+    )
 
 
-def train_text_encoder(t2i: TextToImage, cfg: WorldConfig, progress: bool = True) -> dict:
+def train_text_encoder(
+    t2i: TextToImage, cfg: WorldConfig, progress: bool = True, work: str | Path | None = None
+) -> dict:
     """Pretrain the text encoder as a language model on world captions (as Gemma-2 was pretrained on text),
-    with its input embedding as the output layer; then it is frozen, as SANA keeps its text encoder frozen."""
+    with its input embedding as the output layer (resumable from ``work``)."""
     t = cfg.t2i
     encoder = t2i.text_encoder
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["text"], cfg.image_size)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=t.text_lr, betas=(0.9, 0.95), weight_decay=0.01)
-    encoder.train()
-    curve = []
-    for step in tqdm(range(t.text_steps), desc="stage 0: text encoder", disable=not progress):
-        lr = warmup_cosine(step, t.text_lr, 20, t.text_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         captions = [e["caption"] for e in stream.batch(step * t.text_batch_size, t.text_batch_size)]
         batch = t2i.encode_prompts(captions)
         hidden = encoder(**batch).last_hidden_state[:, :-1]  # (B, S - 1, C)
         logits = hidden @ encoder.get_input_embeddings().weight.T  # tied output layer
         labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        opt.step()
-        curve.append({"step": step, "loss": loss.item()})
-    encoder.eval().requires_grad_(t.tune_text_encoder)
-    return {"final_loss": curve[-1]["loss"] if curve else float("nan"), "curve": curve}
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)), {}
+
+    schedule = FitSchedule(
+        t.text_steps, t.text_lr, t.text_warmup, t.text_weight_decay, tuple(t.text_betas), t.text_grad_clip
+    )
+    result = fit(
+        "text encoder",
+        encoder,
+        step_loss,
+        schedule,
+        work or _scratch_work("text"),
+        cfg.seed,
+        cfg.save_every,
+        progress=progress,
+    )
+    encoder.requires_grad_(t.tune_text_encoder)
+    return {**result, "final_loss": result["curve"][-1]["loss"] if result["curve"] else float("nan")}
 
 
-def t2i_train_config(cfg: WorldConfig, save_every: int = 0) -> TrainConfig:
+def t2i_train_config(cfg: WorldConfig) -> TrainConfig:
+    """The DiT stage of Stage 0 (the trainer's stage 0): the world config's T2I fields."""
     t = cfg.t2i
     return TrainConfig(
         stage=0,
@@ -373,106 +407,221 @@ def t2i_train_config(cfg: WorldConfig, save_every: int = 0) -> TrainConfig:
         batch_size=t.batch_size,
         lr=t.lr,
         warmup=t.warmup,
-        weight_decay=0.01,
-        caption_dropout=0.1,
+        weight_decay=t.weight_decay,
+        caption_dropout=t.caption_dropout,
         timestep_sampling=t.timestep_sampling,
         image_size=cfg.image_size,
-        save_every=save_every,
+        ema=t.ema,
+        save_every=cfg.save_every,
+        keep_last=1,
         log_every=10,
         seed=cfg.seed,
     )
 
 
 # ----------------------------------------------------------------------------------------------- Stage 0
-def run_stage0(cfg: WorldConfig, cache_dir: str | Path, progress: bool = True, log=print) -> Path:
-    """Train (or reuse from the cache) the world's tokenizer, VLM and text-to-image model.
+def stage0_config(cfg: WorldConfig) -> dict:
+    """The part of the world config that determines Stage 0 (what ``world.json`` of a Stage-0 folder holds)."""
+    keep = ("image_size", "seed", "vlm", "ae", "t2i", "reward")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}
 
-    Returns the artefact folder: ``vlm/`` (InternVL + tokenizer), ``t2i/`` (text encoder + DiT), ``clip/`` +
-    ``aesthetic.safetensors`` (the world's reward models) and ``stage0.json`` (timings and metrics), which
-    is written last and marks the folder complete.
-    """
-    folder = Path(cache_dir) / f"stage0-{stage0_key(cfg)}"
-    if (folder / DONE_FILE).is_file():
-        log(f"stage 0: reusing the cached world models in {folder}")
-        return folder
+
+def stage0_key(cfg: WorldConfig) -> str:
+    """Cache key of the Stage-0 artefacts: everything that changes them."""
+    data = {"version": STAGE0_VERSION, **stage0_config(cfg)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _claim_folder(folder: Path, cfg: WorldConfig) -> None:
+    """Write ``world.json`` into a new Stage-0 folder, or check that an existing one was begun with the same
+    Stage-0 config (a resumed run must not mix two recipes)."""
+    wanted = {"version": STAGE0_VERSION, **stage0_config(cfg)}
+    path = folder / CONFIG_FILE
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            diff = [
+                k
+                for k in sorted(set(_flat(found)) | set(_flat(wanted)))
+                if _flat(found).get(k) != _flat(wanted).get(k)
+            ]
+            raise Stage0Error(
+                f"{folder} holds a Stage 0 begun with another world config (differs in {diff[:6]}): give another "
+                "--out, or the same --world overrides to resume it"
+            )
+        return
     folder.mkdir(parents=True, exist_ok=True)
-    timings, metrics = {}, {}
+    path.write_text(json.dumps(wanted, indent=2) + "\n")
 
-    t0 = time.time()
-    tokenizer = world_tokenizer(cfg)
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def phase_metrics(folder: str | Path, phase: str) -> dict | None:
+    """The metrics a finished phase wrote (``metrics/<phase>.json``), or None while it has not finished."""
+    path = Path(folder) / METRICS_DIR / f"{phase}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _finish_phase(folder: Path, phase: str, metrics: dict, curves: dict[str, list]) -> dict:
+    """Write the phase's loss curves (``<name>_log.jsonl``) and its metrics file, which marks it done."""
+    for name, curve in curves.items():
+        (folder / f"{name}_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    (folder / METRICS_DIR).mkdir(exist_ok=True)
+    tmp = folder / METRICS_DIR / f".{phase}.json"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.rename(folder / METRICS_DIR / f"{phase}.json")
+    return metrics
+
+
+def _phase_vlm(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -> dict:
     vlm = world_vlm(cfg, tokenizer)
     log(
-        f"stage 0: VLM with {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters, "
-        f"{cfg.vlm.layers} decoder layers"
+        f"stage 0: VLM with {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters, {cfg.vlm.layers} decoder layers"
     )
-    vlm_metrics = train_world_vlm(vlm, tokenizer, cfg, progress)
+    m = train_world_vlm(vlm, tokenizer, cfg, progress, folder / WORK_DIR / "vlm")
     vlm.save_pretrained(folder / "vlm")
     tokenizer.save_pretrained(folder / "vlm")
-    (folder / "vlm_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vlm_metrics.pop("curve")))
-    timings["stage0_vlm"] = time.time() - t0
-    metrics["vlm"] = vlm_metrics
     log(
-        f"stage 0: VLM held-out caption token accuracy {vlm_metrics['heldout_token_accuracy']:.3f} "
-        f"({timings['stage0_vlm']:.0f} s)"
+        f"stage 0: VLM held-out caption token accuracy {m['heldout_caption_accuracy']:.3f} (mixed rows "
+        f"{m['heldout_token_accuracy']:.3f}; {m['seconds']:.0f} s)"
     )
+    return _finish_phase(folder, "vlm", m, {"vlm": m.pop("curve")})
 
-    t0 = time.time()
+
+def _phase_ae(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -> dict:
+    vae = world_autoencoder(cfg)
+    m = train_world_autoencoder(vae, cfg, progress, folder / WORK_DIR / "ae")
+    vae.save_pretrained(folder / "t2i" / "vae")
+    log(
+        f"stage 0: autoencoder f{vae.spatial_compression_ratio}c{cfg.ae.latent_channels}, held-out PSNR "
+        f"{m['heldout_psnr']:.1f} dB ({m['seconds']:.0f} s)"
+    )
+    return _finish_phase(folder, "ae", m, {"ae": m.pop("curve")})
+
+
+def _phase_t2i(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -> dict:
     vae = None
     if cfg.ae.enabled:
-        vae = world_autoencoder(cfg)
-        ae_metrics = train_world_autoencoder(vae, cfg, progress)
-        (folder / "ae_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ae_metrics.pop("curve")))
-        metrics["ae"] = ae_metrics
-        timings["stage0_ae"] = time.time() - t0
-        log(
-            f"stage 0: autoencoder f{vae.spatial_compression_ratio}c{cfg.ae.latent_channels}, held-out PSNR "
-            f"{ae_metrics['heldout_psnr']:.1f} dB ({timings['stage0_ae']:.0f} s)"
-        )
-        t0 = time.time()
+        from diffusers import AutoencoderDC
+
+        if phase_metrics(folder, "ae") is None:
+            raise Stage0Error(
+                f"the text-to-image phase needs the autoencoder of {folder}: train phase 'ae' first"
+            )
+        vae = AutoencoderDC.from_pretrained(folder / "t2i" / "vae")
     t2i = world_t2i(cfg, tokenizer, vae)
     log(
         f"stage 0: text-to-image DiT {sum(p.numel() for p in t2i.dit.parameters()) / 1e6:.2f}M + text encoder "
         f"{sum(p.numel() for p in t2i.text_encoder.parameters()) / 1e6:.2f}M parameters"
     )
-    text_metrics = train_text_encoder(t2i, cfg, progress)
-    (folder / "text_encoder_log.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in text_metrics.pop("curve"))
-    )
-    metrics["text_encoder"] = text_metrics
+    text = train_text_encoder(t2i, cfg, progress, folder / WORK_DIR / "text_encoder")
     source = WorldSource(cfg.seed + STREAM_OFFSETS["t2i"], cfg.image_size)
-    result = train(t2i, source, t2i_train_config(cfg), folder / "t2i", progress=progress)
-    timings["stage0_t2i"] = time.time() - t0
-    metrics["t2i"] = {"final_loss": result.final_loss}
-    log(f"stage 0: text-to-image final loss {result.final_loss:.4f} ({timings['stage0_t2i']:.0f} s)")
     t0 = time.time()
-    metrics["clip"] = train_world_reward_models(folder, tokenizer, cfg, progress, log)
-    timings["stage0_clip"] = time.time() - t0
-    (folder / DONE_FILE).write_text(
-        json.dumps({"timings": timings, "metrics": metrics, "key": stage0_key(cfg)}, indent=2)
+    result = train(t2i, source, t2i_train_config(cfg), folder / "t2i", resume=True, progress=progress)
+    log_rows = [json.loads(line) for line in (folder / "t2i" / "train_log.jsonl").read_text().splitlines()]
+    m = {
+        "final_loss": result.final_loss,
+        "text_encoder_final_loss": text["final_loss"],
+        "seconds": text["seconds"] + (log_rows[-1]["seconds"] if log_rows else time.time() - t0),
+    }
+    log(f"stage 0: text-to-image final loss {result.final_loss:.4f} ({m['seconds']:.0f} s)")
+    return _finish_phase(folder, "t2i", m, {"text_encoder": text["curve"]})
+
+
+def _phase_rewards(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -> dict:
+    from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
+
+    clip = world_clip(cfg, tokenizer)
+    clip_metrics = train_world_clip(clip, tokenizer, cfg, progress, folder / WORK_DIR / "clip")
+    mlp, aesthetic = train_world_aesthetic(clip, cfg, progress, folder / WORK_DIR / "aesthetic")
+    save_world_reward_models(folder, clip, tokenizer, mlp, cfg)
+    curve = clip_metrics.pop("curve")
+    aesthetic.pop("curve")
+    m = {**clip_metrics, "aesthetic": aesthetic, "seconds": clip_metrics["seconds"] + aesthetic["seconds"]}
+    log(
+        f"stage 0: world CLIP held-out retrieval top-1 {m['heldout_retrieval_top1']:.3f}, hard-negative "
+        f"accuracy {m['heldout_hard_negative_accuracy']:.3f}; aesthetic ranking accuracy "
+        f"{aesthetic['heldout_ranking_accuracy']:.3f} ({m['seconds']:.0f} s)"
     )
+    return _finish_phase(folder, "rewards", m, {"clip": curve})
+
+
+_PHASE_FNS = {"vlm": _phase_vlm, "ae": _phase_ae, "t2i": _phase_t2i, "rewards": _phase_rewards}
+
+
+def pretrain(
+    cfg: WorldConfig,
+    folder: str | Path,
+    phases: tuple[str, ...] | list[str] = PHASES,
+    progress: bool = True,
+    log=print,
+) -> dict[str, dict]:
+    """Train the Stage-0 models of ``phases`` into ``folder``, resuming whatever a killed run left there.
+
+    A phase that finished (``metrics/<phase>.json``) is skipped; one that was interrupted continues from its
+    last checkpoint (``.work/`` for the small models, ``t2i/checkpoints`` for the DiT) to the same weights as an
+    uninterrupted run. Two processes may train different phases into the same folder at once (the DiT needs
+    the autoencoder's phase done first). Returns the metrics of every finished phase.
+    """
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        raise Stage0Error(f"unknown Stage-0 phases {unknown}; choose from {list(PHASES)}")
+    folder = Path(folder)
+    _claim_folder(folder, cfg)
+    tokenizer = world_tokenizer(cfg)
+    for phase in PHASES:
+        if phase not in phases or (phase == "ae" and not cfg.ae.enabled):
+            continue
+        if phase_metrics(folder, phase) is not None:
+            log(f"stage 0: {phase} already trained in {folder}")
+            continue
+        _PHASE_FNS[phase](cfg, folder, tokenizer, progress, log)
+    return {p: m for p in PHASES if (m := phase_metrics(folder, p)) is not None}
+
+
+def clean_work(folder: str | Path) -> None:
+    """Remove what only resuming needs (checkpoints, the DiT's last raw weights) from a finished folder."""
+    folder = Path(folder)
+    shutil.rmtree(folder / WORK_DIR, ignore_errors=True)
+    shutil.rmtree(folder / "t2i" / CHECKPOINT_DIR, ignore_errors=True)
+    (folder / "t2i" / RAW_FILE).unlink(missing_ok=True)
+
+
+def run_stage0(cfg: WorldConfig, cache_dir: str | Path, progress: bool = True, log=print) -> Path:
+    """Train (or reuse from the cache) the world's Stage-0 models with ``cfg`` as it is (the quick from-scratch
+    path of ``parauni demo --stage0 scratch``).
+
+    Returns the folder: ``vlm/`` (InternVL + tokenizer), ``t2i/`` (text encoder + DiT + autoencoder),
+    ``clip/`` + ``aesthetic.safetensors`` (the world's reward models) and ``stage0.json`` (timings and metrics),
+    which is written last and marks the folder complete.
+    """
+    folder = Path(cache_dir) / f"stage0-{stage0_key(cfg)}"
+    if (folder / DONE_FILE).is_file():
+        log(f"stage 0: reusing the cached world models in {folder}")
+        return folder
+    metrics = pretrain(cfg, folder, PHASES, progress, log)
+    write_stage0_summary(folder, metrics)
+    clean_work(folder)
     return folder
 
 
-def train_world_reward_models(
-    folder: Path, tokenizer, cfg: WorldConfig, progress: bool = True, log=print
-) -> dict:
-    """Stage 0's last step: the world CLIP and the aesthetic MLP on its embeddings (Stage III's rewards),
-    saved into ``folder``; returns their held-out metrics."""
-    from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
-
-    t0 = time.time()
-    clip = world_clip(cfg, tokenizer)
-    clip_metrics = train_world_clip(clip, tokenizer, cfg, progress)
-    mlp, aesthetic_metrics = train_world_aesthetic(clip, cfg, progress)
-    save_world_reward_models(folder, clip, tokenizer, mlp, cfg)
-    (folder / "clip_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clip_metrics.pop("curve")))
-    aesthetic_metrics.pop("curve")
-    log(
-        f"stage 0: world CLIP held-out retrieval top-1 {clip_metrics['heldout_retrieval_top1']:.3f}, hard-negative "
-        f"accuracy {clip_metrics['heldout_hard_negative_accuracy']:.3f}; aesthetic ranking accuracy "
-        f"{aesthetic_metrics['heldout_ranking_accuracy']:.3f} ({time.time() - t0:.0f} s)"
-    )
-    return {**clip_metrics, "aesthetic": aesthetic_metrics}
+def write_stage0_summary(folder: Path, metrics: dict[str, dict], extra: dict | None = None) -> None:
+    """``stage0.json``: seconds and metrics per model (the demo reads it); written last, it marks the folder
+    complete."""
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    summary = {
+        "timings": {f"stage0_{p}": m.get("seconds", 0.0) for p, m in metrics.items()},
+        "metrics": {p: {k: v for k, v in m.items() if k != "seconds"} for p, m in metrics.items()},
+        "key": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12],
+        "config": config,
+        **(extra or {}),
+    }
+    (folder / DONE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def stage0_folder(cfg: WorldConfig, cache_dir: str | Path) -> Path:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..rl.rewards import (
     Aesthetic,
@@ -35,7 +35,6 @@ from ..rl.rewards import (
     Reward,
     RewardModelError,
 )
-from ..training.trainer import warmup_cosine
 from ..utils.images import pil_to_tensor
 from .captions import (
     COUNTS,
@@ -47,9 +46,9 @@ from .captions import (
     single_object_row,
     two_object_row,
 )
-from .config import WorldConfig
+from .config import STREAM_OFFSETS, WorldConfig
 from .detector import ShapesDetector
-from .pretrain import STREAM_OFFSETS
+from .fit import FitSchedule, fit
 from .scene import COLORS, SHAPES
 
 CLIP_DIR = "clip"
@@ -186,37 +185,50 @@ def clip_loss(
     return loss, accuracy
 
 
-def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+def clip_schedule(cfg: WorldConfig) -> FitSchedule:
+    r = cfg.reward
+    return FitSchedule(r.steps, r.lr, r.warmup, r.weight_decay, tuple(r.betas), r.grad_clip)
 
 
-def train_world_clip(clip, tokenizer, cfg: WorldConfig, progress: bool = True) -> dict:
-    """Train the world CLIP contrastively (`clip_loss`) on the world stream; returns its loss curve and
-    held-out metrics: image->text top-1 retrieval within batches of 64 and hard-negative accuracy (own
-    caption scored above its one-detail-wrong twin), overall and per tag."""
+def aesthetic_schedule(cfg: WorldConfig) -> FitSchedule:
+    r = cfg.reward
+    return FitSchedule(
+        r.aesthetic_steps, r.aesthetic_lr, r.aesthetic_warmup, r.aesthetic_weight_decay, tuple(r.betas), 0.0
+    )
+
+
+def train_world_clip(
+    clip, tokenizer, cfg: WorldConfig, progress: bool = True, work: str | Path | None = None
+) -> dict:
+    """Train the world CLIP contrastively (`clip_loss`) on the world stream (resumable from ``work``); returns
+    its loss curve and held-out metrics: image->text top-1 retrieval within batches of 64 and hard-negative
+    accuracy (own caption scored above its one-detail-wrong twin), overall and per tag."""
     r = cfg.reward
     embedder = world_clip_embedder(clip, tokenizer, cfg)
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["clip"], cfg.image_size)
-    opt = _adamw(list(clip.parameters()), r.lr, 0.1)
-    clip.train()
-    curve = []
-    for step in tqdm(range(r.steps), desc="stage 0: world CLIP", disable=not progress):
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, r.lr, r.warmup, r.steps)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         rng = np.random.default_rng([cfg.seed, step]) if r.hard_negatives else None
         loss, acc = clip_loss(embedder, stream.batch(step * r.batch_size, r.batch_size), rng)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        opt.step()
+        return loss, {"accuracy": acc}
+
+    def cap_temperature() -> None:
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))  # CLIP's temperature cap
-        curve.append({"step": step, "loss": loss.item(), "accuracy": acc.item()})
-    clip.eval()
-    return {"curve": curve, **evaluate_world_clip(embedder, cfg)}
+
+    work = work or Path(tempfile.mkdtemp(prefix="parauni-clip-"))
+    result = fit(
+        "world CLIP",
+        clip,
+        step_loss,
+        clip_schedule(cfg),
+        work,
+        cfg.seed,
+        cfg.save_every,
+        after_step=cap_temperature,
+        progress=progress,
+    )
+    return {**result, **evaluate_world_clip(embedder, cfg)}
 
 
 @torch.no_grad()
@@ -327,33 +339,38 @@ def _ranking_pairs(images: torch.Tensor, generator: torch.Generator) -> tuple[to
     return degrade(images, kinds, better, generator), degrade(images, kinds, worse, generator)
 
 
-def train_world_aesthetic(clip, cfg: WorldConfig, progress: bool = True) -> tuple[AestheticMLP, dict]:
+def train_world_aesthetic(
+    clip, cfg: WorldConfig, progress: bool = True, work: str | Path | None = None
+) -> tuple[AestheticMLP, dict]:
     """Train the aesthetic MLP on the frozen world CLIP's image embeddings with a pairwise logistic ranking
-    loss, ``softplus(-(s_better - s_worse))``; returns the MLP (eval mode) and its curve + held-out ranking
-    accuracy (clean above degraded at strength 0.3-1, overall and per degradation)."""
+    loss, ``softplus(-(s_better - s_worse))`` (resumable from ``work``); returns the MLP (eval mode) and its
+    curve + held-out ranking accuracy (clean above degraded at strength 0.3-1, overall and per degradation)."""
     r = cfg.reward
     embedder = CLIPEmbedder.from_image_processor(clip.eval(), None, world_image_processor(cfg))
     mlp = world_aesthetic_mlp(cfg)
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["aesthetic"], cfg.image_size)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = _adamw(list(mlp.parameters()), r.aesthetic_lr, 0.01)
-    mlp.train()
-    curve = []
-    for step in tqdm(range(r.aesthetic_steps), desc="stage 0: world aesthetic", disable=not progress):
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, r.aesthetic_lr, 10, r.aesthetic_steps)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         images = _images(stream.batch(step * r.aesthetic_batch_size, r.aesthetic_batch_size))
         better, worse = _ranking_pairs(images, gen)
         with torch.no_grad():
             e_better, e_worse = embedder.embed_images(better), embedder.embed_images(worse)  # (B, D)
         margin = mlp(e_better) - mlp(e_worse)  # (B,)
-        loss = F.softplus(-margin).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        curve.append({"step": step, "loss": loss.item(), "accuracy": (margin > 0).float().mean().item()})
-    mlp.eval()
-    return mlp, {"curve": curve, **evaluate_world_aesthetic(embedder, mlp, cfg)}
+        return F.softplus(-margin).mean(), {"accuracy": (margin > 0).float().mean()}
+
+    work = work or Path(tempfile.mkdtemp(prefix="parauni-aesthetic-"))
+    result = fit(
+        "world aesthetic",
+        mlp,
+        step_loss,
+        aesthetic_schedule(cfg),
+        work,
+        cfg.seed,
+        cfg.save_every,
+        progress=progress,
+    )
+    return mlp, {**result, **evaluate_world_aesthetic(embedder, mlp, cfg)}
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ It exposes the training interface of :func:`parauni.training.trainer.train` (``e
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,15 +19,29 @@ from torch import nn
 from ..diffusion.flow import dit_timestep, flow_loss, interpolate
 from ..diffusion.sampling import sample
 from ..pipeline import initial_noise
+from ..utils.images import tensor_to_uint8
 
 BOS = "<|im_start|>"
+CONFIG_FILE = "t2i_config.json"
 
 
 class TextToImage(nn.Module):
-    """Text encoder (B, S) -> (B, S, C) and SANA DiT, on an autoencoder's latents or in pixel space."""
+    """Text encoder (B, S) -> (B, S, C) and SANA DiT, on an autoencoder's latents or in pixel space.
+
+    With ``fixed_length`` every caption is padded (or cut) to ``max_length`` tokens and the DiT attends to all
+    of them, padding states included (the mask is all ones): the DiT then learns from every one of the S
+    condition tokens, as ParaUni's S query tokens will feed it. Otherwise captions are padded to the batch's
+    longest and the padding is masked out of cross-attention.
+    """
 
     def __init__(
-        self, text_encoder: nn.Module, tokenizer, dit: nn.Module, max_length: int = 64, vae=None
+        self,
+        text_encoder: nn.Module,
+        tokenizer,
+        dit: nn.Module,
+        max_length: int = 64,
+        vae=None,
+        fixed_length: bool = False,
     ) -> None:
         super().__init__()
         if text_encoder.config.hidden_size != dit.config.caption_channels:
@@ -41,6 +56,7 @@ class TextToImage(nn.Module):
         if vae is not None:
             vae.requires_grad_(False).eval()
         self.max_length = max_length
+        self.fixed_length = fixed_length
 
     @property
     def device(self) -> torch.device:
@@ -51,7 +67,7 @@ class TextToImage(nn.Module):
         texts = [BOS + (c or "") for c in captions]
         enc = self.tokenizer(
             texts,
-            padding="longest",
+            padding="max_length" if self.fixed_length else "longest",
             padding_side="right",
             truncation=True,
             max_length=self.max_length,
@@ -63,11 +79,13 @@ class TextToImage(nn.Module):
         }
 
     def condition(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings (B, S, C), mask (B, S)); no graph through a frozen text encoder."""
+        """(embeddings (B, S, C), mask (B, S)) of the DiT's cross-attention; no graph through a frozen text
+        encoder. With ``fixed_length`` the mask is all ones (the padding states are read too)."""
         trains = any(p.requires_grad for p in self.text_encoder.parameters())
+        mask = batch["attention_mask"]
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
-            out = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return out.last_hidden_state, batch["attention_mask"]
+            out = self.text_encoder(input_ids=batch["input_ids"], attention_mask=mask)
+        return out.last_hidden_state, torch.ones_like(mask) if self.fixed_length else mask
 
     @torch.no_grad()
     def text_states(self, captions: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,10 +159,12 @@ class TextToImage(nn.Module):
         self.dit.save_pretrained(folder / "transformer")
         if self.vae is not None:
             self.vae.save_pretrained(folder / "vae")
+        config = {"max_length": self.max_length, "fixed_length": self.fixed_length}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, max_length: int = 64) -> TextToImage:
+    def from_pretrained(cls, folder: str | Path) -> TextToImage:
         from diffusers import AutoencoderDC, SanaTransformer2DModel
         from transformers import AutoModel, AutoTokenizer
 
@@ -153,4 +173,18 @@ class TextToImage(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(folder / "text_encoder")
         dit = SanaTransformer2DModel.from_pretrained(folder / "transformer")
         vae = AutoencoderDC.from_pretrained(folder / "vae") if (folder / "vae").is_dir() else None
-        return cls(text_encoder, tokenizer, dit, max_length, vae=vae)
+        config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+        return cls(text_encoder, tokenizer, dit, vae=vae, **config)
+
+
+def t2igen(model: TextToImage, cfg):
+    """ShapesEval's generate function for the Stage-0 text-to-image model (sampler settings: ``cfg.eval``
+    and ``cfg.image_size`` of a world config)."""
+    e = cfg.eval
+
+    def fn(prompts: list[str], first_seed: int):
+        seeds = list(range(first_seed, first_seed + len(prompts)))
+        x = model.generate(prompts, seeds, cfg.image_size, steps=e.steps, cfg=e.cfg, sampler=e.sampler)
+        return tensor_to_uint8(x)
+
+    return fn

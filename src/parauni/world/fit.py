@@ -1,0 +1,128 @@
+"""One training loop for the world's small Stage-0 models (VLM, autoencoder, text encoder, CLIP, aesthetic MLP).
+
+The loop is the same for all of them; what differs is the loss of a step, which a model's module passes in:
+
+    for each step: lr = warm-up then cosine;  loss, metrics = step_loss(step);  backward;  clip the gradient
+    norm;  AdamW step;  after_step();  every ``save_every`` steps and at the end: an atomic checkpoint.
+
+Every random draw of a step comes from generators seeded by ``(seed, step)`` (``step_loss`` builds its own;
+the loop seeds torch's global generator, which dropout uses, the same way), so a run killed at any point and
+resumed from its last checkpoint ends with the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..training.trainer import warmup_cosine
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass
+class FitSchedule:
+    """Optimiser and schedule of one Stage-0 model (the world config's fields of that model)."""
+
+    steps: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float  # 0 = off
+
+
+def adamw(module: nn.Module, s: FitSchedule) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (none on biases, norms and other 1-D tensors)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas))
+
+
+def _save(work: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Write the checkpoint into ``work`` atomically (a temporary folder renamed over the old one)."""
+    tmp = work.with_name(work.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(module, str(tmp / WEIGHTS_FILE))  # handles tied weights
+    torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    old = work.with_name(work.name + ".old")
+    if work.exists():
+        work.rename(old)
+    tmp.rename(work)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load(work: Path, module: nn.Module, opt: torch.optim.Optimizer) -> dict | None:
+    """Restore the checkpoint in ``work`` (or the one a killed save left as ``.old``); None if there is none."""
+    for folder in (work, work.with_name(work.name + ".old")):
+        if (folder / STATE_FILE).is_file():
+            load_model(module, str(folder / WEIGHTS_FILE))
+            opt.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
+            return json.loads((folder / STATE_FILE).read_text())
+    return None
+
+
+def fit(
+    name: str,
+    module: nn.Module,
+    step_loss: Callable[[int], tuple[torch.Tensor, dict]],
+    schedule: FitSchedule,
+    work: str | Path,
+    seed: int = 0,
+    save_every: int = 100,
+    after_step: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``module`` for ``schedule.steps`` steps of ``step_loss(step) -> (loss, metrics)``, resuming from
+    the checkpoint in ``work`` if there is one.
+
+    Returns ``{"curve": [{"step", "loss", **metrics}, ...], "seconds": training seconds over all runs}``; the
+    module is left in eval mode with the final weights.
+    """
+    work = Path(work)
+    opt = adamw(module, schedule)
+    state = _load(work, module, opt) or {"step": 0, "curve": [], "seconds": 0.0}
+    module.train()
+    t0, start = time.time(), state["step"]
+    bar = tqdm(total=schedule.steps, initial=start, desc=f"stage 0: {name}", disable=not progress)
+    for step in range(start, schedule.steps):
+        torch.manual_seed(seed * 1_000_003 + step)
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, schedule.lr, schedule.warmup, schedule.steps)
+        loss, metrics = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if schedule.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), schedule.grad_clip)
+        opt.step()
+        if after_step is not None:
+            after_step()
+        state["curve"].append(
+            {"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1 == schedule.steps
+        if done or (save_every and (step + 1) % save_every == 0):
+            state.update(step=step + 1, seconds=state["seconds"] + time.time() - t0)
+            t0 = time.time()
+            _save(work, module, opt, state)
+    bar.close()
+    module.eval()
+    return {"curve": state["curve"], "seconds": state["seconds"]}
