@@ -10,39 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import from_dict
 from ..models.parauni import ParaUni
 from ..pipeline import generate
 from ..training.config import TrainConfig
-from ..training.trainer import LOG_FILE, train
+from ..training.trainer import LOG_FILE, stage_trainable, train
 from ..utils.images import tensor_to_uint8
 from .captions import make_eval_metadata, write_eval_metadata
-from .config import WorldConfig
-from .pretrain import STREAM_OFFSETS, WorldSource, run_stage0, world_model_config
+from .config import WorldConfig, default_cache_dir, world_config  # noqa: F401 (re-exported)
+from .pretrain import STREAM_OFFSETS, WorldSource, world_model_config
 from .report import plot_losses, plot_tag_grids, write_markdown
 from .shapeseval import run_shapeseval
-from .t2i import TextToImage
-
-
-def default_cache_dir() -> Path:
-    """Where Stage-0 artefacts are cached: ``$PARAUNI_CACHE`` or ``~/.cache/parauni/world``."""
-    return Path(os.environ.get("PARAUNI_CACHE", Path.home() / ".cache" / "parauni" / "world"))
-
-
-def world_config(overrides: list[str] | None = None, quick: bool = False) -> WorldConfig:
-    """The world config with ``section.key=value`` overrides (``world.`` prefix optional)."""
-    from ..config import apply_overrides
-
-    items = [o[2:] if o.startswith("--") else o for o in overrides or []]
-    items = [o.removeprefix("world.") for o in items]
-    cfg = from_dict(WorldConfig, apply_overrides(dataclasses.asdict(WorldConfig()), items), prefix="world.")
-    return cfg.quick() if quick else cfg
+from .t2i import TextToImage, t2igen
 
 
 def stage_train_config(cfg: WorldConfig, stage: int) -> TrainConfig:
@@ -86,16 +69,47 @@ def paraunigen(model: ParaUni):
     return fn
 
 
-def t2igen(model: TextToImage, cfg: WorldConfig):
-    """ShapesEval's generate function for the Stage-0 text-to-image model."""
-    e = cfg.eval
+# Cost ratios measured on the demo's own runs (2-core AMD EPYC, docs/world.md): a Stage-II step against a
+# Stage-I step, an RL epoch against generating its rollouts (prompts x group at rl.steps) with the sampler.
+STAGE2_STEP_RATIO = 1.2
+RL_EPOCH_RATIO = 3.0
 
-    def fn(prompts: list[str], first_seed: int):
-        seeds = list(range(first_seed, first_seed + len(prompts)))
-        x = model.generate(prompts, seeds, cfg.image_size, steps=e.steps, cfg=e.cfg, sampler=e.sampler)
-        return tensor_to_uint8(x)
 
-    return fn
+def estimate_seconds(model: ParaUni, cfg: WorldConfig, source, teacher) -> dict[str, float]:
+    """The demo's remaining stages on this machine, from one timed Stage-I step and one timed generation.
+
+    Returns seconds per stage ("stage1", "stage2", "stage3_rl", "shapeseval" for its four runs, "total").
+    Nothing it does changes the model or any random stream of the demo.
+    """
+    p, e, r = cfg.parauni, cfg.eval, cfg.rl
+    with torch.random.fork_rng(devices=[]):
+        model.set_trainable(stage_trainable(1, model.config.trainable))
+        images, captions = source.examples(list(range(p.batch_size)))
+        x0 = model.encode_images(images)
+        t, noise = torch.rand(len(x0)), torch.randn_like(x0)
+        batch = model.encode_prompts(captions)
+        start = time.time()
+        model(batch, x0, t, noise, (teacher(captions), p.stage1_distill)).backward()
+        train_step = time.time() - start
+        model.zero_grad(set_to_none=True)
+        n = 8
+        start = time.time()
+        generate(model, ["a photo of a red circle"] * n, seed=0, batch_size=n, progress=False)
+        per_image_step = (time.time() - start) / (n * e.steps)
+    images_per_run = 6 * e.per_tag * e.images_per_prompt
+    rl_epochs = r.aesthetic_epochs + r.clip_epochs if r.enabled else 0
+    out = {
+        "stage1": p.stage1_steps * train_step,
+        "stage2": p.stage2_steps * train_step * STAGE2_STEP_RATIO,
+        "stage3_rl": rl_epochs
+        * RL_EPOCH_RATIO
+        * r.prompts_per_epoch
+        * r.group_size
+        * r.steps
+        * per_image_step,
+        "shapeseval": (4 if r.enabled else 3) * images_per_run * e.steps * per_image_step,
+    }
+    return {**out, "total": sum(out.values())}
 
 
 def run_demo(
@@ -105,21 +119,42 @@ def run_demo(
     overrides: list[str] | None = None,
     progress: bool = True,
     log=print,
+    stage0: str | Path = "release",
+    stages: tuple[int, ...] = (1, 2),
 ) -> dict:
-    """Run the demo and write its report folder; returns the metrics."""
+    """Run the demo and write its report folder; returns the metrics.
+
+    ``stage0``: the world's Stage-0 models, "release" (shipped with the package), "scratch" (quick ones trained
+    here and cached in ``cache_dir``), a release folder or a Hub id (:func:`release.world_stage0`).
+    ``stages``: ParaUni's stages to train (Stage III follows Stage II when ``rl.enabled``).
+    """
+    if quick:
+        log("--quick: a smoke run, every stage for a few steps; its scores say nothing about the method")
+    from .release import world_stage0
+
     torch.manual_seed(0)
-    cfg = world_config(overrides, quick)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     timings: dict[str, float] = {}
     start = time.time()
 
     t = time.time()
-    stage0 = run_stage0(cfg, cache, progress=progress, log=log)
+    cfg, stage0 = world_stage0(stage0, overrides, quick, cache_dir, progress, log)
     stage0_info = json.loads((stage0 / "stage0.json").read_text())
     timings["stage0"] = time.time() - t
     timings.update({f"{k} (when trained)": v for k, v in stage0_info["timings"].items()})
+
+    t2i = TextToImage.from_pretrained(stage0 / "t2i").eval()
+    teacher = t2i.text_states  # the Stage-I distillation's teacher (see world_teacher)
+    model = ParaUni.from_config(world_model_config(cfg, stage0))
+    guess = estimate_seconds(
+        model, cfg, WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size), teacher
+    )
+    log(
+        f"estimate for this machine: about {guess['total'] / 60:.0f} min more (Stage I {guess['stage1']:.0f} s, "
+        f"Stage II {guess['stage2']:.0f} s, Stage III {guess['stage3_rl']:.0f} s, ShapesEval {guess['shapeseval']:.0f} s; "
+        "from a timed training step and a timed generation)"
+    )
 
     rows = make_eval_metadata(cfg.eval.per_tag, seed=cfg.seed)
     write_eval_metadata(out / "eval_metadata.jsonl", rows)
@@ -149,13 +184,9 @@ def run_demo(
         return result
 
     scores, samples = {}, {}
-    t2i = TextToImage.from_pretrained(stage0 / "t2i").eval()
     result = evaluate("stage0_t2i", t2igen(t2i, cfg))
     scores["stage0_t2i"], samples["Stage 0 DiT + own text encoder"] = result, result["samples"]
-    teacher = t2i.text_states  # the Stage-I distillation's teacher (see world_teacher)
-
-    model = ParaUni.from_config(world_model_config(cfg, stage0))
-    for stage in (1, 2):
+    for stage in stages:
         t = time.time()
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
         train(
@@ -172,7 +203,7 @@ def run_demo(
         samples[f"ParaUni Stage {'I' * stage} (all layers)"] = result["samples"]
 
     rl_metrics = None
-    if cfg.rl.enabled:
+    if cfg.rl.enabled and 2 in stages:
         from .rl import run_world_rl
 
         t = time.time()
@@ -180,7 +211,7 @@ def run_demo(
             model, cfg.rl, cfg.image_size, stage0, out / "stage3", progress=progress, log=log
         )
         timings["stage3_rl"] = time.time() - t
-        from ..rl.plots import phase_gains, reward_names
+        from ..rl.plots import phase_gains, reward_names, trigger_summary
 
         history = result.history
         rl_metrics = {
@@ -192,6 +223,7 @@ def run_demo(
                 n: [history[0][f"reward_{n}"], history[-1][f"reward_{n}"]] for n in reward_names(history)
             },
             "ldam_triggers": sum(bool(r.get("ldam_triggered")) for r in history),
+            "ldam_trigger_summary": trigger_summary(history),
             "epochs": len(history),
         }
         log(
@@ -199,7 +231,7 @@ def run_demo(
             + "; ".join(
                 f"{k} reward {v['start']:.3f} -> {v['end']:.3f}" for k, v in rl_metrics["phases"].items()
             )
-            + f" (first 2 vs last 2 epochs of each phase); LDAM triggers {rl_metrics['ldam_triggers']}"
+            + f" (first 2 vs last 2 epochs of each phase); LDAM triggers {rl_metrics['ldam_trigger_summary']}"
         )
         result = evaluate("stage3", paraunigen(model))
         scores["stage3"] = result
@@ -211,7 +243,13 @@ def run_demo(
             k: {"overall": v["overall"], "tags": v["tags"], "counts": v["counts"]} for k, v in scores.items()
         },
         "timings": timings,
+        "estimate": guess,
         "vlm": stage0_info["metrics"]["vlm"],
+        "stage0": {
+            "folder": str(stage0),
+            "metrics": stage0_info["metrics"],
+            "evaluation": stage0_info.get("evaluation"),
+        },
         "world": dataclasses.asdict(cfg),
         "quick": quick,
     }
@@ -230,8 +268,8 @@ def run_demo(
     if rl_metrics is not None:
         from ..rl.plots import plot_reward_curves, read_log
 
-        plot_reward_curves({"Stage III": read_log(out / "stage3" / "rl_log.jsonl")}, out / "rl_rewards.png")
-        figures["rewards"] = "rl_rewards.png"
+        plot_reward_curves({"Stage III": read_log(out / "stage3" / "rl_log.jsonl")}, out / "rl_curves.png")
+        figures["rewards"] = "rl_curves.png"
     for tag, path in plot_tag_grids(samples, out).items():
         figures[tag] = path.name
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -86,15 +86,47 @@ def plot_tag_grids(samples: dict[str, dict], out_dir: str | Path, upscale: int =
     return paths
 
 
+def _stage0_lines(stage0: dict | None) -> list[str]:
+    """The Stage-0 models' own measurements (a release's stage0.json), under the ShapesEval table."""
+    if not stage0 or not stage0.get("evaluation"):
+        return []
+    m, ev = stage0["metrics"], stage0["evaluation"]
+    spread = " ".join(f"{s:.3f}" for s in ev["prompt_use"]["query_states"])
+    lines = [
+        "",
+        f"## Stage 0 ({stage0['folder']})",
+        "",
+        f"* VLM: held-out caption token accuracy {m['vlm']['heldout_caption_accuracy']:.3f}; query states' relative "
+        f"spread across prompts per layer (fresh queries) {spread}",
+        f"* world CLIP: hard-negative accuracy {m['rewards']['heldout_hard_negative_accuracy']:.3f}, retrieval "
+        f"top-1 {m['rewards']['heldout_retrieval_top1']:.3f}; aesthetic ranking accuracy "
+        f"{m['rewards']['aesthetic']['heldout_ranking_accuracy']:.3f}",
+    ]
+    if m.get("ae"):
+        lines.append(f"* autoencoder: held-out PSNR {m['ae']['heldout_psnr']:.1f} dB")
+    for name, s in ev["shapeseval"].items():
+        lines.append(
+            f"* DiT with its own text encoder ({name} weights) at release time: ShapesEval {s['overall']:.3f}"
+        )
+    return lines
+
+
 def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) -> Path:
     """``report.md``: the ShapesEval table, the timings, the loss curves and the sample grids."""
     out_dir = Path(out_dir)
     scores = metrics["shapeseval"]
     lines = ["# ParaUni on the shapes world", ""]
+    if metrics.get("quick"):
+        lines += [
+            "> **A smoke run (`--quick`)**: every stage ran for a few steps on shrunken settings, so the images are "
+            "noise and the scores near 0 by design. Run `parauni demo` without `--quick` for the real figures.",
+            "",
+        ]
     lines += [
-        "Every model here was trained on this machine by `parauni demo`: Stage 0 (the world's VLM and its "
-        "text-to-image DiT with its own text encoder), then ParaUni's Stage I (queries + LIM, DiT frozen) "
-        "and Stage II (+ DiT), then Stage III (Flow-GRPO with LDAM on the world's rewards) when enabled. "
+        "Stage 0 (the world's VLM, its text-to-image DiT with its own text encoder and its reward models) comes "
+        "from the shipped release (or, with `--stage0 scratch`, quick models trained here); `parauni demo` then "
+        "trained ParaUni's Stage I (queries + LIM, DiT frozen), Stage II (+ DiT) and Stage III (Flow-GRPO with "
+        "LDAM on the world's rewards) on this machine. "
         "ShapesEval applies GenEval's rules with a detector that knows the world.",
         "",
         "## ShapesEval",
@@ -105,6 +137,7 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
     for name, s in scores.items():
         cells = " | ".join(f"{s['tags'].get(t, float('nan')):.3f}" for t in GENEVAL_TAGS)
         lines.append(f"| {name} | **{s['overall']:.3f}** | {cells} |")
+    lines += _stage0_lines(metrics.get("stage0"))
     lines += ["", "## Time (seconds, wall clock)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in metrics["timings"].items()]
     if "notes" in metrics:

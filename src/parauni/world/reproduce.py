@@ -39,8 +39,8 @@ from ..models.parauni import ParaUni
 from ..training.trainer import train
 from .captions import make_eval_metadata
 from .config import WorldConfig
-from .demo import default_cache_dir, paraunigen, stage_train_config, world_config, world_teacher
-from .pretrain import STREAM_OFFSETS, WorldSource, run_stage0, world_model_config
+from .demo import paraunigen, stage_train_config, world_teacher
+from .pretrain import STREAM_OFFSETS, WorldSource, world_model_config
 from .shapeseval import run_shapeseval
 
 RESULT_FILE = "result.json"
@@ -410,19 +410,21 @@ def run_reproduce(
     analyses: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    stage0: str | Path = "release",
 ) -> dict:
-    """Run (or continue) the ablation on the world and write ``reproduce.json`` and ``reproduce.md``."""
+    """Run (or continue) the ablation on the world and write ``reproduce.json`` and ``reproduce.md``.
+
+    ``stage0``: the world's Stage-0 models, as for the demo (:func:`release.world_stage0`)."""
+    from .release import world_stage0
+
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds {seeds} must be distinct non-negative integers (e.g. 0 1 2)")
     selected = select_rows(rows)
-    cfg = world_config(overrides, quick)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    stage0 = run_stage0(
-        cfg, Path(cache_dir) if cache_dir else default_cache_dir(), progress=progress, log=log
-    )
+    cfg, stage0 = world_stage0(stage0, overrides, quick, cache_dir, progress, log)
     expected = estimate_seconds(cfg, stage0, selected, seeds, out)
     pending = sum(not (_unit_dir(out, r.name, s) / RESULT_FILE).is_file() for r in selected for s in seeds)
     log(
