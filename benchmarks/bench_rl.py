@@ -5,7 +5,7 @@
     python benchmarks/bench_rl.py --quick --seeds 0     # the quick world, a fresh Stage-II model (smoke test)
     python benchmarks/bench_rl.py --gate-rates          # LDAM gate firing rates on synthetic inputs (seconds)
 
-Needs the world's Stage-0 models (in the cache `parauni demo` fills; `--quick` trains the quick world's) and a
+Needs the world's Stage-0 models (the shipped release by default; `--quick` trains the quick world's) and a
 Stage-II world model (the demo's `stage2/` folder; `--quick` without `--stage2` uses an untrained one).
 
 1. Epoch time before / after computing each prompt's query states once per epoch (issue 15, item 8): the same
@@ -128,7 +128,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--stage2", help="the Stage-II world model folder (default parauni-demo/stage2)")
-    parser.add_argument("--cache", help="Stage-0 cache (default: as parauni demo)")
+    parser.add_argument(
+        "--stage0",
+        default="release",
+        help="the world's Stage-0 models, as `parauni demo --stage0` (default: shipped)",
+    )
+    parser.add_argument(
+        "--cache", help="with --stage0 scratch or --quick: its cache (default: as parauni demo)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="bench-rl")
     parser.add_argument("--quick", action="store_true", help="the quick world (smoke test)")
@@ -142,17 +149,17 @@ def main() -> None:
     from parauni.world.captions import make_eval_metadata
     from parauni.world.config import default_cache_dir, world_config
     from parauni.world.demo import paraunigen
-    from parauni.world.pretrain import run_stage0, stage0_folder, world_model_config
+    from parauni.world.pretrain import run_stage0, world_model_config
+    from parauni.world.release import world_stage0
     from parauni.world.shapeseval import run_shapeseval
 
-    # --quick: the quick world with the overrides applied on top of it (world_config applies quick last)
-    cfg = world_config(overrides, base=dataclasses.asdict(world_config(quick=True)) if args.quick else None)
-    cache = Path(args.cache) if args.cache else default_cache_dir()
-    stage0 = (
-        run_stage0(cfg, cache, progress=False, log=lambda *a: None)
-        if args.quick
-        else stage0_folder(cfg, cache)
-    )
+    if args.quick:  # the quick world (trained from scratch, cached) with the overrides applied on top of it
+        cfg = world_config(overrides, base=dataclasses.asdict(world_config(quick=True)))
+        stage0 = run_stage0(cfg, args.cache or default_cache_dir(), progress=False, log=lambda *a: None)
+    else:
+        cfg, stage0 = world_stage0(
+            args.stage0, overrides, cache_dir=args.cache, progress=False, log=lambda *a: None
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.stage2 is None:
