@@ -97,12 +97,10 @@ def load_model(source: str, overrides: list[str], meta: bool = False):
 
 
 def default_device() -> str:
-    """``$PARAUNI_DEVICE`` if set (e.g. ``cuda:1``, ``cpu``), else ``cuda`` when a GPU is visible, else ``cpu``."""
-    import os
+    """``$PARAUNI_DEVICE`` if set, else ``cuda`` when a GPU is visible, else ``cpu`` (:mod:`parauni.utils.device`)."""
+    from .utils.device import default_device as device
 
-    import torch
-
-    return os.environ.get("PARAUNI_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device()
 
 
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:

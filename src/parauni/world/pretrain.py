@@ -30,6 +30,7 @@ from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
 from ..training.config import TrainConfig
 from ..training.trainer import CHECKPOINT_DIR, RAW_FILE, train
+from ..utils.device import default_device
 from ..utils.images import pil_to_tensor
 from .captions import WorldStream, world_vocabulary
 from .config import STREAM_OFFSETS, WorldConfig
@@ -187,6 +188,7 @@ def vlm_loss(model, tokenizer, items: list[dict], restate: bool = False) -> tupl
         [False] * len(image_items) + [True] * len(text_items),
         restate,
     )
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(
@@ -205,7 +207,9 @@ def vlm_schedule(cfg: WorldConfig) -> FitSchedule:
 @torch.no_grad()
 def caption_accuracy(model, tokenizer, items: list[dict]) -> float:
     """Next-token accuracy over the caption tokens of image -> caption rows only (teacher forcing)."""
-    batch = _vlm_batch(model, tokenizer, items, [False] * len(items))
+    batch = {
+        k: v.to(model.device) for k, v in _vlm_batch(model, tokenizer, items, [False] * len(items)).items()
+    }
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     valid = labels != -100
@@ -285,8 +289,9 @@ def train_world_autoencoder(
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         x, _ = source.examples(list(range(step * a.batch_size, (step + 1) * a.batch_size)))
+        x = x.to(ae.device)
         z = ae.encode(x).latent
-        z = z + a.latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+        z = z + a.latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen).to(z.device)
         return torch.nn.functional.mse_loss(ae.decode(z).sample, x), {}
 
     schedule = FitSchedule(a.steps, a.lr, a.warmup, a.weight_decay, tuple(a.betas), a.grad_clip)
@@ -302,6 +307,7 @@ def train_world_autoencoder(
     )
     ae.requires_grad_(False)
     x, _ = WorldSource(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size).examples(list(range(256)))
+    x = x.to(ae.device)
     with torch.no_grad():
         z = ae.encode(x).latent
         mse = torch.nn.functional.mse_loss(ae.decode(z).sample.clamp(-1, 1), x).item()
@@ -479,12 +485,12 @@ def _finish_phase(folder: Path, phase: str, metrics: dict, curves: dict[str, lis
 
 
 def _phase_vlm(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -> dict:
-    vlm = world_vlm(cfg, tokenizer)
+    vlm = world_vlm(cfg, tokenizer).to(default_device())
     log(
         f"stage 0: VLM with {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters, {cfg.vlm.layers} decoder layers"
     )
     m = train_world_vlm(vlm, tokenizer, cfg, progress, folder / WORK_DIR / "vlm")
-    vlm.save_pretrained(folder / "vlm")
+    vlm.cpu().save_pretrained(folder / "vlm")
     tokenizer.save_pretrained(folder / "vlm")
     log(
         f"stage 0: VLM held-out caption token accuracy {m['heldout_caption_accuracy']:.3f} (mixed rows "
@@ -494,9 +500,9 @@ def _phase_vlm(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -
 
 
 def _phase_ae(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -> dict:
-    vae = world_autoencoder(cfg)
+    vae = world_autoencoder(cfg).to(default_device())
     m = train_world_autoencoder(vae, cfg, progress, folder / WORK_DIR / "ae")
-    vae.save_pretrained(folder / "t2i" / "vae")
+    vae.cpu().save_pretrained(folder / "t2i" / "vae")
     log(
         f"stage 0: autoencoder f{vae.spatial_compression_ratio}c{cfg.ae.latent_channels}, held-out PSNR "
         f"{m['heldout_psnr']:.1f} dB ({m['seconds']:.0f} s)"
@@ -514,7 +520,7 @@ def _phase_t2i(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -
                 f"the text-to-image phase needs the autoencoder of {folder}: train phase 'ae' first"
             )
         vae = AutoencoderDC.from_pretrained(folder / "t2i" / "vae")
-    t2i = world_t2i(cfg, tokenizer, vae)
+    t2i = world_t2i(cfg, tokenizer, vae).to(default_device())
     log(
         f"stage 0: text-to-image DiT {sum(p.numel() for p in t2i.dit.parameters()) / 1e6:.2f}M + text encoder "
         f"{sum(p.numel() for p in t2i.text_encoder.parameters()) / 1e6:.2f}M parameters"
@@ -536,10 +542,10 @@ def _phase_t2i(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -
 def _phase_rewards(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -> dict:
     from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
 
-    clip = world_clip(cfg, tokenizer)
+    clip = world_clip(cfg, tokenizer).to(default_device())
     clip_metrics = train_world_clip(clip, tokenizer, cfg, progress, folder / WORK_DIR / "clip")
     mlp, aesthetic = train_world_aesthetic(clip, cfg, progress, folder / WORK_DIR / "aesthetic")
-    save_world_reward_models(folder, clip, tokenizer, mlp, cfg)
+    save_world_reward_models(folder, clip.cpu(), tokenizer, mlp.cpu(), cfg)
     curve = clip_metrics.pop("curve")
     aesthetic.pop("curve")
     m = {**clip_metrics, "aesthetic": aesthetic, "seconds": clip_metrics["seconds"] + aesthetic["seconds"]}

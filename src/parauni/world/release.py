@@ -24,6 +24,7 @@ from ..analysis.prompt_use import DEFAULT_PROMPTS, prompt_sensitivity
 from ..config import ConfigError
 from ..models.parauni import ParaUni
 from ..training.trainer import RAW_FILE
+from ..utils.device import default_device
 from .captions import make_eval_metadata
 from .config import WorldConfig, default_cache_dir, world_config
 from .pretrain import (
@@ -283,18 +284,18 @@ def evaluate_stage0(cfg: WorldConfig, folder: Path, progress: bool = True, log=p
         )
         return {"overall": r["overall"], "tags": r["tags"]}
 
-    t2i = TextToImage.from_pretrained(folder / "t2i").eval()
+    t2i = TextToImage.from_pretrained(folder / "t2i").eval().to(default_device())
     scores = {"ema" if cfg.t2i.ema > 0 else "final": shapeseval(t2i, "EMA" if cfg.t2i.ema > 0 else "final")}
     raw = folder / "t2i" / RAW_FILE
     if raw.is_file():
         from safetensors.torch import load_file
 
         ema_state = {k: v.clone() for k, v in t2i.state_dict().items()}
-        t2i.load_state_dict(load_file(str(raw)), strict=False)
+        t2i.load_state_dict(load_file(str(raw), device=str(t2i.device)), strict=False)
         scores["raw"] = shapeseval(t2i, "raw weights")
         if scores["raw"]["overall"] > scores["ema"]["overall"]:
             log("stage 0: the raw weights score higher than the EMA; the release keeps the raw ones")
-            t2i.save_pretrained(folder / "t2i")
+            t2i.cpu().save_pretrained(folder / "t2i")
         else:
             t2i.load_state_dict(ema_state)
     kept = max(scores, key=lambda k: scores[k]["overall"])

@@ -347,7 +347,7 @@ def train_world_aesthetic(
     curve + held-out ranking accuracy (clean above degraded at strength 0.3-1, overall and per degradation)."""
     r = cfg.reward
     embedder = CLIPEmbedder.from_image_processor(clip.eval(), None, world_image_processor(cfg))
-    mlp = world_aesthetic_mlp(cfg)
+    mlp = world_aesthetic_mlp(cfg).to(embedder.device)
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["aesthetic"], cfg.image_size)
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
