@@ -263,7 +263,12 @@ def test_two_processes_train_the_same_weights_as_one(train_reference, tmp_path):
         "state.json",
         "rng_0.pt",
         "rng_1.pt",
+        "manifest.json",
     }
+    # the manifest, written last by the main process, covers both processes' files
+    assert set(json.loads((ckpt / "manifest.json").read_text())["files"]) == {
+        p.name for p in ckpt.iterdir()
+    } - {"manifest.json"}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
 
 
@@ -358,7 +363,13 @@ def test_sharded_two_processes_train_like_one_and_resume_exactly(
     log = _log(out, "train_log.jsonl")
     assert [r["skipped"] for r in log] == [False, True, False, False, False, False]
     files = {p.name for p in (out / "checkpoints" / "step_0000004").iterdir()}
-    assert {"trainable.safetensors", "state.json", "rng_0.pt", "rng_1.pt"} | optimizer_files <= files
+    assert {
+        "trainable.safetensors",
+        "state.json",
+        "rng_0.pt",
+        "rng_1.pt",
+        "manifest.json",
+    } | optimizer_files <= files
     # the final folder is the usual one: it loads, strictly, into a model equal to the saved weights
     loaded = ParaUni.from_pretrained(out).trained_state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in _weights(out).items())

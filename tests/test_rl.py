@@ -12,7 +12,6 @@ from parauni.config import TrainableConfig
 from parauni.diffusion.sampling import euler_step, flow_sigmas, sde_step
 from parauni.rl.config import PhaseConfig, RLConfig
 from parauni.rl.grpo import (
-    LOG_FILE,
     MAX_BAD_STEPS,
     PolicyStep,
     PromptConditions,
@@ -24,6 +23,8 @@ from parauni.rl.grpo import (
     train_rl,
 )
 from parauni.rl.ldam import LDAM, LDAMConfig, grad_norm_gate, ldam_gamma, perturbation_scale, reward_gate
+from parauni.training.checkpoint import RL_LOG
+from parauni.utils.errors import TrainingDiverged
 
 # ------------------------------------------------------------------------------------------- SDE step
 
@@ -248,7 +249,7 @@ def test_short_rl_run_changes_the_trained_parameters_and_nothing_else(make_tiny,
     result = train_rl(
         model, _bright, ["bright", "dark"], prompts, cfg, tmp_path / "rl", progress=False, log=lambda *a: None
     )
-    rows = [json.loads(line) for line in (tmp_path / "rl" / LOG_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "rl" / RL_LOG).read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["bright", "bright", "dark"]
     for key in (
         "reward_bright",
@@ -348,9 +349,9 @@ def test_rl_skips_non_finite_updates_logs_them_and_stops(make_tiny, tmp_path):
         return {"bright": [float("nan")] * len(prompts)}
 
     prompts = PromptSource([("a red circle", None), ("a blue square", None)])
-    with pytest.raises(RuntimeError, match="RL updates in a row had a non-finite gradient"):
+    with pytest.raises(TrainingDiverged, match="RL updates in a row had a non-finite gradient"):
         train_rl(model, nan_reward, ["bright"], prompts, cfg, tmp_path, progress=False, log=lambda *a: None)
-    rows = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / RL_LOG).read_text().splitlines()]
     # two updates an epoch, all skipped: the run stops after the epoch that reaches MAX_BAD_STEPS
     assert [r["skipped_updates"] for r in rows] == [2] * math.ceil(MAX_BAD_STEPS / 2)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

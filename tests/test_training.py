@@ -13,9 +13,11 @@ from PIL import Image
 from parauni.cli import main
 from parauni.diffusion.flow import condition_match_loss
 from parauni.models.parauni import ParaUni
+from parauni.training.checkpoint import RAW_FILE, intact_checkpoint
 from parauni.training.config import TrainConfig, stage_config
 from parauni.training.data import DataError, FolderSource, scan_folder
-from parauni.training.trainer import MAX_BAD_STEPS, latest_checkpoint, lr_at, train
+from parauni.training.trainer import MAX_BAD_STEPS, lr_at, train
+from parauni.utils.errors import TrainingDiverged
 
 
 def _write_images(folder, n, jsonl=True, bad=0):
@@ -130,7 +132,7 @@ def test_stage1_trains_queries_and_lim_only(make_tiny, tmp_path):
     log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
     assert (result.model_dir / "model.safetensors").is_file()
-    assert latest_checkpoint(result.model_dir).name == "step_0000002"
+    assert intact_checkpoint(result.model_dir, "step").name == "step_0000002"
 
 
 def test_stage2_also_trains_the_dit_and_saves_it(make_tiny, tmp_path):
@@ -161,13 +163,11 @@ def test_ema_weights_are_saved_and_resume_exactly(make_tiny, tmp_path):
     (EMA restored from the checkpoint) ends with the same EMA as an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from parauni.training.trainer import RAW_FILE
-
     full, result = _tiny_run(make_tiny, tmp_path, steps=6, out="full", save_every=3, ema=0.5)
     raw = load_file(str(result.model_dir / RAW_FILE))
     ema = full.trained_state_dict()
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if k in ema)
-    assert (latest_checkpoint(result.model_dir) / "ema.safetensors").is_file()
+    assert (intact_checkpoint(result.model_dir, "step") / "ema.safetensors").is_file()
     _tiny_run(make_tiny, tmp_path, steps=6, out="broken", save_every=3, ema=0.5)
     broken = tmp_path / "broken"
     for name in ("model.safetensors", "config.yaml", RAW_FILE):
@@ -184,7 +184,7 @@ def test_non_finite_steps_are_skipped_logged_and_stop_the_run(make_tiny, tmp_pat
     velocity = model.velocity
     model.velocity = lambda *args: velocity(*args) * float("nan")  # every loss and gradient is NaN
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(RuntimeError, match=f"{MAX_BAD_STEPS} steps in a row had a non-finite loss"):
+    with pytest.raises(TrainingDiverged, match=f"{MAX_BAD_STEPS} steps in a row had a non-finite loss"):
         _tiny_run(make_tiny, tmp_path, steps=20, model=model, save_every=0)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in log] == [True] * MAX_BAD_STEPS

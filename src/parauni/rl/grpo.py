@@ -35,16 +35,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import save_yaml
 from ..diffusion.sampling import SDEStep, denoise, flow_match_sigmas, flow_sigmas, sde_noise_scale, sde_step
 from ..models.lim import zone_layers
-from ..models.parauni import CheckpointError, ParaUni
+from ..models.parauni import ParaUni
 from ..models.vlm import PromptBatch
 from ..pipeline import initial_noise
+from ..training.checkpoint import (
+    CHECKPOINT_DIR,
+    RL_LOG,
+    init_ema,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from ..training.distributed import (
     ModelCalls,
     all_processes_agree,
@@ -57,23 +65,11 @@ from ..training.distributed import (
     outside_training,
     prepare,
     save_model,
-    save_optimizer,
-    whole_tensors,
 )
-from ..training.trainer import (
-    MAX_BAD_STEPS,
-    atomic_checkpoint,
-    enable_activation_checkpointing,
-    remove_partial_checkpoints,
-    rng_state,
-    set_rng_state,
-    warmup_cosine,
-)
+from ..training.trainer import MAX_BAD_STEPS, enable_activation_checkpointing, warmup_cosine
+from ..utils.errors import TrainingDiverged
 from .config import PhaseConfig, RLConfig
 from .ldam import LDAM, perturbation_scale
-
-LOG_FILE = "rl_log.jsonl"
-CHECKPOINT_DIR = "checkpoints"
 
 # rewards(images (N, 3, H, W) in [-1, 1], prompts, metadata) -> {reward name: N floats}
 RewardFn = Callable[[torch.Tensor, list[str], list[dict | None]], dict[str, list[float]]]
@@ -502,24 +498,6 @@ def _phase_at(cfg: RLConfig, epoch: int) -> tuple[int, PhaseConfig]:
     raise IndexError(epoch)
 
 
-def _save_checkpoint(
-    out: Path, acc, wrapped, params: dict[str, nn.Parameter], optimizer, ema, state: dict, keep: int
-) -> None:
-    """``checkpoints/epoch_N``, atomically (every process calls it): the trained tensors and the EMA (gathered
-    whole when sharded), the optimizer, one RNG state per process and ``state.json`` (epoch, history, every
-    phase's LDAM state)."""
-    with atomic_checkpoint(out / CHECKPOINT_DIR, f"epoch_{state['epoch']:06d}", acc, keep) as tmp:
-        torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
-        tensors = whole_tensors(acc, params)
-        averaged = whole_tensors(acc, ema) if ema is not None else None
-        save_optimizer(acc, wrapped, optimizer, tmp)
-        if acc.is_main_process:
-            save_file(tensors, str(tmp / "trainable.safetensors"))
-            if averaged is not None:
-                save_file(averaged, str(tmp / "ema.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(state))
-
-
 def _check_same_everywhere(acc, what: str, value) -> None:
     """Raise when ``value`` (JSON-serialisable) differs between processes: state that must be shared."""
     if acc.num_processes == 1:
@@ -532,11 +510,6 @@ def _check_same_everywhere(acc, what: str, value) -> None:
             f"{what} differs between processes ({len(set(seen))} versions); it must be computed from gathered "
             f"values only. Process 0: {seen[0][:300]}"
         )
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    done = [p for p in sorted((out / CHECKPOINT_DIR).glob("epoch_*")) if (p / "state.json").is_file()]
-    return done[-1] if done else None
 
 
 def train_rl(
@@ -592,27 +565,16 @@ def train_rl(
     params = list(named.values())
     reference = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
-    ema = {n: p.detach().clone() for n, p in named.items()} if cfg.ema > 0 else None
     ldams = [
         LDAM(cfg.ldam, _zone_positions(model, phase.zone), len(model.lim.layers), phase.zone)
         for phase in cfg.phases
     ]
     start, history, bad_in_a_row = 0, [], 0
-    ckpt = _latest_checkpoint(out) if resume else None
+    ckpt = resume_checkpoint(out, "epoch", acc) if resume else None
     if ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
-        values = load_file(str(ckpt / "trainable.safetensors"))
-        if set(values) != set(named):
-            raise CheckpointError(f"{ckpt} does not match what RL trains now (was rl.trainable changed?)")
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(values[n])
-        if ema is not None:
-            ema = load_file(str(ckpt / "ema.safetensors"))
+        state = load_checkpoint(ckpt, named, rank, "was rl.trainable changed?")
         for ldam, s in zip(ldams, state["ldam"], strict=True):
             ldam.load_state_dict(s)
-        if (rng := ckpt / f"rng_{rank}.pt").is_file():
-            set_rng_state(torch.load(rng, weights_only=True))
         start, history = state["epoch"] + 1, state["history"]
         bad_in_a_row = state.get("bad_in_a_row", 0)
         acc.print(f"resuming RL from {ckpt} at epoch {start}")
@@ -624,14 +586,13 @@ def train_rl(
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     reference = [like(p, r) for p, r in zip(params, reference, strict=True)]
-    if ema is not None:
-        ema = {n: like(named[n], e) for n, e in ema.items()}
+    ema = init_ema(named, ckpt, cfg.ema)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "rl_config.yaml")
         remove_partial_checkpoints(out / CHECKPOINT_DIR)
         # the log holds exactly the epochs done: none on a fresh start, the checkpoint's on a resume
-        (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
+        (out / RL_LOG).write_text("".join(json.dumps(r) + "\n" for r in history))
     t0 = time.time()
     bar = tqdm(
         total=cfg.total_epochs, initial=start, desc="RL", disable=not (progress and acc.is_main_process)
@@ -726,14 +687,14 @@ def train_rl(
                 "rollout(s) perturbed"
             )
         if acc.is_main_process:
-            with (out / LOG_FILE).open("a") as f:
+            with (out / RL_LOG).open("a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(phase=phase.name, reward=f"{reward_mean:.3f}", gn=f"{grad_norm:.2f}")
         if bad_in_a_row >= MAX_BAD_STEPS:
-            raise RuntimeError(
+            raise TrainingDiverged(
                 f"{bad_in_a_row} RL updates in a row had a non-finite gradient (last in epoch {epoch}; see "
-                f"{out / LOG_FILE}): check the rewards for NaN, lower rl.lr, or use rl.mixed_precision=no / bf16"
+                f"{out / RL_LOG}): check the rewards for NaN, lower rl.lr, or use rl.mixed_precision=no / bf16"
             )
         last = epoch == cfg.total_epochs - 1
         if cfg.save_every and (epoch + 1) % cfg.save_every == 0 and not last:
@@ -744,12 +705,12 @@ def train_rl(
                 "bad_in_a_row": bad_in_a_row,
                 "num_processes": world,
             }
-            _save_checkpoint(out, acc, wrapped, named, optimizer, ema, state, cfg.keep_last)
+            save_checkpoint(out, "epoch", acc, wrapped, optimizer, named, state, cfg.keep_last, ema)
     bar.close()
     save_model(acc, model, out, values=ema)
     log(f"RL: {cfg.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
     ldam_states = [x.state_dict() for x in ldams]
-    return RLResult(cfg.total_epochs, out, out / LOG_FILE, time.time() - t0, history, cfg, ldam_states)
+    return RLResult(cfg.total_epochs, out, out / RL_LOG, time.time() - t0, history, cfg, ldam_states)
 
 
 def _lr(cfg: RLConfig, epoch: int, inner: int, update: int) -> float:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..models.parauni import CheckpointError
+from ..utils.files import apply_umask
 
 OPTIMIZER_FILE = "optimizer.pt"
 DEEPSPEED_TAG = "deepspeed"  # the engine's checkpoint folder inside a step / epoch checkpoint
@@ -283,6 +284,14 @@ def load_optimizer(acc, wrapped, optimizer, folder: Path, saved_processes: int) 
         optimizer.load_state_dict(state)
 
 
+def readable_weights(folder: Path) -> None:
+    """Give the weight files ``save_pretrained`` wrote in ``folder`` (its own ``*.safetensors`` and those of
+    the component folders ``transformer/``, ``vae/``, ``vlm/``) the mode the umask asks for: safetensors
+    creates them 0600, so teammates on shared storage could not load them."""
+    for path in [*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]:
+        apply_umask(path)
+
+
 def save_model(acc, model: nn.Module, folder: Path, values: dict[str, torch.Tensor] | None = None) -> None:
     """Write the final model folder with ``model.save_pretrained``; every process must call it.
 
@@ -300,6 +309,7 @@ def save_model(acc, model: nn.Module, folder: Path, values: dict[str, torch.Tens
                 for name, value in (values or {}).items():
                     params[name].copy_(value)
             model.save_pretrained(folder)
+            readable_weights(Path(folder))
         acc.wait_for_everyone()
         return
     live = dict(model.named_buffers()) | dict(model.named_parameters())
@@ -312,4 +322,5 @@ def save_model(acc, model: nn.Module, folder: Path, values: dict[str, torch.Tens
         if result.unexpected_keys:
             raise CheckpointError(f"the rebuilt model has no {result.unexpected_keys[:6]}")
         copy.save_pretrained(folder)
+        readable_weights(Path(folder))
     acc.wait_for_everyone()

@@ -11,7 +11,9 @@ an extraction folder::
 Output shard j holds the source's samples ``j * shard_size .. (j + 1) * shard_size - 1`` in its
 unshuffled order, corrupt ones left out, so the result does not depend on the number of processes. Under
 ``accelerate launch`` process r extracts shards r, r + world, ...; a rerun with the same options skips
-the shards already written (resume), and a rerun with other options is refused.
+the shards already written (resume), and a rerun with other options is refused. Every file is written
+atomically (``checkpoint.write_json_atomic``, ``utils.files.save_safetensors``, with the umask's permissions),
+so a killed run leaves whole files or none.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,10 +29,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
+from ..utils.files import read_json, save_safetensors
+from .checkpoint import write_json_atomic
 from .data import DataError
 from .streaming import SHARDS_PER_GROUP, CorruptSample, ShardedSource
 
@@ -92,17 +94,11 @@ def make_plan(source: ShardedSource, image_size: int, encoder_key: str, shard_si
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def _check_plan(out: Path, plan: dict) -> None:
     """Write the plan, or check that an existing extraction in ``out`` has the same one."""
     path = out / PLAN_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path, "latents plan")
         diff = {k: (old.get(k), v) for k, v in plan.items() if old.get(k) != v}
         if diff:
             raise DataError(
@@ -111,7 +107,7 @@ def _check_plan(out: Path, plan: dict) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, plan)
+    write_json_atomic(path, plan)
 
 
 @dataclass
@@ -170,11 +166,9 @@ def extract_latents(
                 captions.append(sample[1])
             if pixels:
                 latents.append(encode(torch.stack(pixels)).to("cpu", DTYPES[dtype]))
-        _write_json(out / f"{shard_name(j)}.json", {"captions": captions, "skipped": bad})
+        write_json_atomic(out / f"{shard_name(j)}.json", {"captions": captions, "skipped": bad})
         tensor = torch.cat(latents) if latents else torch.zeros(0, dtype=DTYPES[dtype])
-        tmp = out / f"{shard_name(j)}.{os.getpid()}.tmp"
-        save_file({"latents": tensor.contiguous()}, str(tmp))
-        tmp.replace(final)
+        save_safetensors({"latents": tensor.contiguous()}, final)  # atomic: the shard exists whole or not
         written, skipped = written + 1, skipped + len(bad)
     return ExtractResult(written, reused, skipped)
 
@@ -184,7 +178,7 @@ def finish_extraction(out: str | Path) -> dict:
     out = Path(out)
     if not (out / PLAN_FILE).is_file():
         raise DataError(f"{out} has no {PLAN_FILE}; it is not a latents folder of parauni extract-latents")
-    plan = json.loads((out / PLAN_FILE).read_text())
+    plan = read_json(out / PLAN_FILE, "latents plan")
     missing = [j for j in range(plan["num_shards"]) if not (out / f"{shard_name(j)}.safetensors").is_file()]
     if missing:
         raise DataError(
@@ -193,7 +187,7 @@ def finish_extraction(out: str | Path) -> dict:
         )
     sizes, skipped, shape = [], {}, None
     for j in range(plan["num_shards"]):
-        meta = json.loads((out / f"{shard_name(j)}.json").read_text())
+        meta = read_json(out / f"{shard_name(j)}.json", "latent shard captions")
         with safe_open(str(out / f"{shard_name(j)}.safetensors"), "pt") as f:
             rows = f.get_slice("latents").get_shape()
         if len(meta["captions"]) != (rows[0] if len(rows) > 1 else 0):
@@ -208,7 +202,7 @@ def finish_extraction(out: str | Path) -> dict:
             f"no sample of {plan['source']} could be read: all {plan['source_samples']} are corrupt"
         )
     manifest = {**plan, "sizes": sizes, "latent_shape": list(shape), "skipped": skipped}
-    _write_json(out / MANIFEST_FILE, manifest)
+    write_json_atomic(out / MANIFEST_FILE, manifest)
     return manifest
 
 
@@ -227,7 +221,7 @@ class LatentShardSource(ShardedSource):
         self.root = Path(root)
         if not (self.root / MANIFEST_FILE).is_file():
             finish_extraction(self.root)  # raises, naming the missing shards, if the extraction is incomplete
-        manifest = json.loads((self.root / MANIFEST_FILE).read_text())
+        manifest = read_json(self.root / MANIFEST_FILE, "latents manifest")
         if manifest.get("format") != FORMAT:
             raise DataError(f"{self.root / MANIFEST_FILE} is not a {FORMAT} manifest")
         super().__init__(manifest["sizes"], str(root), encoded=True, shards_per_group=shards_per_group)
@@ -240,7 +234,7 @@ class LatentShardSource(ShardedSource):
     def _shard(self, j: int):
         if j not in self._open:
             handle = safe_open(str(self.root / f"{shard_name(j)}.safetensors"), "pt")
-            captions = json.loads((self.root / f"{shard_name(j)}.json").read_text())["captions"]
+            captions = read_json(self.root / f"{shard_name(j)}.json", "latent shard captions")["captions"]
             self._open[j] = (handle, captions)
             while len(self._open) > OPEN_SHARDS:
                 self._open.popitem(last=False)

@@ -11,49 +11,51 @@ The loop reads top to bottom (nanoGPT style) and runs unchanged on one CPU or un
 
 Every random draw of an example (caption dropout, t, noise) comes from a generator seeded by ``(seed, its
 position in the data stream)``, so a run gives the same result on any number of processes and with any
-gradient accumulation for the same global batch (up to float summation order). A checkpoint holds the trained
-tensors, the optimizer state, the step, the data position, the learning-rate schedule, the count of skipped
-steps and every process's RNG state, so ``resume`` continues exactly where an interrupted run stopped.
+gradient accumulation for the same global batch (up to float summation order). A checkpoint (``checkpoint.py``)
+holds the trained tensors, the optimizer state, the step, the data position, the learning-rate schedule, the
+count of skipped steps and every process's RNG state, so ``resume`` continues exactly where an interrupted run
+stopped, from the newest checkpoint that is intact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import random
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import TrainableConfig, save_yaml
 from ..diffusion.flow import sample_timesteps
-from ..models.parauni import CheckpointError, ParaUni
+from ..models.parauni import ParaUni
+from ..utils.errors import TrainingDiverged
+from ..utils.files import save_safetensors
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    RAW_FILE,
+    init_ema,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from .checkpoint import TRAIN_LOG as LOG_FILE
 from .config import TrainConfig
 from .distributed import (
     all_processes_agree,
     check_backend,
     configure_deepspeed,
     grad_norm,
-    like,
     load_optimizer,
     prepare,
     save_model,
-    save_optimizer,
     whole_tensors,
 )
 
-CHECKPOINT_DIR = "checkpoints"
-LOG_FILE = "train_log.jsonl"
-EMA_FILE = "ema.safetensors"
-RAW_FILE = "raw_trainable.safetensors"
 MAX_BAD_STEPS = 5
 # captions (None = unconditional) -> (states (B, S, C), mask (B, S)) of the DiT's pretraining text encoder
 Teacher = Callable[[list[str | None]], tuple[torch.Tensor, torch.Tensor]]
@@ -135,145 +137,8 @@ def enable_activation_checkpointing(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    """This process's global RNG states (torch, CUDA if present, Python, NumPy), loadable weights-only."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def atomic_checkpoint(root: Path, name: str, acc, keep_last: int) -> Iterator[Path]:
-    """Write the checkpoint ``root/name`` from every process, atomically, keeping the newest ``keep_last``.
-
-    Every process writes into ``root/.tmp_<name>``; when all are done the main process renames it to
-    ``root/<name>`` (a reader, or ``resume`` after a crash, sees a complete checkpoint or none) and removes
-    all but the newest ``keep_last`` of the same kind (``step_*`` / ``epoch_*``). The processes must share the
-    file system of ``root``.
-    """
-    tmp, final = root / f".tmp_{name}", root / name
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    yield tmp
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        kind = name.rsplit("_", 1)[0]
-        for old in sorted(root.glob(f"{kind}_*"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def remove_partial_checkpoints(root: Path) -> None:
-    """Delete the temporary folders of checkpoints a killed run did not finish writing."""
-    for tmp in root.glob(".tmp_*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _schedule(cfg: TrainConfig) -> dict:
     return {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps, "min_lr_ratio": cfg.min_lr_ratio}
-
-
-def save_checkpoint(
-    folder: Path,
-    acc,
-    model: ParaUni,
-    wrapped,
-    optimizer,
-    state: dict,
-    keep_last: int,
-    ema: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write ``checkpoints/step_N`` (N = ``state['step']``) atomically; every process must call it.
-
-    It holds the trained tensors (gathered whole when sharded), their EMA when ``train.ema`` is on
-    (``ema.safetensors``), the optimizer state (``optimizer.pt``, or DeepSpeed's ``deepspeed/``), ``state.json``
-    (step, data position, schedule, skipped-step count) and one RNG state per process.
-    """
-    root = folder / CHECKPOINT_DIR
-    with atomic_checkpoint(root, f"step_{state['step']:07d}", acc, keep_last) as tmp:
-        torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
-        tensors = whole_tensors(acc, {n: p for n, p in model.named_parameters() if p.requires_grad})
-        averaged = whole_tensors(acc, ema) if ema is not None else None
-        save_optimizer(acc, wrapped, optimizer, tmp)
-        if acc.is_main_process:
-            save_file(tensors, str(tmp / "trainable.safetensors"))
-            if averaged is not None:
-                save_file(averaged, str(tmp / EMA_FILE))
-            (tmp / "state.json").write_text(json.dumps(state))
-    return root / f"step_{state['step']:07d}"
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete step checkpoint of a run folder, or None."""
-    done = [p for p in sorted((folder / CHECKPOINT_DIR).glob("step_*")) if (p / "state.json").is_file()]
-    return done[-1] if done else None
-
-
-def load_trainable(path: Path, model: ParaUni) -> None:
-    """Copy a checkpoint's ``trainable.safetensors`` into the model, strictly over what trains now."""
-    state = load_file(str(path / "trainable.safetensors"))
-    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match what trains now (was the stage or config changed?): missing {missing[:6]}, "
-            f"unexpected {unexpected[:6]}"
-        )
-    with torch.no_grad():
-        for name, p in expected.items():
-            p.copy_(state[name])
-
-
-def load_checkpoint(path: Path, model: ParaUni, rank: int = 0) -> dict:
-    """Restore trained tensors and this process's RNG state (before ``prepare``); returns ``state.json``.
-
-    The optimizer state is restored after ``prepare`` (:func:`distributed.load_optimizer`). A checkpoint written
-    by a run with fewer processes has no RNG state for ``rank``; that process then keeps its own (every draw of
-    the loop is seeded by the data position, so only draws outside it are affected).
-    """
-    load_trainable(path, model)
-    if (rng := path / f"rng_{rank}.pt").is_file():
-        set_rng_state(torch.load(rng, weights_only=True))
-    return json.loads((path / "state.json").read_text())
-
-
-def init_ema(
-    named: dict[str, torch.Tensor], ckpt: Path | None, decay: float
-) -> dict[str, torch.Tensor] | None:
-    """The EMA of the trained tensors (None when ``decay`` is 0): from ``ckpt``'s ``ema.safetensors`` when
-    resuming, else a copy of the current weights."""
-    if decay == 0:
-        return None
-    ema = {n: p.detach().clone() for n, p in named.items()}
-    if ckpt is not None:
-        if not (ckpt / EMA_FILE).is_file():
-            raise CheckpointError(f"{ckpt} has no {EMA_FILE}: it was written with train.ema=0")
-        saved = load_file(str(ckpt / EMA_FILE))
-        with torch.no_grad():
-            for name, value in ema.items():
-                value.copy_(like(value, saved[name]))
-    return ema
 
 
 @torch.no_grad()
@@ -312,7 +177,7 @@ def train(
             condition towards these states (the shapes world passes its Stage-0 text encoder).
 
     Raises:
-        RuntimeError: ``MAX_BAD_STEPS`` steps in a row had a non-finite loss or gradient.
+        TrainingDiverged: ``MAX_BAD_STEPS`` steps in a row had a non-finite loss or gradient.
     """
     from accelerate import Accelerator
 
@@ -349,9 +214,10 @@ def train(
     model.train()
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     start, data_offset, bad_in_a_row = 0, 0, 0
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    ckpt = resume_checkpoint(out_dir, "step", acc) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, rank)
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        state = load_checkpoint(ckpt, trained, rank, "was the stage or config changed?")
         start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
         # the data stream continues where it stopped even if the batch size was changed for the rest
         data_offset = state.get("examples_seen", start * cfg.batch_size) - start * cfg.batch_size
@@ -361,7 +227,9 @@ def train(
     wrapped, optimizer = prepare(acc, model, optimizer, model)
     if ckpt is not None:
         load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", world))
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # after prepare: FSDP's are DTensors
+    named = {
+        n: p for n, p in model.named_parameters() if p.requires_grad
+    }  # after prepare: FSDP's are DTensors
     params = list(named.values())
     if not params:
         raise ValueError("nothing to train: no parameter of the model requires a gradient")
@@ -441,7 +309,7 @@ def train(
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if bad_in_a_row >= MAX_BAD_STEPS:
-            raise RuntimeError(
+            raise TrainingDiverged(
                 f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}; see "
                 f"{log_path}); lower train.lr, or use train.mixed_precision=no / bf16 instead of fp16"
             )
@@ -454,11 +322,11 @@ def train(
                 "bad_in_a_row": bad_in_a_row,
                 "num_processes": world,
             }
-            save_checkpoint(out_dir, acc, model, wrapped, optimizer, state, cfg.keep_last, ema)
+            save_checkpoint(out_dir, "step", acc, wrapped, optimizer, named, state, cfg.keep_last, ema)
     bar.close()
     if ema is not None:  # the last raw weights, beside the EMA ones that the model folder gets
         raw = whole_tensors(acc, named)
         if acc.is_main_process:
-            save_file(raw, str(out_dir / RAW_FILE))
+            save_safetensors(raw, out_dir / RAW_FILE)
     save_model(acc, model, out_dir, ema)
     return TrainResult(cfg.steps, loss_value, time.time() - t0, out_dir, log_path)
