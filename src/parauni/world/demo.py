@@ -17,8 +17,10 @@ import torch
 
 from ..models.parauni import ParaUni
 from ..pipeline import generate
+from ..training.checkpoint import RL_LOG
+from ..training.checkpoint import TRAIN_LOG as LOG_FILE
 from ..training.config import TrainConfig
-from ..training.trainer import LOG_FILE, stage_trainable, train
+from ..training.trainer import stage_trainable, train
 from ..utils.images import tensor_to_uint8
 from .captions import make_eval_metadata, write_eval_metadata
 from .config import WorldConfig, default_cache_dir, world_config  # noqa: F401 (re-exported)
@@ -268,7 +270,7 @@ def run_demo(
     if rl_metrics is not None:
         from ..rl.plots import plot_reward_curves, read_log
 
-        plot_reward_curves({"Stage III": read_log(out / "stage3" / "rl_log.jsonl")}, out / "rl_curves.png")
+        plot_reward_curves({"Stage III": read_log(out / "stage3" / RL_LOG)}, out / "rl_curves.png")
         figures["rewards"] = "rl_curves.png"
     for tag, path in plot_tag_grids(samples, out).items():
         figures[tag] = path.name

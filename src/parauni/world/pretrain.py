@@ -28,8 +28,9 @@ import torch
 from ..config import ModelConfig, from_dict
 from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
+from ..training.checkpoint import CHECKPOINT_DIR, RAW_FILE
 from ..training.config import TrainConfig
-from ..training.trainer import CHECKPOINT_DIR, RAW_FILE, train
+from ..training.trainer import train
 from ..utils.device import default_device
 from ..utils.images import pil_to_tensor
 from .captions import WorldStream, world_vocabulary

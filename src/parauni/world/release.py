@@ -23,7 +23,7 @@ import torch
 from ..analysis.prompt_use import DEFAULT_PROMPTS, prompt_sensitivity
 from ..config import ConfigError
 from ..models.parauni import ParaUni
-from ..training.trainer import RAW_FILE
+from ..training.checkpoint import RAW_FILE
 from ..utils.device import default_device
 from .captions import make_eval_metadata
 from .config import WorldConfig, default_cache_dir, world_config
