@@ -8,6 +8,7 @@ command line and saved beside every checkpoint. Unknown keys are errors that nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,16 +36,25 @@ JANUS_TEMPLATE = "<|User|>: {caption}\n\n<|Assistant|>:<begin_of_image>"
 JANUS_UNCOND_TEMPLATE = "<|User|>: \n\n<|Assistant|>:<begin_of_image>"
 JANUS_IMAGE_TEMPLATE = "<|User|>: {image}\n{instruction}\n\n<|Assistant|>:<begin_of_image>"
 
+# A language model of unknown chat format (causal_lm, text_encoder): plain text, no special tokens; the tokenizer
+# adds its own (BOS, or BERT's [CLS] ... [SEP]). Text-only kinds never use the image template.
+PLAIN_TEMPLATE = "Generate an image: {caption}"
+PLAIN_UNCOND_TEMPLATE = "Generate an image."
+PLAIN_IMAGE_TEMPLATE = "{image}\n{instruction}"
+
 # Each backbone kind's own prompt format: (template, uncond_template, image_template), used when vlm.* is null.
 PROMPT_FORMATS = {
     "internvl": (CONDITIONAL_TEMPLATE, UNCONDITIONAL_TEMPLATE, IMAGE_TEMPLATE),
     "qwen2_5_vl": (QWEN_VL_TEMPLATE, QWEN_VL_UNCOND_TEMPLATE, QWEN_VL_IMAGE_TEMPLATE),
     "janus": (JANUS_TEMPLATE, JANUS_UNCOND_TEMPLATE, JANUS_IMAGE_TEMPLATE),
-    "causal_lm": (CONDITIONAL_TEMPLATE, UNCONDITIONAL_TEMPLATE, IMAGE_TEMPLATE),
+    "causal_lm": (PLAIN_TEMPLATE, PLAIN_UNCOND_TEMPLATE, PLAIN_IMAGE_TEMPLATE),
+    "text_encoder": (PLAIN_TEMPLATE, PLAIN_UNCOND_TEMPLATE, PLAIN_IMAGE_TEMPLATE),
 }
 
 LAYER_MODES = ("all", "last", "list", "drop_shallow", "drop_middle", "drop_deep", "interval")
-VLM_KINDS = ("internvl", "qwen2_5_vl", "janus", "causal_lm")
+VLM_KINDS = ("internvl", "qwen2_5_vl", "janus", "causal_lm", "text_encoder")
+# Component sections whose arch dict describes the preset's own weights: an override of the path drops it.
+ARCH_SECTIONS = ("vlm", "dit", "vae")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -56,7 +66,13 @@ class ConfigError(ValueError):
 class VLMConfig:
     """The frozen vision-language model that reads the prompt and the learnable queries."""
 
-    kind: str = field(default="internvl", metadata={"help": f"backbone adapter, one of {VLM_KINDS}"})
+    kind: str = field(
+        default="internvl",
+        metadata={
+            "help": f"backbone adapter, one of {VLM_KINDS} (causal_lm: a decoder-only LM; text_encoder: a "
+            "bidirectional one such as BERT)"
+        },
+    )
     path: str | None = field(
         default="OpenGVLab/InternVL3-2B-hf",
         metadata={
@@ -188,6 +204,7 @@ class TrainableConfig:
             raise ConfigError("trainable.dit=true and trainable.dit_lora_rank>0 exclude each other; pick one")
         if self.dit_lora_rank < 0:
             raise ConfigError(f"trainable.dit_lora_rank={self.dit_lora_rank} must be >= 0")
+        _check_finite("trainable.dit_lora_alpha", self.dit_lora_alpha)
 
 
 @dataclass
@@ -205,8 +222,15 @@ class SamplingConfig:
         _check_choice("sampling.sampler", self.sampler, ("dpm", "euler"))
         if self.steps < 1:
             raise ConfigError(f"sampling.steps={self.steps} must be >= 1")
+        _check_finite("sampling.cfg", self.cfg)
+        _check_finite("sampling.shift", self.shift)
         if self.cfg < 0:
             raise ConfigError(f"sampling.cfg={self.cfg} must be >= 0")
+        if self.shift <= 0:
+            raise ConfigError(f"sampling.shift={self.shift} must be > 0")
+        for name in ("height", "width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sampling.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass
@@ -229,6 +253,12 @@ T = TypeVar("T")
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check_finite(name: str, value: float) -> None:
+    """A ConfigError for NaN or infinity (comparisons with NaN are all false, so range checks let it pass)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value} must be a finite number")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -317,8 +347,41 @@ def _parse_value(text: str) -> Any:
     return value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings (a leading ``--`` is allowed) to a nested dict, in order."""
+def field_type(cls: type, parts: list[str]) -> Any:
+    """The annotation of the field ``parts`` (e.g. ``["vlm", "template"]``) of dataclass ``cls``, or None."""
+    tp: Any = cls
+    for part in parts:
+        if not _is_dataclass_type(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _is_text_field(tp: Any) -> bool:
+    """``str`` or ``str | None``: a command-line value for it is the text as typed, never YAML."""
+    return tp is str or (
+        typing.get_origin(tp) in (types.UnionType, typing.Union)
+        and set(typing.get_args(tp)) == {str, type(None)}
+    )
+
+
+def _override_value(text: str, tp: Any) -> Any:
+    """A command-line value: the raw text for a text field (``null`` / ``~`` = None where allowed), else YAML."""
+    if _is_text_field(tp):
+        return None if text in ("null", "~") and tp is not str else text
+    return _parse_value(text)
+
+
+def apply_overrides(data: dict, overrides: list[str], schema: type | None = None) -> dict:
+    """Apply ``section.key=value`` strings (a leading ``--`` is allowed) to a nested dict, in order.
+
+    With ``schema`` (a config dataclass) a text field takes the value as typed (a template such as
+    ``Draw: {caption}`` is not read as a YAML mapping), and an override of a component's ``path`` (``vlm``,
+    ``dit``, ``vae``) that does not also set its ``arch`` drops the arch, which described the old weights.
+    """
     out = yaml.safe_load(yaml.safe_dump(data))
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
@@ -331,8 +394,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = _override_value(text, field_type(schema, parts) if schema else None)
+    if schema is not None:
+        _drop_stale_arch(out, overrides)
     return out
+
+
+def _drop_stale_arch(data: dict, overrides: list[str]) -> None:
+    """Remove ``section.arch`` where an override gave ``section.path`` a value and none touched the arch."""
+    keys = [item.removeprefix("--").split("=", 1)[0] for item in overrides]
+    for section in ARCH_SECTIONS:
+        node = data.get(section)
+        set_path = f"{section}.path" in keys and isinstance(node, dict) and node.get("path") is not None
+        if set_path and not any(k == f"{section}.arch" or k.startswith(f"{section}.arch.") for k in keys):
+            node["arch"] = None
 
 
 def list_presets() -> list[str]:
@@ -370,7 +445,7 @@ def load_model_config(source: str | Path | dict, overrides: list[str] | None = N
         data = load_yaml(source)
     else:
         data = preset_dict(str(source))
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [], schema=ModelConfig)
     return from_dict(ModelConfig, data)
 
 
