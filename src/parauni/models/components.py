@@ -8,6 +8,7 @@ parameter counts without any weights). Relative paths are resolved against the m
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from ..config import DiTConfig, VAEConfig, VLMConfig
 from ..utils.loading import WeightsError, load_pretrained
 from .tokenizer import BASIC_CORPUS, train_bpe_tokenizer
-from .vlm import BACKBONES, VLMBackbone
+from .vlm import BACKBONES, VLMBackbone, is_causal
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,10 +27,26 @@ class ComponentLoadError(WeightsError):
 
 
 def resolve_path(path: str, root: str | Path | None) -> str:
-    """``path`` relative to ``root`` when that exists locally, else ``path`` unchanged (folder or HF id)."""
-    if root is not None and not Path(path).is_absolute() and (Path(root) / path).exists():
-        return str(Path(root) / path)
+    """Where a component's ``path`` points, independent of the working directory.
+
+    Relative to ``root`` (the model folder) when that exists, else relative to the working directory when that
+    exists; either way returned absolute. Anything else (a Hugging Face id) is returned unchanged.
+    """
+    candidates = [Path(path)] if Path(path).is_absolute() else [Path(root) / path] if root is not None else []
+    candidates.append(Path(path).expanduser())
+    for candidate in candidates:
+        if candidate.exists():
+            return os.path.abspath(candidate)
     return path
+
+
+def portable_path(path: str, folder: str | Path) -> str:
+    """How a model folder's config refers to a component: relative to ``folder`` when it lies inside it (the
+    folder can be moved), absolute when it is another local path (any working directory), else unchanged."""
+    if not Path(path).exists():
+        return path
+    target, base = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return str(target.relative_to(base)) if target.is_relative_to(base) else str(target)
 
 
 @contextlib.contextmanager
@@ -125,9 +142,20 @@ def load_vlm(
         )
         image_processor = _folder_image_processor(cfg.kind, path)
     backbone_cls = BACKBONES[cfg.kind]
+    if cfg.kind == "causal_lm" and not meta:
+        _check_decoder_only(model, cfg.path)
     if cfg.kind in IMAGE_PROCESSORS:
         return backbone_cls(model, tokenizer, cfg, image_processor=image_processor)
     return backbone_cls(model, tokenizer, cfg)
+
+
+def _check_decoder_only(model: nn.Module, path: str | None) -> None:
+    """Refuse a bidirectional encoder given as ``vlm.kind=causal_lm`` (its states would see the queries)."""
+    if not is_causal(model, model.config.hidden_size):
+        raise ComponentLoadError(
+            f"vlm {path or 'arch'} ({type(model).__name__}) is a bidirectional encoder, not a decoder-only LM "
+            "(its tokens see later tokens); use --vlm.kind=text_encoder for it"
+        )
 
 
 # The kinds whose adapter preprocesses input images with the checkpoint's own Hugging Face image processor.

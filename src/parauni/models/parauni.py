@@ -16,12 +16,13 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TrainableConfig, from_dict, load_yaml, save_yaml
 from ..diffusion.flow import condition_match_loss, dit_timestep, flow_loss, interpolate
-from .components import load_dit, load_vae, load_vlm, resolve_path, save_vlm
+from ..utils.files import save_safetensors
+from .components import load_dit, load_vae, load_vlm, portable_path, resolve_path, save_vlm
 from .lim import LayerIntegrationModule, select_layers
 from .vlm import PromptBatch, VLMBackbone
 
@@ -55,6 +56,14 @@ def check_widths(vlm_hidden: int, config: ModelConfig, dit_config, vae_config) -
         raise ConfigError(
             f"DiT in/out channels {dit_config.in_channels}/{dit_config.out_channels} do not match {source}"
         )
+
+
+def distinct_prompts(batch: PromptBatch) -> tuple[PromptBatch, torch.Tensor]:
+    """The distinct rows of a text batch (B, S) -> (U, S), and for each of the B rows its index in them (B,)."""
+    key = torch.cat([batch.input_ids, batch.attention_mask.to(batch.input_ids.dtype)], dim=1)  # (B, 2S)
+    unique, rows = torch.unique(key, dim=0, return_inverse=True)
+    s = batch.input_ids.shape[1]
+    return PromptBatch(unique[:, :s], unique[:, s:].to(batch.attention_mask.dtype)), rows
 
 
 class ParaUni(nn.Module):
@@ -192,7 +201,17 @@ class ParaUni(nn.Module):
         return self.vlm.encode_prompts(captions, images).to(self.device)
 
     def query_states(self, batch: PromptBatch) -> torch.Tensor:
-        """(B, L, Q, D) query states of every VLM layer; the VLM graph is kept only if the queries train."""
+        """(B, L, Q, D) query states of every VLM layer; the VLM graph is kept only if the queries train.
+
+        A text batch goes through the VLM once per distinct prompt (captions repeat in small data sets, and
+        every unconditional row of a CFG batch is the same), then is gathered back to its B rows.
+        """
+        if batch.pixel_values is not None:
+            return self._vlm_query_states(batch)
+        unique, rows = distinct_prompts(batch)
+        return self._vlm_query_states(unique)[rows]
+
+    def _vlm_query_states(self, batch: PromptBatch) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.queries.requires_grad):
             return self.vlm.query_states(batch, self.queries)
 
@@ -201,7 +220,13 @@ class ParaUni(nn.Module):
         return self.lim.per_layer(self.query_states(batch))
 
     def condition(self, batch: PromptBatch, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, Q, C) cross-attention condition; ``scale`` multiplies the per-layer conditions (LDAM)."""
+        """(B, Q, C) cross-attention condition; ``scale`` multiplies the per-layer conditions (LDAM).
+
+        Without ``scale`` a text batch goes through the VLM and the LIM once per distinct prompt.
+        """
+        if scale is None and batch.pixel_values is None:
+            unique, rows = distinct_prompts(batch)
+            return self.lim(self._vlm_query_states(unique))[rows]
         return self.lim(self.query_states(batch), scale)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -309,7 +334,7 @@ class ParaUni(nn.Module):
         """Write ``config.yaml`` + ``model.safetensors`` (what was trained) to ``folder``.
 
         A fully trained DiT is written as a diffusers folder ``transformer/``. Frozen components are referred
-        to by path / Hugging Face id; they are copied in (``vlm/``, ``transformer/``, ``vae/``) when
+        to by path (relative to ``folder`` when inside it, else absolute) or Hugging Face id; they are copied in (``vlm/``, ``transformer/``, ``vae/``) when
         ``copy_frozen`` or when they have no path (built from an arch dict).
         """
         folder = Path(folder)
@@ -324,10 +349,11 @@ class ParaUni(nn.Module):
         if self.vae is not None and (copy_frozen or config.vae.path is None):
             self.vae.save_pretrained(folder / "vae")
             config.vae.path, config.vae.subfolder = "vae", None
+        for part in (config.vlm, config.dit, config.vae):
+            if part.path:
+                part.path = portable_path(part.path, folder)
         tensors = {k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "parauni": "1"})
-        tmp.replace(folder / WEIGHTS_FILE)
+        save_safetensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt", "parauni": "1"})
         save_yaml(config, folder / CONFIG_FILE)
         return folder
 
@@ -344,7 +370,7 @@ class ParaUni(nn.Module):
             )
         if not (folder / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{folder / WEIGHTS_FILE} is missing; the model folder is incomplete")
-        data = apply_overrides(load_yaml(folder / CONFIG_FILE), overrides or [])
+        data = apply_overrides(load_yaml(folder / CONFIG_FILE), overrides or [], schema=ModelConfig)
         config = from_dict(ModelConfig, data)
         try:
             state = load_file(str(folder / WEIGHTS_FILE))

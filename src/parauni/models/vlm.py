@@ -13,7 +13,10 @@ Adapters:
   variant), with 3-D rotary positions (mrope) for image prompts.
 * :class:`JanusBackbone` - ``JanusForConditionalGeneration`` (Janus-Pro): its Llama decoder, and input images through
   its SigLIP understanding encoder into the ``<image_placeholder>`` slots.
-* :class:`CausalLMBackbone` - any decoder-only language model loaded by ``AutoModel`` (text only).
+* :class:`CausalLMBackbone` - any decoder-only language model loaded by ``AutoModel`` (text only); a model whose
+  tokens see later tokens is refused (:func:`is_causal`).
+* :class:`TextEncoderBackbone` - a bidirectional text encoder (BERT-like, e.g. a sentence-embedding model) loaded by
+  ``AutoModel``: the queries read the whole prompt and the prompt's tokens also see the queries (text only).
 
 Each kind reads prompts in its own format (``config.PROMPT_FORMATS``, overridable with ``vlm.template`` etc.):
 InternVL3 chat ending in ``<img>``; Qwen's chat with its ``<|vision_start|>...<|vision_end|>`` image block and no
@@ -390,9 +393,44 @@ class CausalLMBackbone(VLMBackbone):
         return self.model
 
 
+class TextEncoderBackbone(VLMBackbone):
+    """A bidirectional text encoder loaded by ``AutoModel`` (BERT-like; text only).
+
+    Every token sees every other, so the prompt's states also depend on the queries; only the query positions
+    are read out, as for a decoder. Its absolute position embeddings take the same ``cumsum(mask) - 1`` ids.
+    """
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model
+
+
+@torch.no_grad()
+def is_causal(decoder: nn.Module, hidden_size: int, length: int = 6) -> bool:
+    """Whether ``decoder``'s states of a position ignore later positions (a decoder-only LM) or not (an encoder).
+
+    Two random embedding sequences (1, length, D) that differ only at the last position go through the model;
+    a causal model gives the same states at the other positions (up to rounding), a bidirectional one does not.
+    """
+    param = next(decoder.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, length, hidden_size, generator=gen)
+    y = x.clone()
+    y[:, -1] = torch.randn(hidden_size, generator=gen)
+    mask = torch.ones(1, length, dtype=torch.long, device=param.device)
+
+    def states(e: torch.Tensor) -> torch.Tensor:
+        out = decoder(inputs_embeds=e.to(param.device, param.dtype), attention_mask=mask)
+        return out.last_hidden_state[:, :-1].float()  # (1, length - 1, D)
+
+    a, b = states(x), states(y)
+    return bool((a - b).abs().max() <= 1e-4 * a.abs().max().clamp_min(1e-6))  # causal: equal up to rounding
+
+
 BACKBONES: dict[str, type[VLMBackbone]] = {
     "internvl": InternVLBackbone,
     "qwen2_5_vl": Qwen25VLBackbone,
     "janus": JanusBackbone,
     "causal_lm": CausalLMBackbone,
+    "text_encoder": TextEncoderBackbone,
 }
