@@ -15,7 +15,13 @@ from PIL import Image
 
 from parauni.cli import main
 from parauni.training.data import DataError, Record
-from parauni.training.latents import LatentShardSource, extract_latents, finish_extraction, vae_encoder
+from parauni.training.latents import (
+    LatentShardSource,
+    encoder_key,
+    extract_latents,
+    finish_extraction,
+    vae_encoder,
+)
 from parauni.training.sources import data_kind, pixel_source, training_source
 from parauni.training.streaming import RecordsSource, ShardOrder
 from parauni.training.tar_shards import TarShardSource, expand_braces, resolve_shards
@@ -173,8 +179,9 @@ def test_extract_latents_split_over_processes_resume_then_train(tmp_path, tiny_m
     data = tmp_path / "shards"
     _write_shards(data, shards=2, per_shard=4)  # 8 samples, 2 corrupt
     source = pixel_source(str(data), SIZE)
-    encode = vae_encoder(tiny_model.config, None)
-    options = dict(image_size=SIZE, encoder_key="dcae:None", shard_size=3, batch_size=2, progress=False)
+    encode, key = vae_encoder(tiny_model.config, None)
+    assert key == encoder_key(tiny_model.vae)  # the key hashes the weights the CLI's model gets too
+    options = dict(image_size=SIZE, encoder_key=key, shard_size=3, batch_size=2, progress=False)
     # two processes of `accelerate launch`, run one after the other: each writes every other shard
     split = tmp_path / "split"
     with pytest.warns(UserWarning):

@@ -57,7 +57,25 @@ def _lines(path: Path) -> list[str]:
 
 def scan_folder(root: str | Path) -> list[Record]:
     """Image-caption records of a JSONL file, or of a folder: every ``*.jsonl`` in it, else ``image`` +
-    ``image.txt`` pairs. Image paths in a JSONL are relative to the folder that holds it."""
+    ``image.txt`` pairs. Image paths in a JSONL are relative to the folder that holds it. Images without a
+    caption (no ``.txt``, or an empty one) are left out with a warning that counts them."""
+    records, uncaptioned = find_records(root)
+    warn_uncaptioned(uncaptioned, len(records) + len(uncaptioned))
+    return records
+
+
+def warn_uncaptioned(uncaptioned: list[Path], total: int) -> None:
+    """Say how many images of ``total`` were left out for having no caption (nothing when none)."""
+    if uncaptioned:
+        warnings.warn(
+            f"left out {len(uncaptioned)} image(s) of {total} that have no caption (no .txt beside them, or an "
+            f"empty one), e.g. {[str(p) for p in uncaptioned[:3]]}",
+            stacklevel=3,
+        )
+
+
+def find_records(root: str | Path) -> tuple[list[Record], list[Path]]:
+    """:func:`scan_folder`'s records, and the images it leaves out for having no caption (no warning)."""
     root = Path(root)
     jsonl_file = is_jsonl_file(root)
     if not (root.is_dir() or jsonl_file):
@@ -78,18 +96,23 @@ def scan_folder(root: str | Path) -> list[Record]:
                 raise DataError(f"{path}:{i} has an empty or non-text caption")
             image_path = Path(image) if Path(image).is_absolute() else base / image
             records.append(Record(image_path, caption.strip()))
+    uncaptioned: list[Path] = []
     if not jsonls:
         for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             txt = image.with_suffix(".txt")
             caption = "\n".join(_lines(txt)).strip() if txt.is_file() else ""
             if caption:
                 records.append(Record(image, caption))
+            else:
+                uncaptioned.append(image)
     if not records:
         raise DataError(
-            f"no image-caption pairs in {root}: add a JSONL of {{'image': path, 'caption': text}} lines, or "
-            "image files each with a .txt caption of the same name"
+            f"no image-caption pairs in {root}"
+            + (f" ({len(uncaptioned)} image(s) without a caption)" if uncaptioned else "")
+            + ": add a JSONL of {'image': path, 'caption': text} lines, or image files each with a .txt "
+            "caption of the same name"
         )
-    return records
+    return records, uncaptioned
 
 
 class FolderSource:
@@ -99,8 +122,11 @@ class FolderSource:
         root: the data folder.
         image_size: side of the square training images.
         encode: maps pixels (B, 3, S, S) in [-1, 1] to the DiT's input space (the model's VAE or identity).
-        cache_key: identifies ``encode`` (e.g. the VAE's path) so a cache is reused only for the same encoder.
+        cache_key: identifies ``encode`` (:func:`.latents.encoder_key` of the model's VAE: its config and
+            weights) so a cache is reused only for the same encoder.
         cache_dir: where prepared tensors are cached (default: ``root/.parauni_cache``).
+
+    ``skipped`` lists the unreadable images, ``uncaptioned`` the images left out for having no caption.
     """
 
     def __init__(
@@ -113,7 +139,8 @@ class FolderSource:
         batch_size: int = 16,
         progress: bool = True,
     ) -> None:
-        self.records = scan_folder(root)
+        self.records, self.uncaptioned = find_records(root)
+        warn_uncaptioned(self.uncaptioned, len(self.records) + len(self.uncaptioned))
         self.image_size = image_size
         self._orders: dict[tuple[int, int], np.ndarray] = {}
         fingerprint = hashlib.sha256()
@@ -132,7 +159,6 @@ class FolderSource:
         else:
             self.inputs, keep = self._prepare(encode, batch_size, progress)
             cache_dir.mkdir(parents=True, exist_ok=True)
-            # one temporary file per process: under a launcher every process prepares the same cache
             # written atomically through a per-process temporary file: under a launcher every process
             # prepares the same cache
             save_safetensors({"inputs": self.inputs.contiguous(), "keep": torch.tensor(keep)}, cache)

@@ -46,8 +46,11 @@ OPEN_SHARDS = 8
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def vae_encoder(config: ModelConfig, root: str | Path | None, device: torch.device | str = "cpu") -> Encoder:
-    """``pixels (B, 3, S, S) in [-1, 1] -> latents (B, C, S/f, S/f)`` of a model's VAE, loaded alone.
+def vae_encoder(
+    config: ModelConfig, root: str | Path | None, device: torch.device | str = "cpu"
+) -> tuple[Encoder, str]:
+    """``pixels (B, 3, S, S) in [-1, 1] -> latents (B, C, S/f, S/f)`` of a model's VAE, loaded alone, and its
+    :func:`encoder_key`.
 
     The same map as :meth:`ParaUni.encode_images` (``vae.encode(x).latent * scaling_factor``); a VAE built
     from an arch dict gets the seed :meth:`ParaUni.from_config` gives it (``config.seed + 2``).
@@ -66,7 +69,21 @@ def vae_encoder(config: ModelConfig, root: str | Path | None, device: torch.devi
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels.to(device, vae.dtype)).latent * vae.config.scaling_factor
 
-    return encode
+    return encode, encoder_key(vae)
+
+
+def encoder_key(vae: torch.nn.Module | None) -> str:
+    """What determines the DiT inputs of an image: ``pixels`` without a VAE, else the VAE's class, its config,
+    and a sha256 of its weights (names, dtypes and bytes), so another VAE of the same config never reuses
+    latents. Caches of prepared data and extracted latents are keyed by it."""
+    if vae is None:
+        return "pixels"
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return f"{type(vae).__name__}:{h.hexdigest()[:16]}"
 
 
 def shard_name(j: int) -> str:
@@ -138,7 +155,7 @@ def extract_latents(
     Args:
         source: a pixel source (tar shards, a Hugging Face dataset, image files) read in its unshuffled order.
         encode: pixels (B, 3, S, S) -> latents (B, C, h, w), e.g. :func:`vae_encoder`.
-        encoder_key: identifies ``encode`` (e.g. ``dcae:PATH``), checked on resume and by training.
+        encoder_key: identifies ``encode`` (:func:`encoder_key` of its VAE), checked on resume and by training.
     Call :func:`finish_extraction` once every process is done.
     """
     if not 0 <= rank < world:

@@ -79,16 +79,19 @@ def training_source(
     cache_key: str = "pixels",
     options: DataOptions | None = None,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ):
     """The source ``parauni train --data spec`` trains on (see the module docstring).
 
     ``encode`` / ``cache_key`` are the model's VAE for a plain folder, whose latents are computed once and
-    cached; sharded pixel sources stream images and the trainer encodes them per step.
+    cached in ``cache_dir`` (default: ``.parauni_cache`` in the data folder); sharded pixel sources stream images and the trainer encodes them per step.
     """
     options = options or DataOptions()
     kind = data_kind(spec)
     if kind == "latents":
         return LatentShardSource(spec, shards_per_group=options.shards_per_group)
     if kind == "folder":
-        return FolderSource(spec, image_size, encode=encode, cache_key=cache_key, progress=progress)
+        return FolderSource(
+            spec, image_size, encode=encode, cache_key=cache_key, cache_dir=cache_dir, progress=progress
+        )
     return pixel_source(spec, image_size, options)
