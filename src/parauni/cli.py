@@ -45,9 +45,27 @@ from .config import ConfigError
 OVERRIDE_HELP = "config overrides as --section.key=value (e.g. --lim.layers=last --sampling.steps=10)"
 
 
+def top_level_keys() -> tuple[str, ...]:
+    """The model config's keys outside any section (``seed``, ``name``): overrides without a dot."""
+    import dataclasses
+
+    from .config import ModelConfig, field_type
+
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    return tuple(n for n in names if not dataclasses.is_dataclass(field_type(ModelConfig, [n])))
+
+
+def _is_override(item: str) -> bool:
+    if not (item.startswith("--") and "=" in item):
+        return False
+    key = item[2:].split("=", 1)[0]
+    return "." in key or key in top_level_keys()
+
+
 def split_overrides(extra: list[str]) -> list[str]:
-    """Keep ``--a.b=c`` items as overrides; anything else is an error naming it."""
-    bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=", 1)[0])]
+    """Keep ``--a.b=c`` items (and ``--seed=N`` / ``--name=X`` of the model config) as overrides; anything
+    else is an error naming it."""
+    bad = [e for e in extra if not _is_override(e)]
     if bad:
         raise ConfigError(f"unrecognised argument(s) {bad}; overrides look like --section.key=value")
     return extra
@@ -78,7 +96,9 @@ def model_config(source: str, overrides: list[str]):
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise ConfigError(f"{path} has no {CONFIG_FILE}; it is not a ParaUni model folder")
-        return from_dict(ModelConfig, apply_overrides(load_yaml(path / CONFIG_FILE), overrides))
+        return from_dict(
+            ModelConfig, apply_overrides(load_yaml(path / CONFIG_FILE), overrides, schema=ModelConfig)
+        )
     return load_model_config(source, overrides)
 
 
@@ -383,11 +403,46 @@ def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(path / "checkpoints")
 
 
+def model_image_size(config) -> int:
+    """The square training size a model config implies: its sampling size (which training then keeps)."""
+    height, width = config.sampling.height, config.sampling.width
+    if height != width:
+        raise ConfigError(
+            f"the model samples {height}x{width} images but training images are square; give --image-size"
+        )
+    return height
+
+
+def check_resumable(out: str) -> int:
+    """The step ``--resume`` continues from: that of the newest complete checkpoint in ``out``, else an error."""
+    from .training.checkpoint import STATE_FILE, intact_checkpoint
+
+    ckpt = intact_checkpoint(Path(out), "step", say=lambda _: None)  # train says which one it takes
+    if ckpt is None:
+        raise ConfigError(
+            f"--resume: {out} holds no checkpoint to continue from (they are written every train.save_every "
+            "steps); run without --resume (and with --overwrite to replace what the folder holds)"
+        )
+    return int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+
+
+def trim_train_log(out: str, start: int) -> None:
+    """Drop the log rows of steps >= ``start`` (a killed run logged them after its last checkpoint), so a
+    resumed run's log holds every step once."""
+    from .training.checkpoint import TRAIN_LOG
+
+    log = Path(out) / TRAIN_LOG
+    if log.is_file():
+        kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] < start]
+        log.write_text("".join(line + "\n" for line in kept))
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import apply_overrides
     from .training.config import stage_config
-    from .training.latents import LatentShardSource, check_latents_fit
+    from .training.latents import LatentShardSource, check_latents_fit, encoder_key
     from .training.sources import DataOptions, data_kind, training_source
+    from .training.teacher import lm_teacher
     from .training.trainer import train
 
     train_items, model_overrides = _route(overrides, "train")
@@ -396,37 +451,50 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         train_dict["image_size"] = args.image_size
     kind = data_kind(args.data)
     stage_config(args.stage, train_dict)  # the training config's errors before any data is read
+    config = model_config(args.model, model_overrides)  # and the model config's
     check_run_folder(args.out, args.resume, args.overwrite)
+    start = check_resumable(args.out) if args.resume else 0
     options = DataOptions(args.image_column, args.caption_column, args.shards_per_group)
     latents = LatentShardSource(args.data, args.shards_per_group) if kind == "latents" else None
     if latents is not None:  # extracted latents fix the image size
         train_dict.setdefault("image_size", latents.image_size)
+    train_dict.setdefault("image_size", model_image_size(config))
     cfg = stage_config(args.stage, train_dict)
     model = load_model(args.model, model_overrides)
     model.check_size(cfg.image_size, cfg.image_size)
-    vae = model.config.vae
+    # the model folder samples at the size it was trained at
+    model.config.sampling.height = model.config.sampling.width = cfg.image_size
+    key = encoder_key(model.vae)
     if latents is not None:
         shape = model.latent_shape(cfg.image_size, cfg.image_size)
-        check_latents_fit(latents, shape, cfg.image_size, f"{vae.kind}:{vae.path}")
+        check_latents_fit(latents, shape, cfg.image_size, key)
         source = latents
     else:
         source = training_source(
             args.data,
             cfg.image_size,
             encode=model.encode_images,
-            cache_key=f"{vae.kind}:{vae.path}",
+            cache_key=key,
             options=options,
             progress=not args.quiet,
+            cache_dir=args.cache_dir,
         )
+    uncaptioned = len(getattr(source, "uncaptioned", ()))
     print(
         f"data ({kind}): {len(source)} image-caption pairs from {args.data}"
         + (f"; skipped {len(source.skipped)} unreadable or corrupt sample(s)" if source.skipped else "")
+        + (f"; left out {uncaptioned} image(s) without a caption" if uncaptioned else "")
+        + f"; training at {cfg.image_size} px"
     )
+    if args.resume:
+        trim_train_log(args.out, start)
     before = len(source.skipped)
-    result = train(model, source, cfg, args.out, resume=args.resume, progress=not args.quiet)
+    teacher = lm_teacher(model, seed=cfg.seed) if cfg.condition_distill > 0 else None
+    result = train(model, source, cfg, args.out, resume=args.resume, progress=not args.quiet, teacher=teacher)
     more = len(source.skipped) - before
+    done = f"{result.steps} steps" if start == 0 else f"steps {start}-{result.steps} of {result.steps}"
     print(
-        f"stage {args.stage}: {result.steps} steps in {result.seconds:.1f} s, final loss {result.final_loss:.4f}; "
+        f"stage {args.stage}: {done} in {result.seconds:.1f} s, final loss {result.final_loss:.4f}; "
         f"model written to {result.model_dir}"
         + (f"; skipped {more} more corrupt sample(s) while streaming" if more else "")
     )
@@ -436,7 +504,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_extract_latents(args: argparse.Namespace, overrides: list[str]) -> int:
     from accelerate import Accelerator
 
-    from .models.components import resolve_path
     from .training.latents import extract_latents, finish_extraction, vae_encoder
     from .training.sources import DataOptions, pixel_source
     from .utils.files import check_output_dir
@@ -445,15 +512,15 @@ def cmd_extract_latents(args: argparse.Namespace, overrides: list[str]) -> int:
     config = model_config(args.model, overrides)
     root = Path(args.model) if Path(args.model).is_dir() else None
     size = args.image_size or config.sampling.height
-    vae_path = resolve_path(config.vae.path, root) if config.vae.path else None
     acc = Accelerator()  # the processes of accelerate launch / torchrun (on CPUs: ACCELERATE_USE_CPU=true)
     source = pixel_source(args.data, size, DataOptions(args.image_column, args.caption_column))
+    encode, key = vae_encoder(config, root, acc.device)
     result = extract_latents(
         source,
-        vae_encoder(config, root, acc.device),
+        encode,
         args.out,
         image_size=size,
-        encoder_key=f"{config.vae.kind}:{vae_path}",
+        encoder_key=key,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         dtype=args.dtype,
@@ -1152,7 +1219,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="run folder: the trained model, checkpoints/ and train_log.jsonl"
     )
     p.add_argument(
-        "--image-size", type=int, help="square training size (default: train.image_size; latents: theirs)"
+        "--image-size",
+        type=int,
+        help="square training size, kept as the model's sampling size (default: train.image_size if given, "
+        "else the model's sampling size; latents: theirs)",
     )
     _add_data_args(p)
     p.add_argument(
@@ -1160,6 +1230,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         help="sharded data: shards whose samples are shuffled together (default: 4)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="a folder of images: where their prepared inputs (VAE latents) are cached "
+        "(default: .parauni_cache in the data folder)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_RUN_HELP)
@@ -1386,6 +1461,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """``--quiet``: no progress bars from Hugging Face libraries either (weight loading, downloads)."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models.components import ComponentLoadError
     from .models.parauni import CheckpointError
@@ -1396,6 +1483,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     try:
         overrides = split_overrides(extra)
         return args.fn(args, overrides)
