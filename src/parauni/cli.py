@@ -1463,12 +1463,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def quiet_libraries() -> None:
     """``--quiet``: no progress bars from Hugging Face libraries either (weight loading, downloads)."""
-    import os
-
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     import diffusers
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
 

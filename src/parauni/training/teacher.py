@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.parauni import ParaUni
+from ..models.parauni import ParaUni, distinct_prompts
 
 
 def lm_teacher(model: ParaUni, seed: int = 0):
@@ -35,13 +35,13 @@ def lm_teacher(model: ParaUni, seed: int = 0):
 
     @torch.no_grad()
     def teacher(captions: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = vlm.encode_prompts(captions).to(model.device)
+        batch, rows = distinct_prompts(vlm.encode_prompts(captions).to(model.device))  # (U, S), (B,)
         out = vlm.decoder(inputs_embeds=vlm.prompt_embeds(batch), attention_mask=batch.attention_mask)
-        states = out.last_hidden_state.float()  # (B, S, D)
+        states = out.last_hidden_state.float()  # (U, S, D)
         keep = batch.attention_mask[..., None].float()
-        pooled = (states * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # (B, D)
+        pooled = (states * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # (U, D)
         pooled = (pooled - pooled.mean(-1, keepdim=True)) / pooled.std(-1, keepdim=True).clamp_min(1e-6)
-        target = pooled @ projection.to(pooled.device)  # (B, C)
+        target = (pooled @ projection.to(pooled.device))[rows]  # (B, C)
         return target[:, None], torch.ones(len(captions), 1, device=target.device)
 
     return teacher
