@@ -429,10 +429,12 @@ def check_resumable(out: str) -> int:
 def trim_train_log(out: str, start: int) -> None:
     """Drop the log rows of steps >= ``start`` (a killed run logged them after its last checkpoint), so a
     resumed run's log holds every step once."""
+    import os
+
     from .training.checkpoint import TRAIN_LOG
 
     log = Path(out) / TRAIN_LOG
-    if log.is_file():
+    if log.is_file() and int(os.environ.get("RANK", "0")) == 0:  # the launcher's first process writes the log
         kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] < start]
         log.write_text("".join(line + "\n" for line in kept))
 
