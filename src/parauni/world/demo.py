@@ -90,14 +90,19 @@ def estimate_seconds(model: ParaUni, cfg: WorldConfig, source, teacher) -> dict[
         x0 = model.encode_images(images)
         t, noise = torch.rand(len(x0)), torch.randn_like(x0)
         batch = model.encode_prompts(captions)
-        start = time.time()
-        model(batch, x0, t, noise, (teacher(captions), p.stage1_distill)).backward()
-        train_step = time.time() - start
-        model.zero_grad(set_to_none=True)
-        n = 8
-        start = time.time()
-        generate(model, ["a photo of a red circle"] * n, seed=0, batch_size=n, progress=False)
-        per_image_step = (time.time() - start) / (n * e.steps)
+        times = []
+        for _ in range(2):  # the first call pays one-off costs (allocation, kernel choice): the second is timed
+            start = time.time()
+            model(batch, x0, t, noise, (teacher(captions), p.stage1_distill)).backward()
+            times.append(time.time() - start)
+            model.zero_grad(set_to_none=True)
+        train_step = times[-1]
+        n, times = 16, []
+        for _ in range(2):
+            start = time.time()
+            generate(model, ["a photo of a red circle"] * n, seed=0, batch_size=n, progress=False)
+            times.append(time.time() - start)
+        per_image_step = times[-1] / (n * e.steps)
     images_per_run = 6 * e.per_tag * e.images_per_prompt
     rl_epochs = r.aesthetic_epochs + r.clip_epochs if r.enabled else 0
     out = {
