@@ -1131,6 +1131,17 @@ def train_epilog() -> str:
     return "\n".join(lines)
 
 
+def _add_world_stage0_args(p: argparse.ArgumentParser) -> None:
+    """--stage0 / --cache of the commands whose --world reads the world's Stage-0 models."""
+    p.add_argument(
+        "--stage0",
+        default="release",
+        help="with --world: the Stage-0 models ('release' = shipped, default; 'scratch' = `parauni demo --stage0 "
+        "scratch`'s; a release folder or Hub id)",
+    )
+    p.add_argument("--cache", help="with --world: the scratch Stage-0 cache (implies --stage0 scratch)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="parauni", description="ParaUni: all-layer VLM conditioning for diffusion.")
     parser.add_argument("--version", action="version", version=f"parauni {_version()}")
@@ -1274,13 +1285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file with 'rl' (RLConfig) and 'rewards' (RewardsConfig) sections")
     p.add_argument("--prompts", help="RL prompts: .txt (one a line) or .jsonl with 'prompt' (GenEval rows)")
     p.add_argument("--world", action="store_true", help="the shapes world: its prompts, rewards and defaults")
-    p.add_argument(
-        "--stage0",
-        default="release",
-        help="with --world: the Stage-0 models ('release' = shipped, default; 'scratch' = `parauni demo --stage0 "
-        "scratch`'s; a release folder or Hub id)",
-    )
-    p.add_argument("--cache", help="with --world: the scratch Stage-0 cache (implies --stage0 scratch)")
+    _add_world_stage0_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_RUN_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -1437,13 +1442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--world", action="store_true", help="the shapes world's rewards (aesthetic, clip, geneval)"
     )
-    p.add_argument(
-        "--stage0",
-        default="release",
-        help="with --world: the Stage-0 models ('release' = shipped, default; 'scratch' = `parauni demo --stage0 "
-        "scratch`'s; a release folder or Hub id)",
-    )
-    p.add_argument("--cache", help="with --world: the scratch Stage-0 cache (implies --stage0 scratch)")
+    _add_world_stage0_args(p)
     p.add_argument("--clip", help="a CLIP model folder or Hugging Face id: CLIP score as the reward")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     _add_sampling_args(p, "image i uses noise seed seed + i (same for every run)")

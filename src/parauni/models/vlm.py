@@ -375,14 +375,8 @@ class JanusBackbone(VLMBackbone):
         input_ids, mask = self.tokenize([text] * len(images))
         return PromptBatch(input_ids, mask, pixel_values=proc["pixel_values"])
 
-    def prompt_embeds(self, batch: PromptBatch) -> torch.Tensor:
-        embeds = self.decoder.get_input_embeddings()(batch.input_ids)
-        if batch.pixel_values is None:
-            return embeds
-        feats = self.model.model.get_image_features(
-            pixel_values=batch.pixel_values.to(embeds.device, self.model.dtype)
-        ).pooler_output  # (B, num_image_tokens, D)
-        return scatter_image_features(embeds, batch.input_ids, self.model.config.image_token_id, feats)
+    # the same as InternVL's: the image encoder's features (B, num_image_tokens, D) into the placeholder slots
+    prompt_embeds = InternVLBackbone.prompt_embeds
 
 
 class CausalLMBackbone(VLMBackbone):
