@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from parauni.cli import main
+from parauni.models.parauni import ParaUni
 from parauni.training.data import DataError, Record
 from parauni.training.latents import (
     LatentShardSource,
@@ -180,7 +181,9 @@ def test_extract_latents_split_over_processes_resume_then_train(tmp_path, tiny_m
     _write_shards(data, shards=2, per_shard=4)  # 8 samples, 2 corrupt
     source = pixel_source(str(data), SIZE)
     encode, key = vae_encoder(tiny_model.config, None)
-    assert key == encoder_key(tiny_model.vae)  # the key hashes the weights the CLI's model gets too
+    # the key hashes the weights the CLI's model gets too: a fresh build from the same config (the session's
+    # tiny_model may have been changed in place by an earlier test)
+    assert key == encoder_key(ParaUni.from_config(tiny_model.config).vae)
     options = dict(image_size=SIZE, encoder_key=key, shard_size=3, batch_size=2, progress=False)
     # two processes of `accelerate launch`, run one after the other: each writes every other shard
     split = tmp_path / "split"
