@@ -91,7 +91,8 @@ def estimate_seconds(model: ParaUni, cfg: WorldConfig, source, teacher) -> dict[
         t, noise = torch.rand(len(x0)), torch.randn_like(x0)
         batch = model.encode_prompts(captions)
         times = []
-        for _ in range(2):  # the first call pays one-off costs (allocation, kernel choice): the second is timed
+        # the first call pays one-off costs (allocation, kernel choice): the second is timed
+        for _ in range(2):
             start = time.time()
             model(batch, x0, t, noise, (teacher(captions), p.stage1_distill)).backward()
             times.append(time.time() - start)
