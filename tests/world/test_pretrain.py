@@ -185,11 +185,23 @@ def test_the_shipped_release_loads_and_matches_its_hashes():
     assert model.vlm.num_layers == cfg.vlm.layers
 
 
-def test_quick_demo_runs_on_the_shipped_release(tmp_path):
+def test_quick_demo_runs_on_the_shipped_release(tmp_path, monkeypatch):
+    import shutil
+
+    from parauni.models.parauni import ParaUni
+
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["shapeseval"]) == {"stage0_t2i", "stage1", "stage2", "stage3"}
+    # a model folder of the demo still loads when copied elsewhere and read from another working directory
+    copy = shutil.copytree(out / "stage2", tmp_path / "elsewhere" / "stage2")
+    shutil.rmtree(out)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert (
+        ParaUni.from_pretrained("stage2").config.lim.num_queries == metrics["world"]["parauni"]["num_queries"]
+    )
+    assert copy.is_dir()
     assert (
         metrics["world"]["vlm"]["layers"]
         == json.loads((RELEASE_DIR / "world.json").read_text())["vlm"]["layers"]
