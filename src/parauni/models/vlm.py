@@ -279,10 +279,9 @@ class InternVLBackbone(VLMBackbone):
         return scatter_image_features(embeds, batch.input_ids, self.model.config.image_token_id, feats)
 
 
-class Qwen25VLBackbone(VLMBackbone):
-    """Qwen2.5-VL through ``Qwen2_5_VLForConditionalGeneration``: 3-D (mrope) positions for image prompts."""
-
-    supports_images = True
+class _ProcessorBackbone(VLMBackbone):
+    """A VLM whose images go through a Hugging Face image processor and whose decoder is
+    ``model.model.language_model`` (Qwen2.5-VL, Janus-Pro)."""
 
     def __init__(self, model: nn.Module, tokenizer, config: VLMConfig, image_processor=None) -> None:
         super().__init__(model, tokenizer, config)
@@ -291,6 +290,12 @@ class Qwen25VLBackbone(VLMBackbone):
     @property
     def decoder(self) -> nn.Module:
         return self.model.model.language_model
+
+
+class Qwen25VLBackbone(_ProcessorBackbone):
+    """Qwen2.5-VL through ``Qwen2_5_VLForConditionalGeneration``: 3-D (mrope) positions for image prompts."""
+
+    supports_images = True
 
     def encode_images(self, images: torch.Tensor) -> PromptBatch:
         if self.image_processor is None:
@@ -338,7 +343,7 @@ class Qwen25VLBackbone(VLMBackbone):
         return torch.cat([pos, queries[None].expand(3, -1, -1)], dim=2)
 
 
-class JanusBackbone(VLMBackbone):
+class JanusBackbone(_ProcessorBackbone):
     """Janus-Pro through ``JanusForConditionalGeneration``: its Llama decoder (``model.model.language_model``).
 
     Only the understanding path is used: an input image goes through the SigLIP encoder and aligner into the
@@ -349,14 +354,6 @@ class JanusBackbone(VLMBackbone):
     supports_images = True
     start_image_token = "<begin_of_image>"
     end_image_token = "<end_of_image>"
-
-    def __init__(self, model: nn.Module, tokenizer, config: VLMConfig, image_processor=None) -> None:
-        super().__init__(model, tokenizer, config)
-        self.image_processor = image_processor
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.model.model.language_model
 
     @property
     def num_image_tokens(self) -> int:
