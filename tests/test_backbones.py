@@ -48,6 +48,19 @@ BLIP3O_USER = "<|im_start|>user\nPlease generate image based on the following ca
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
+# the VQ image generator of the tiny Janus models (ParaUni reads Janus's understanding path only)
+JANUS_VQ = dict(
+    embed_dim=8,
+    num_embeddings=64,
+    latent_channels=32,
+    base_channels=32,
+    channel_multiplier=[1, 2],
+    num_res_blocks=1,
+    projection_dim=WIDTH,
+    image_token_embed_dim=WIDTH,
+)
+
+
 @pytest.fixture(scope="module")
 def janus_dir(hf_root) -> Path:
     """A tiny ``JanusForConditionalGeneration`` (32 px, patch 16 -> 4 image tokens) with Janus's special tokens."""
@@ -66,16 +79,7 @@ def janus_dir(hf_root) -> Path:
             projection_dim=WIDTH,
             num_image_tokens=4,
         ),
-        vq_config=dict(
-            embed_dim=8,
-            num_embeddings=64,
-            latent_channels=32,
-            base_channels=32,
-            channel_multiplier=[1, 2],
-            num_res_blocks=1,
-            projection_dim=WIDTH,
-            image_token_embed_dim=WIDTH,
-        ),
+        vq_config=JANUS_VQ,
         image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"),
         tie_word_embeddings=False,
     )
@@ -298,16 +302,7 @@ def test_janus_built_from_an_arch_dict_gets_its_tokens_and_image_processor():
             projection_dim=WIDTH,
             num_image_tokens=4,
         ),
-        vq_config=dict(
-            embed_dim=8,
-            num_embeddings=64,
-            latent_channels=32,
-            base_channels=32,
-            channel_multiplier=[1, 2],
-            num_res_blocks=1,
-            projection_dim=WIDTH,
-            image_token_embed_dim=WIDTH,
-        ),
+        vq_config=JANUS_VQ,
         tie_word_embeddings=False,
     )
     vlm = load_vlm(VLMConfig(kind="janus", path=None, arch=arch, dtype="float32"))
