@@ -269,6 +269,14 @@ class Probe:
         del self.opt
 
 
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` means the GPU ran out of memory (cuBLAS / cuDNN report it as a plain RuntimeError)."""
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+    )
+
+
 def largest_batch(s: Setting, probe: Probe) -> tuple[int, str]:
     """The largest power-of-two batch a probe step fits at (CUDA), or the fixed batch (CPU)."""
     if not s.cuda:
@@ -279,7 +287,9 @@ def largest_batch(s: Setting, probe: Probe) -> tuple[int, str]:
         oom = False
         try:
             seconds = probe.step(batch)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
+            if not is_oom(err):
+                raise
             oom = True
         probe.opt.zero_grad(set_to_none=True)
         free_memory(s)
@@ -333,8 +343,8 @@ def check_stage(s: Setting, model: ParaUni, stage: int, state: dict) -> dict:
         oom = False
         try:
             seconds = trainer_seconds(s, model, stage, batch, s.workdir / f"stage{stage}_b{batch}")
-        except torch.cuda.OutOfMemoryError:
-            if not s.cuda or batch == 1:
+        except RuntimeError as err:
+            if not (s.cuda and is_oom(err)) or batch == 1:
                 raise
             oom = True
         if not oom:
