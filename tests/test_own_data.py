@@ -249,10 +249,58 @@ def test_lm_teacher_tells_prompts_apart(tiny_model):
 
     teacher = lm_teacher(tiny_model)
     states, mask = teacher(["a red circle", "a blue square", None, "a red circle"])
-    assert states.shape == (4, 1, tiny_model.dit.config.caption_channels) and mask.shape == (4, 1)
+    q, c = tiny_model.queries.shape[0], tiny_model.dit.config.caption_channels
+    assert states.shape == (4, q, c) and mask.shape == (4, q)  # a target for every query token
     torch.testing.assert_close(states[0], states[3])
     assert (states[0] - states[1]).norm() > 0.1 * states[0].norm()
+    assert (states[0, 0] - states[0, 1]).norm() > 0.5 * states[0, 0].norm()  # one projection per token
     assert 0.5 < states.pow(2).mean().sqrt() < 2.0  # about unit RMS per channel
+
+
+def spread(states: torch.Tensor) -> float:
+    """Mean distance of (N, Q, C) targets from their mean over N, relative to their mean norm."""
+    return float((states - states.mean(0)).norm(dim=-1).mean() / states.norm(dim=-1).mean())
+
+
+def test_lm_teacher_standardised_over_the_training_captions(tiny_model):
+    """What the captions share is removed: their targets differ at about the scale of the targets themselves."""
+    from parauni.training.teacher import lm_teacher
+
+    captions = [f"a handwritten digit {w}" for w in ("zero", "one", "two", "three", "four", "five")]
+    plain = lm_teacher(tiny_model)(captions)[0]
+    fitted = lm_teacher(tiny_model, captions=captions * 3)(captions)[0]  # repeats count once
+    assert spread(plain) < 0.5 and spread(fitted) > 0.7, (spread(plain), spread(fitted))
+    assert 0.5 < fitted.pow(2).mean().sqrt() < 2.0
+    again = lm_teacher(tiny_model, captions=list(reversed(captions)))(captions)[0]  # order does not matter
+    torch.testing.assert_close(fitted, again)
+
+
+def test_own_small_dit_has_positions():
+    """own_small's DiT gets sin-cos positions (SANA has none; a 4-layer DiT from scratch needs them)."""
+    from parauni.models.components import load_dit
+
+    dit = load_dit(load_model_config("own_small").dit, meta=True)
+    assert dit.config.interpolation_scale == 1 and dit.patch_embed.pos_embed is not None
+
+
+def test_cli_teacher_gets_the_training_captions(tmp_path, monkeypatch, bert_dir):
+    import parauni.training.teacher as teacher_module
+
+    seen = {}
+    real = teacher_module.lm_teacher
+
+    def spy(model, seed=0, captions=None, **kw):
+        seen["captions"] = captions
+        return real(model, seed=seed, captions=captions, **kw)
+
+    monkeypatch.setattr(teacher_module, "lm_teacher", spy)
+    data = _digits_folder(tmp_path / "digits", n=6)
+    argv = ["train", "--stage", "2", "--data", str(data), "--model", "own_small", "--out", str(tmp_path / "run"),
+            "--quiet"]  # fmt: skip
+    argv += ["--vlm.kind=text_encoder", f"--vlm.path={bert_dir}", "--train.condition_distill=1.0"]
+    assert main(argv + QUICK) == 0
+    expected = sorted(f"a handwritten digit {i}" for i in range(6))
+    assert sorted(seen["captions"]) == expected
 
 
 # ------------------------------------------------------------------------------------- the worked example

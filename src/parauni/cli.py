@@ -491,7 +491,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.resume:
         trim_train_log(args.out, start)
     before = len(source.skipped)
-    teacher = lm_teacher(model, seed=cfg.seed) if cfg.condition_distill > 0 else None
+    captions = getattr(source, "captions", None)  # the teacher standardises over them
+    teacher = lm_teacher(model, seed=cfg.seed, captions=captions) if cfg.condition_distill > 0 else None
     result = train(model, source, cfg, args.out, resume=args.resume, progress=not args.quiet, teacher=teacher)
     more = len(source.skipped) - before
     done = f"{result.steps} steps" if start == 0 else f"steps {start}-{result.steps} of {result.steps}"
