@@ -197,6 +197,7 @@ class VLMBackbone(nn.Module):
         b, s, q = embeds.shape[0], embeds.shape[1], queries.shape[0]
         mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(b, q)], dim=1)  # (B, S + Q)
         positions = self.position_ids(batch, q)  # (..., B, S + Q)
+        dtype = queries.dtype  # the states come back in it (the VLM may run in bf16)
         queries = queries[None].expand(b, -1, -1).to(embeds.dtype)  # (B, Q, D)
         if not (self.causal and torch.is_grad_enabled() and queries.requires_grad):
             out = self.decoder(
@@ -206,7 +207,7 @@ class VLMBackbone(nn.Module):
                 output_hidden_states=True,
                 use_cache=False,
             )
-            return torch.stack([h[:, -q:] for h in out.hidden_states[1:]], dim=1).to(queries.dtype)
+            return torch.stack([h[:, -q:] for h in out.hidden_states[1:]], dim=1).to(dtype)
         with torch.no_grad():
             prefix = self.decoder(
                 inputs_embeds=embeds,
@@ -222,7 +223,7 @@ class VLMBackbone(nn.Module):
             use_cache=True,
             **{self._cache_argument(): _cache_of(prefix)},
         )
-        return torch.stack(list(out.hidden_states[1:]), dim=1).to(queries.dtype)  # (B, L, Q, D)
+        return torch.stack(list(out.hidden_states[1:]), dim=1).to(dtype)  # (B, L, Q, D)
 
     def _cache_argument(self) -> str:
         """The decoder's keyword for a key/value cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
