@@ -64,3 +64,22 @@ def test_gpu_check_tiny_on_cpu_runs_every_check_and_says_ok(tmp_path, capsys):
     for stage in ("stage1", "stage2"):
         fsdp = checks["fsdp2"][stage]
         assert fsdp["sharded"] and "FSDP" in fsdp["distributed_type"] and fsdp["fsdp_version"] == 2
+
+
+def test_gpu_check_fsdp2_trains_a_bf16_dit_in_stage_two(tmp_path, capsys):
+    """The paper presets load the DiT in bf16: under FSDP2, Stage II trains it beside the fp32 queries and LIM
+    in one unit, which FSDP2 refuses unless the trained parameters share a dtype (they become fp32 masters)."""
+    from accelerate.state import AcceleratorState
+
+    gpu_check = _load_script()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        code = gpu_check.main(
+            ["--device", "cpu", "--preset", "tiny", "--dtype", "bf16", "--checks", "fsdp2"]
+            + ["--workdir", str(tmp_path / "runs")]
+        )
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    out = capsys.readouterr().out
+    assert "Stage II second step" in out and out.split("\nsummary")[-1].split()[-1] == "ok", out[-4000:]
+    assert code == 0

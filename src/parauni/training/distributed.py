@@ -112,10 +112,28 @@ def prepare(acc, module: nn.Module, optimizer, model: nn.Module):
             plugin.transformer_cls_names_to_wrap = sorted(declared & present)
         if plugin.ignored_modules is None and getattr(model, "vae", None) is not None:
             plugin.ignored_modules = [model.vae]
+        upcast_trainable(model)
     wrapped, optimizer = acc.prepare(module, optimizer)
     if fsdp:
         wrapped.set_reshard_after_forward(True)
     return wrapped, optimizer
+
+
+def upcast_trainable(model: nn.Module) -> list[str]:
+    """FSDP2: every trained parameter becomes fp32 (in place, so the optimizer keeps its references).
+
+    FSDP2 asks for one original dtype among the trained parameters of a unit, and the root unit holds the
+    fp32 queries and LIM beside, in Stage II, the DiT's own embeddings and projections, which a bf16 DiT
+    (``dit.dtype: bfloat16``, as the paper presets load SANA) holds in bf16. fp32 master weights are what
+    mixed precision wants anyway: ``--train.mixed_precision=bf16`` makes FSDP compute in bf16. Frozen
+    parameters keep their dtype. Returns the names of the parameters it changed.
+    """
+    changed = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            changed.append(name)
+    return changed
 
 
 def configure_deepspeed(acc, settings: dict[str, tuple[float, str]]) -> None:
