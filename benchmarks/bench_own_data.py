@@ -42,7 +42,9 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 SIZE = 32
 TARGET = 0.9
 # README's / docs/own-data.md's own-data recipe: a DiT from scratch needs about 1e-3 (the paper's Stage-II 1e-5
-# fine-tunes a pretrained SANA), and the condition needs the LM-teacher term (training/teacher.py)
+# fine-tunes a pretrained SANA), and the condition needs the LM-teacher term (training/teacher.py: the LM's
+# pooled states standardised over the training captions, one target per query token). The preset holds the
+# rest (sin-cos positions in the DiT, CFG 7 at sampling).
 RECIPE = [
     "--train.steps=2000",
     "--train.batch_size=32",
@@ -116,7 +118,8 @@ def machine() -> str:
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), name)
     except OSError:
         pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores visible"
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return f"{name}, {len(os.sched_getaffinity(0))} cores visible, OMP_NUM_THREADS={threads}"
 
 
 def run(cmd: list[str], log: Path) -> float:
