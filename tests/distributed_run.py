@@ -32,8 +32,9 @@ from conftest import tiny_config  # noqa: E402
 from parauni.config import TrainableConfig  # noqa: E402
 from parauni.models.parauni import ParaUni  # noqa: E402
 from parauni.rl.config import PhaseConfig, RLConfig  # noqa: E402
-from parauni.rl.grpo import PromptSource, train_rl  # noqa: E402
+from parauni.rl.grpo import train_rl  # noqa: E402
 from parauni.rl.ldam import LDAMConfig  # noqa: E402
+from parauni.rl.prompts import PromptSource  # noqa: E402
 from parauni.training.config import stage_config  # noqa: E402
 from parauni.training.trainer import train  # noqa: E402
 

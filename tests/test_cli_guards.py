@@ -1,7 +1,7 @@
 """The command line fails early and in one line (issues 17 and 19): output locations, generation values,
 memory, decompression bombs, files named with their line, and a self-describing CLI.
 
-Every refusal below must come before any model is loaded (``load_model`` is replaced by one that fails the
+Every refusal below must come before any model is loaded (``ParaUni.load`` is replaced by one that fails the
 test), so a mistake costs nothing, and must be one line on stderr naming the value and the fix.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import parauni.cli
 import parauni.pipeline
 from parauni.cli import main
+from parauni.models.parauni import ParaUni
 
 FAST = ["--steps", "2", "--quiet"]
 
@@ -32,7 +32,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(parauni.cli, "load_model", refuse)
+    monkeypatch.setattr(ParaUni, "load", refuse)
 
 
 def _error(capsys) -> str:

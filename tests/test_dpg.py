@@ -27,7 +27,7 @@ from parauni.eval.dpg import (
     split_grid,
     tile_grid,
 )
-from parauni.rl.rewards import RewardModelError
+from parauni.scoring.clip import RewardModelError
 
 # The official prompts live in ../shared beside the repository (never copied into it).
 OFFICIAL_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dpg_bench" / "prompts.jsonl"

@@ -16,9 +16,8 @@ from parauni.eval.geneval import (
     decode_rle,
     generate_geneval,
     score_geneval,
-    world_detector,
 )
-from parauni.eval.geneval_rules import GENEVAL_TAGS
+from parauni.scoring.geneval_rules import GENEVAL_TAGS
 from parauni.world.captions import (
     color_attr_row,
     colors_row,
@@ -31,6 +30,7 @@ from parauni.world.captions import (
     two_object_row,
     write_eval_metadata,
 )
+from parauni.world.detector import world_detector
 from parauni.world.scene import render
 
 # The official GenEval metadata lives in ../shared beside the repository (never copied into it).

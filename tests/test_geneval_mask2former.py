@@ -24,8 +24,8 @@ from parauni.eval.geneval_mask2former import (
     mask2former_instances,
     masks_to_boxes,
 )
-from parauni.eval.geneval_rules import GENEVAL_COLORS
-from parauni.rl.rewards import RewardModelError
+from parauni.scoring.clip import RewardModelError
+from parauni.scoring.geneval_rules import GENEVAL_COLORS
 from parauni.world.captions import colors_row, single_object_row
 
 OBJECT_NAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval" / "object_names.txt"

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from parauni.cli import main
-from parauni.eval.geneval import score_geneval, world_classes, world_detector
-from parauni.utils.errors import TrainingDiverged
+from parauni.errors import TrainingDiverged
+from parauni.eval.geneval import score_geneval
 from parauni.utils.files import read_lines, save_safetensors, umask
 from parauni.world.captions import single_object_row
+from parauni.world.detector import world_classes, world_detector
 
 
 def _layout(out: Path, rows: list[dict], metadata_text: list[str] | None = None) -> None:
@@ -94,12 +95,12 @@ def test_the_training_data_cache_is_readable_by_the_group(tmp_path):
 
 
 def test_a_diverged_training_is_one_line(capsys, monkeypatch):
-    import parauni.cli
+    import parauni.cli.generate
 
     def diverge(args, overrides):
         raise TrainingDiverged("5 steps in a row had a non-finite loss or gradient; lower train.lr")
 
-    monkeypatch.setattr(parauni.cli, "cmd_info", diverge)
+    monkeypatch.setattr(parauni.cli.generate, "cmd_info", diverge)
     assert main(["info", "tiny"]) == 2
     assert capsys.readouterr().err == (
         "parauni info: error: 5 steps in a row had a non-finite loss or gradient; lower train.lr\n"

@@ -22,7 +22,7 @@ from parauni.eval.reconstruct import (
     side_by_side,
     ssim,
 )
-from parauni.rl.rewards import CLIPEmbedder
+from parauni.scoring.clip import CLIPEmbedder
 
 C1 = (0.01 * 2) ** 2
 C2 = (0.03 * 2) ** 2

@@ -24,7 +24,8 @@ from test_training import _tiny_run, _write_images
 from parauni.cli import main
 from parauni.models.parauni import CheckpointError, ParaUni
 from parauni.rl.config import PhaseConfig
-from parauni.rl.grpo import PromptSource, train_rl
+from parauni.rl.grpo import train_rl
+from parauni.rl.prompts import PromptSource
 from parauni.training.checkpoint import (
     CHECKPOINT_DIR,
     MANIFEST_FILE,

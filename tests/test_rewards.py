@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from parauni.eval.geneval_rules import Detection, color_from_detection, filter_detections, partial_credit
 from parauni.rl.rewards import (
     Aesthetic,
     AestheticMLP,
@@ -21,6 +20,7 @@ from parauni.rl.rewards import (
     Reward,
     RewardModelError,
 )
+from parauni.scoring.geneval_rules import Detection, color_from_detection, filter_detections, partial_credit
 from parauni.world.captions import colors_row, counting_row, position_row, scene_for, two_object_row
 from parauni.world.reward_models import ShapesEvalReward
 from parauni.world.scene import render

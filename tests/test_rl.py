@@ -10,12 +10,12 @@ import torch
 
 from parauni.config import TrainableConfig
 from parauni.diffusion.sampling import euler_step, flow_sigmas, sde_step
+from parauni.errors import TrainingDiverged
 from parauni.rl.config import PhaseConfig, RLConfig
 from parauni.rl.grpo import (
     MAX_BAD_STEPS,
     PolicyStep,
     PromptConditions,
-    PromptSource,
     _zone_positions,
     group_advantages,
     grpo_loss,
@@ -23,8 +23,8 @@ from parauni.rl.grpo import (
     train_rl,
 )
 from parauni.rl.ldam import LDAM, LDAMConfig, grad_norm_gate, ldam_gamma, perturbation_scale, reward_gate
+from parauni.rl.prompts import PromptSource
 from parauni.training.checkpoint import RL_LOG
-from parauni.utils.errors import TrainingDiverged
 
 # ------------------------------------------------------------------------------------------- SDE step
 

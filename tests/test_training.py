@@ -12,12 +12,12 @@ from PIL import Image
 
 from parauni.cli import main
 from parauni.diffusion.flow import condition_match_loss
+from parauni.errors import TrainingDiverged
 from parauni.models.parauni import ParaUni
 from parauni.training.checkpoint import RAW_FILE, intact_checkpoint
 from parauni.training.config import TrainConfig, stage_config
 from parauni.training.data import DataError, FolderSource, scan_folder
 from parauni.training.trainer import MAX_BAD_STEPS, lr_at, train
-from parauni.utils.errors import TrainingDiverged
 
 
 def _write_images(folder, n, jsonl=True, bad=0):

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import ConfigError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 CONDITIONAL_TEMPLATE = (
@@ -58,10 +60,6 @@ ARCH_SECTIONS = ("vlm", "dit", "vae")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it and the fix."""
-
-
 @dataclass
 class VLMConfig:
     """The frozen vision-language model that reads the prompt and the learnable queries."""
@@ -99,8 +97,8 @@ class VLMConfig:
     dtype: str = field(default="bfloat16", metadata={"help": f"weights dtype, one of {DTYPES}"})
 
     def __post_init__(self) -> None:
-        _check_choice("vlm.kind", self.kind, VLM_KINDS)
-        _check_choice("vlm.dtype", self.dtype, DTYPES)
+        check_choice("vlm.kind", self.kind, VLM_KINDS)
+        check_choice("vlm.dtype", self.dtype, DTYPES)
         own = PROMPT_FORMATS[self.kind]
         self.template = own[0] if self.template is None else self.template
         self.uncond_template = own[1] if self.uncond_template is None else self.uncond_template
@@ -135,7 +133,7 @@ class LIMConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("lim.layers", self.layers, LAYER_MODES)
+        check_choice("lim.layers", self.layers, LAYER_MODES)
         if self.num_queries < 1:
             raise ConfigError(f"lim.num_queries={self.num_queries} must be >= 1")
         if self.layers == "list" and not self.layer_list:
@@ -162,7 +160,7 @@ class DiTConfig:
     dtype: str = field(default="bfloat16", metadata={"help": f"weights dtype, one of {DTYPES}"})
 
     def __post_init__(self) -> None:
-        _check_choice("dit.dtype", self.dtype, DTYPES)
+        check_choice("dit.dtype", self.dtype, DTYPES)
         if self.path is None and self.arch is None:
             raise ConfigError("dit needs a path or an arch dict; both are empty")
 
@@ -180,8 +178,8 @@ class VAEConfig:
     dtype: str = field(default="bfloat16", metadata={"help": f"weights dtype, one of {DTYPES}"})
 
     def __post_init__(self) -> None:
-        _check_choice("vae.kind", self.kind, ("dcae", "none"))
-        _check_choice("vae.dtype", self.dtype, DTYPES)
+        check_choice("vae.kind", self.kind, ("dcae", "none"))
+        check_choice("vae.dtype", self.dtype, DTYPES)
         if self.kind == "dcae" and self.path is None and self.arch is None:
             raise ConfigError("vae.kind=dcae needs a path or an arch dict (or set vae.kind=none)")
 
@@ -219,7 +217,7 @@ class SamplingConfig:
     width: int = field(default=1024, metadata={"help": "image width in pixels"})
 
     def __post_init__(self) -> None:
-        _check_choice("sampling.sampler", self.sampler, ("dpm", "euler"))
+        check_choice("sampling.sampler", self.sampler, ("dpm", "euler"))
         if self.steps < 1:
             raise ConfigError(f"sampling.steps={self.steps} must be >= 1")
         _check_finite("sampling.cfg", self.cfg)
@@ -250,7 +248,7 @@ class ModelConfig:
 T = TypeVar("T")
 
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
+def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
 

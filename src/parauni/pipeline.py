@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion.sampling import check_dpm_steps, sample
+from .errors import ConfigError
 from .models.parauni import ParaUni
 from .models.vlm import check_prompts
 
@@ -75,7 +76,7 @@ def check_memory(model: ParaUni, height: int, width: int, batch: int, cfg: float
     if free is None or need <= free:
         return
     fix = "lower --height / --width" + (" or --batch-size" if batch > 1 else "")
-    raise ValueError(
+    raise ConfigError(
         f"{height}x{width} images in batches of {batch} need at least {need / 1e9:.1f} GB of activations, "
         f"more than the {free / 1e9:.1f} GB free on {model.device}; {fix}"
     )
@@ -84,7 +85,7 @@ def check_memory(model: ParaUni, height: int, width: int, batch: int, cfg: float
 def check_cfg(cfg: float) -> float:
     """The guidance scale as a float; ValueError for NaN, infinities and negative values."""
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
-        raise ValueError(f"cfg={cfg!r} must be a finite number >= 0 (1 turns guidance off)")
+        raise ConfigError(f"cfg={cfg!r} must be a finite number >= 0 (1 turns guidance off)")
     return float(cfg)
 
 
@@ -127,25 +128,25 @@ def generate(
     height = s.height if height is None else height
     width = s.width if width is None else width
     if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
+        raise ConfigError(f"steps={steps} must be >= 1")
     cfg = check_cfg(cfg)
     if not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"shift={shift!r} must be a finite number > 0")
+        raise ConfigError(f"shift={shift!r} must be a finite number > 0")
     if sampler not in ("dpm", "euler"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose 'dpm' or 'euler'")
+        raise ConfigError(f"unknown sampler {sampler!r}; choose 'dpm' or 'euler'")
     if sampler == "dpm":
         check_dpm_steps(steps, shift)
     if prompts is not None and images is not None:
-        raise ValueError("give prompts (text-to-image) or images (image-to-image), not both")
+        raise ConfigError("give prompts (text-to-image) or images (image-to-image), not both")
     if images is None:
         prompts = check_prompts(prompts)
         n = len(prompts)
     else:
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+            raise ConfigError(f"images must be (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
         n = len(images)
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
     shape = model.latent_shape(height, width)
     check_memory(model, height, width, min(batch_size, n), cfg)
     model.eval()

@@ -20,11 +20,13 @@ request runs, its time is estimated from a one-step generation timed once per mo
 over ``--notice-seconds`` is announced with it, and every tab has a Stop button that cancels the running
 request between two denoising steps. All tabs share one Gradio queue slot, so generations run one at a time. The server binds 127.0.0.1 by
 default, with Gradio's analytics and version check off and no share link, so nothing reaches the network.
+
+Gradio, torch and the model code are imported inside the functions that use them: ``parauni --help`` reads
+this module's settings (:class:`ServeSettings`) to list the serve flags, and should not load them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -35,6 +37,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .errors import ParaUniError
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -53,7 +57,7 @@ QUEUE_ID = "generation"  # the one concurrency slot every tab's generation waits
 NO_MODEL_HINT = "run `parauni demo` first or pass --model DIR"
 
 
-class ServeError(ValueError):
+class ServeError(ParaUniError, ValueError):
     """A request (or a setup) the app refuses; the message is shown to the user as is."""
 
 
@@ -107,29 +111,6 @@ SETTING_HELP = {
     "notice_seconds": "requests estimated to take longer than this many seconds are announced with the "
     "estimate before they start",
 }
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``parauni serve`` flags: the models, then one flag per :class:`ServeSettings` field."""
-    parser.add_argument(
-        "--model",
-        action="append",
-        help="a model folder or preset, optionally named as NAME=DIR (repeat to serve several; the first is "
-        "the default). Without --model: the models parauni demo trained in --demo-dir",
-    )
-    parser.add_argument(
-        "--demo-dir", default="parauni-demo", help="parauni demo's report folder (default: parauni-demo)"
-    )
-    defaults = ServeSettings()
-    for name in SETTING_FLAGS:
-        default = getattr(defaults, name)
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=type(default),
-            default=default,
-            help=f"{SETTING_HELP[name]} (default: {default})",
-        )
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -428,7 +409,7 @@ def comparison_variants(models: dict[str, ParaUni], sources: dict[str, str]) -> 
 
 def load_served(specs: list[str], overrides: list[str], demo_dir: str | Path = "parauni-demo") -> Served:
     """Load the ``--model`` specs (or, with none, the models of ``parauni demo`` in ``demo_dir``)."""
-    from .cli import load_model
+    from .models.parauni import ParaUni
 
     if specs:
         pairs = [parse_model_spec(s) for s in specs]
@@ -439,7 +420,7 @@ def load_served(specs: list[str], overrides: list[str], demo_dir: str | Path = "
         sources = dict(pairs)
     else:
         sources = demo_sources(demo_dir)
-    models = {name: load_model(source, overrides).eval() for name, source in sources.items()}
+    models = {name: ParaUni.load(source, overrides).eval() for name, source in sources.items()}
     variants, note = comparison_variants(models, sources)
     return Served(models, sources, variants, note)
 

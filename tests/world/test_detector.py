@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from parauni.eval.geneval_rules import evaluate_image, filter_detections, score_rows
+from parauni.scoring.geneval_rules import evaluate_image, filter_detections, score_rows
 from parauni.world.captions import make_eval_metadata, scene_for
 from parauni.world.detector import ShapesDetector
 from parauni.world.scene import BACKGROUND, COLORS, SHAPES, Scene, WorldObject, render, shape_mask

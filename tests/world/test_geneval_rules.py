@@ -1,9 +1,9 @@
-"""GenEval's scoring rules (parauni.eval.geneval_rules) on hand-built detections, one case per rule."""
+"""GenEval's scoring rules (parauni.scoring.geneval_rules) on hand-built detections, one case per rule."""
 
 import numpy as np
 import pytest
 
-from parauni.eval.geneval_rules import (
+from parauni.scoring.geneval_rules import (
     GENEVAL_TAGS,
     Detection,
     color_from_detection,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from parauni.rl.rewards import CLIPEmbedder, RewardModelError
+from parauni.scoring.clip import CLIPEmbedder, RewardModelError
 from parauni.world.captions import (
     WorldStream,
     all_metadata,

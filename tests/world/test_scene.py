@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from parauni.eval.geneval_rules import (
+from parauni.scoring.geneval_rules import (
     GENEVAL_COLORS,
     GENEVAL_TAGS,
     Detection,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 NUM_TRAIN_TIMESTEPS = 1000
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
@@ -46,7 +48,7 @@ def sample_timesteps(
         return torch.rand(n, generator=generator, device=device)
     if mode == "logit_normal":
         return torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator, device=device))
-    raise ValueError(f"unknown timestep sampling {mode!r}; choose one of {list(TIMESTEP_SAMPLING)}")
+    raise ConfigError(f"unknown timestep sampling {mode!r}; choose one of {list(TIMESTEP_SAMPLING)}")
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from .flow import NUM_TRAIN_TIMESTEPS, shift_sigmas
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,7 +47,7 @@ def flow_sigmas(steps: int, shift: float = 3.0, device: torch.device | str | Non
     step's ``sigma == 1`` case then missed).
     """
     if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
+        raise ConfigError(f"steps={steps} must be >= 1")
     sigmas = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
     return _pin_ends(sigmas, last_zero=True).to(device=device, dtype=torch.float32)
 
@@ -64,7 +65,7 @@ def flow_match_sigmas(
     rewards score.
     """
     if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
+        raise ConfigError(f"steps={steps} must be >= 1")
     smallest = float(shift_sigmas(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64), shift))
     sigmas = shift_sigmas(torch.linspace(1.0, smallest, steps, dtype=torch.float64), shift)
     sigmas = _pin_ends(torch.cat([sigmas, sigmas.new_zeros(1)]), last_zero=True)
@@ -231,7 +232,7 @@ def dpm_max_steps(shift: float = 3.0) -> int:
 def check_dpm_steps(steps: int, shift: float = 3.0) -> None:
     """ValueError naming the bound when DPM-Solver++ cannot take ``steps`` distinct steps at ``shift``."""
     if not _dpm_times_distinct(steps, shift):
-        raise ValueError(
+        raise ConfigError(
             f"steps={steps} is more than the DPM-Solver++ sampler takes at shift {shift:g} "
             f"(at most {dpm_max_steps(shift)}: beyond that two steps fall on the same timestep); "
             "use fewer steps or the euler sampler (--sampler euler / --sampling.sampler=euler)"
@@ -246,7 +247,7 @@ def make_sampler(kind: str, steps: int, shift: float = 3.0, device=None) -> tupl
         check_dpm_steps(steps, shift)
         step = SchedulerStep(dpm_solver_scheduler(shift), steps, device)
         return step.sigmas, step
-    raise ValueError(f"unknown sampler {kind!r}; choose 'dpm' or 'euler'")
+    raise ConfigError(f"unknown sampler {kind!r}; choose 'dpm' or 'euler'")
 
 
 def _cat(a, b):

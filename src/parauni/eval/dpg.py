@@ -36,8 +36,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from parauni.eval.geneval import generate_pending, write_atomic, write_results
-from parauni.rl.rewards import RewardModelError, load_reward_weights
+from parauni.scoring.clip import RewardModelError, load_reward_weights
 from parauni.utils.loading import checked_source
+
+from ..errors import ConfigError, DataError, MissingFileError
 
 CSV_COLUMNS = (
     "item_id",
@@ -70,7 +72,7 @@ def read_dpg_prompts(path: str | Path) -> list[dict[str, str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DPG-Bench prompts file {path} does not exist")
+        raise MissingFileError(f"DPG-Bench prompts file {path} does not exist")
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -79,16 +81,16 @@ def read_dpg_prompts(path: str | Path) -> list[dict[str, str]]:
         where = f"{path}, line {line_number}"
         row = json.loads(line)
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "item_id" not in row:
-            raise ValueError(f'{where}: expected {{"item_id": ..., "prompt": "..."}}, got {line[:80]!r}')
+            raise DataError(f'{where}: expected {{"item_id": ..., "prompt": "..."}}, got {line[:80]!r}')
         item_id = str(row["item_id"])
         if not item_id or item_id.startswith(".") or "/" in item_id or "\\" in item_id:
-            raise ValueError(f"{where}: item_id {item_id!r} is not a plain file name")
+            raise DataError(f"{where}: item_id {item_id!r} is not a plain file name")
         if item_id in seen:
-            raise ValueError(f"{where}: item_id {item_id!r} appears twice")
+            raise DataError(f"{where}: item_id {item_id!r} appears twice")
         seen.add(item_id)
         rows.append({"item_id": item_id, "prompt": row["prompt"]})
     if not rows:
-        raise ValueError(f"{path} holds no prompts")
+        raise DataError(f"{path} holds no prompts")
     return rows
 
 
@@ -116,7 +118,7 @@ def _parse_parents(value: str, where: str) -> tuple[int, ...]:
     try:
         ids = [int(part) for part in value.split(",")]
     except ValueError:
-        raise ValueError(
+        raise DataError(
             f"{where}: dependency {value!r} must be comma-separated proposition ids ('0' = none)"
         ) from None
     return tuple(i for i in ids if i != 0)
@@ -129,7 +131,7 @@ def read_dpg_csv(path: str | Path) -> dict[str, DPGItem]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"DPG-Bench question file {path} does not exist; it is dpg_bench/dpg_bench.csv of the ELLA "
             "repository (github.com/TencentQQGYLab/ELLA)"
         )
@@ -137,7 +139,7 @@ def read_dpg_csv(path: str | Path) -> dict[str, DPGItem]:
         reader = csv.DictReader(f)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path} lacks the column(s) {missing}; DPG-Bench's CSV has {list(CSV_COLUMNS)}")
+            raise DataError(f"{path} lacks the column(s) {missing}; DPG-Bench's CSV has {list(CSV_COLUMNS)}")
         texts: dict[str, str] = {}
         questions: dict[str, list[Question]] = defaultdict(list)
         for line_number, row in enumerate(reader, start=2):
@@ -146,13 +148,13 @@ def read_dpg_csv(path: str | Path) -> dict[str, DPGItem]:
             try:
                 proposition_id = int(row["proposition_id"])
             except ValueError:
-                raise ValueError(
+                raise DataError(
                     f"{where}: proposition_id {row['proposition_id']!r} is not an integer"
                 ) from None
             broad, detailed = row["category_broad"].strip(), row["category_detailed"].strip()
             texts.setdefault(item_id, row["text"])
             if any(q.proposition_id == proposition_id for q in questions[item_id]):
-                raise ValueError(f"{where}: item {item_id!r} has proposition {proposition_id} twice")
+                raise DataError(f"{where}: item {item_id!r} has proposition {proposition_id} twice")
             questions[item_id].append(
                 Question(
                     proposition_id=proposition_id,
@@ -163,14 +165,14 @@ def read_dpg_csv(path: str | Path) -> dict[str, DPGItem]:
                 )
             )
     if not questions:
-        raise ValueError(f"{path} holds no questions")
+        raise DataError(f"{path} holds no questions")
     items = {}
     for item_id, item_questions in questions.items():
         ids = {q.proposition_id for q in item_questions}
         for q in item_questions:
             unknown = sorted(set(q.parents) - ids)
             if unknown:
-                raise ValueError(
+                raise DataError(
                     f"{path}: proposition {q.proposition_id} of item {item_id!r} depends on {unknown}, "
                     f"which the item does not have (its propositions: {sorted(ids)})"
                 )
@@ -317,9 +319,9 @@ def summarise(rows: list[dict], category_crops: str = "last", unscored: int = 0)
     "category_counts", "category_crops"}; scores x 100. Category scores pool the raw answers of the last crop
     (`category_crops="last"`, the official scorer) or of all crops (``"all"``)."""
     if category_crops not in CATEGORY_CROPS:
-        raise ValueError(f"category_crops={category_crops!r} must be one of {CATEGORY_CROPS}")
+        raise ConfigError(f"category_crops={category_crops!r} must be one of {CATEGORY_CROPS}")
     if not rows:
-        raise ValueError("no DPG-Bench prompts were scored")
+        raise DataError("no DPG-Bench prompts were scored")
     l1: dict[str, list[float]] = defaultdict(list)
     l2: dict[str, list[float]] = defaultdict(list)
     for row in rows:
@@ -355,19 +357,19 @@ def score_dpg(
     without a grid are counted as "unscored" (e.g. a run with --limit).
     """
     if category_crops not in CATEGORY_CROPS:
-        raise ValueError(f"category_crops={category_crops!r} must be one of {CATEGORY_CROPS}")
+        raise ConfigError(f"category_crops={category_crops!r} must be one of {CATEGORY_CROPS}")
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"DPG-Bench image folder {image_dir} does not exist")
+        raise MissingFileError(f"DPG-Bench image folder {image_dir} does not exist")
     grids = {p.stem: p for p in image_dir.glob("*.png") if not p.name.startswith(".")}
     unknown = sorted(set(grids) - set(items))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"{image_dir} holds {len(unknown)} grid(s) with no questions in the CSV (e.g. {unknown[0]}.png); "
             "is it a DPG-Bench output folder scored with its dpg_bench.csv?"
         )
     if not grids:
-        raise FileNotFoundError(f"{image_dir} holds no <item_id>.png grids; is it a DPG-Bench output folder?")
+        raise MissingFileError(f"{image_dir} holds no <item_id>.png grids; is it a DPG-Bench output folder?")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []

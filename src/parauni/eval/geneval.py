@@ -8,14 +8,18 @@ build specification's section 5).
       ...
 
 * `score_geneval`: runs a detector over that layout and decides each image with the ONE implementation of
-  GenEval's rules, `parauni.eval.geneval_rules` (`filter_detections` + `evaluate_image` + `score_rows`).
+  GenEval's rules, `parauni.scoring.geneval_rules` (`filter_detections` + `evaluate_image` + `score_rows`).
 
 Detectors are callables ``(image, filename) -> list[Detection]`` on a uint8 (H, W, 3) image and its path
 relative to the image folder, paired with a ``classify_colors`` callable:
 
-* `world_detector`: the shapes world's `ShapesDetector` (colours from the detector itself);
+* the shapes world's `ShapesDetector` (:func:`parauni.world.detector.world_detector`; colours from the
+  detector itself);
 * `PrecomputedDetections`: detections computed elsewhere (e.g. by Mask2Former + CLIP) read from a JSONL file;
-  its docstring defines the format.
+  its docstring defines the format;
+* `Mask2FormerDetector` with `CLIPColorClassifier` (:mod:`parauni.eval.geneval_mask2former`): GenEval's own.
+
+`choose_detector` picks one from the command line's ``--detector`` options.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from parauni.eval.geneval_rules import (
+from ..errors import ConfigError, DataError, MissingFileError
+from ..pipeline import generate
+from ..scoring.clip import CLIP_L14
+from ..scoring.geneval_rules import (
     GENEVAL_COLORS,
     ColorClassifier,
     Detection,
@@ -40,6 +48,8 @@ from parauni.eval.geneval_rules import (
     score_rows,
     validate_metadata,
 )
+from ..utils.images import tensor_to_pil
+from .geneval_mask2former import GENEVAL_OBJECTS, MASK2FORMER_REPO, CLIPColorClassifier, Mask2FormerDetector
 
 METADATA_FILE = "metadata.jsonl"
 SAMPLES_DIR = "samples"
@@ -69,7 +79,7 @@ def _is_complete(folder: Path, row: dict, images_per_prompt: int) -> bool:
         return False
     existing = read_row(meta)
     if existing != row:
-        raise ValueError(
+        raise DataError(
             f"{meta} holds the row {existing.get('prompt')!r}, not {row.get('prompt')!r}; this output folder "
             "was generated from another metadata file: use a fresh --out folder"
         )
@@ -80,7 +90,7 @@ def read_row(meta: Path) -> dict:
     """The one metadata row of a prompt folder's metadata.jsonl; ValueError naming the file and line."""
     lines = [(i, line) for i, line in enumerate(meta.read_bytes().splitlines(), 1) if line.strip()]
     if len(lines) != 1:
-        raise ValueError(
+        raise DataError(
             f"{meta} holds {len(lines)} non-empty lines, not one metadata row; delete its prompt folder and "
             "rerun parauni eval geneval to regenerate it"
         )
@@ -88,10 +98,10 @@ def read_row(meta: Path) -> dict:
     try:
         row = json.loads(line.decode("utf-8"))
         if not isinstance(row, dict):
-            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"expected a JSON object, got {type(row).__name__}")
         validate_metadata(row)
     except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(
+        raise DataError(
             f"{meta}, line {number}: bad metadata row ({err}); delete its prompt folder and rerun "
             "parauni eval geneval to regenerate it"
         ) from err
@@ -154,13 +164,10 @@ def generate_pending(
 
     Returns {"generated": prompts generated, "skipped": prompts already done}.
     """
-    from parauni.pipeline import generate
-    from parauni.utils.images import tensor_to_pil
-
     if images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt={images_per_prompt} must be >= 1")
+        raise ConfigError(f"images_per_prompt={images_per_prompt} must be >= 1")
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
     pending = [i for i in range(len(prompts)) if not done(i)]
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     bar.update(len(prompts) - len(pending))
@@ -244,22 +251,22 @@ def iter_layout(image_dir: str | Path) -> Iterator[tuple[str, dict, Path]]:
     folder, in order. Folders without metadata.jsonl (unfinished prompts) are an error."""
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"GenEval image folder {image_dir} does not exist")
+        raise MissingFileError(f"GenEval image folder {image_dir} does not exist")
     folders = sorted(p for p in image_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if not folders:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{image_dir} holds no prompt folders (00000/, 00001/, ...); is it a GenEval output folder?"
         )
     for folder in folders:
         meta = folder / METADATA_FILE
         if not meta.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{meta} is missing: prompt {folder.name} is unfinished; rerun the generation to complete it"
             )
         row = read_row(meta)
         samples = sorted((folder / SAMPLES_DIR).glob("*.png"))
         if not samples:
-            raise FileNotFoundError(f"{folder / SAMPLES_DIR} holds no .png samples")
+            raise MissingFileError(f"{folder / SAMPLES_DIR} holds no .png samples")
         for path in samples:
             yield path.relative_to(image_dir).as_posix(), row, path
 
@@ -348,19 +355,56 @@ def format_summary(summary: dict) -> str:
 # -------------------------------------------------------------------------------------------- detectors
 
 
-def world_classes() -> tuple[str, ...]:
-    """The object classes the shapes world's detector finds."""
-    from parauni.world.scene import SHAPES
+@dataclass
+class DetectorChoice:
+    """A GenEval detector with its colour classifier and the object classes it knows (None: not known,
+    e.g. for precomputed detections)."""
 
-    return SHAPES
+    detect: Detector
+    classify_colors: ColorClassifier
+    classes: Collection[str] | None
 
 
-def world_detector() -> tuple[Detector, ColorClassifier]:
-    """The shapes world's `ShapesDetector` as a (detector, classify_colors) pair."""
-    from parauni.world.detector import ShapesDetector
+DETECTOR_KINDS = ("mask2former", "world", "file")
 
-    shapes = ShapesDetector()
-    return (lambda image, filename: shapes(image)), shapes.classify_colors
+
+def choose_detector(
+    kind: str | None,
+    detections: str | None = None,
+    detector_model: str | None = None,
+    clip: str | None = None,
+    world: Callable[[], DetectorChoice] | None = None,
+) -> DetectorChoice:
+    """The detector named by ``--detector`` and its options, checked together.
+
+    ``mask2former``: GenEval's detector (``detector_model``, default facebook/mask2former-swin-small-coco-instance)
+    with CLIP colours (``clip``, default CLIP ViT-L/14); ``file``: the precomputed ``detections`` JSONL;
+    ``world``: the shapes world's detector, which its caller supplies as ``world`` (the world package sits
+    above this one: :func:`parauni.world.detector.world_detector_choice`).
+    """
+    if kind is None:
+        raise ConfigError(
+            "give --detector world (the shapes world), --detector mask2former (GenEval's detector) or "
+            "--detector file --detections FILE"
+        )
+    if kind not in DETECTOR_KINDS:
+        raise ConfigError(f"--detector {kind}: choose one of {', '.join(DETECTOR_KINDS)}")
+    if kind != "mask2former" and (detector_model or clip):
+        raise ConfigError(f"--detector-model / --clip go with --detector mask2former, not {kind}")
+    if kind != "file" and detections:
+        raise ConfigError(f"--detections FILE goes with --detector file, not --detector {kind}")
+    if kind == "mask2former":
+        detector = Mask2FormerDetector.from_pretrained(detector_model or MASK2FORMER_REPO)
+        colors = CLIPColorClassifier.from_pretrained(clip or CLIP_L14)
+        return DetectorChoice(detector, colors, GENEVAL_OBJECTS)
+    if kind == "world":
+        if world is None:
+            raise ConfigError("--detector world needs the shapes world (parauni.world)")
+        return world()
+    if not detections:
+        raise ConfigError("--detector file needs --detections FILE (a JSONL of precomputed detections)")
+    found = PrecomputedDetections(detections)
+    return DetectorChoice(found, found.classify_colors, None)
 
 
 def decode_rle(rle: dict) -> np.ndarray:
@@ -369,16 +413,16 @@ def decode_rle(rle: dict) -> np.ndarray:
     Runs alternate background / object starting with background, over the pixels in column-major order.
     """
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError(f"mask_rle must be {{'size': [H, W], 'counts': [...]}}, got {rle!r:.80}")
+        raise DataError(f"mask_rle must be {{'size': [H, W], 'counts': [...]}}, got {rle!r:.80}")
     height, width = rle["size"]
     counts = rle["counts"]
     if isinstance(counts, str):
-        raise ValueError(
+        raise DataError(
             "mask_rle has compressed (string) counts; write uncompressed RLE (a list of run lengths), e.g. "
             "from a bool mask with runs over mask.flatten(order='F')"
         )
     if sum(counts) != height * width:
-        raise ValueError(f"mask_rle runs sum to {sum(counts)}, not {height} x {width} = {height * width}")
+        raise DataError(f"mask_rle runs sum to {sum(counts)}, not {height} x {width} = {height * width}")
     values = np.arange(len(counts)) % 2 == 1  # run k is object when k is odd
     flat = np.repeat(values, counts)
     return flat.reshape((height, width), order="F")
@@ -386,13 +430,13 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 def _parse_detection(item: object, where: str) -> dict:
     if not isinstance(item, dict) or not {"label", "score", "box"} <= set(item):
-        raise ValueError(f"{where}: a detection needs 'label', 'score' and 'box', got {item!r:.120}")
+        raise DataError(f"{where}: a detection needs 'label', 'score' and 'box', got {item!r:.120}")
     box = item["box"]
     if not isinstance(box, list | tuple) or len(box) != 4:
-        raise ValueError(f"{where}: box {box!r} must be [x0, y0, x1, y1] in pixels")
+        raise DataError(f"{where}: box {box!r} must be [x0, y0, x1, y1] in pixels")
     color = item.get("color")
     if color is not None and color not in GENEVAL_COLORS:
-        raise ValueError(f"{where}: colour {color!r} is not one of {GENEVAL_COLORS}")
+        raise DataError(f"{where}: colour {color!r} is not one of {GENEVAL_COLORS}")
     return {
         "label": str(item["label"]),
         "score": float(item["score"]),
@@ -421,7 +465,7 @@ class PrecomputedDetections:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"detections file {path} does not exist")
+            raise MissingFileError(f"detections file {path} does not exist")
         self.path = path
         self.by_file: dict[str, list[dict]] = {}
         for line_number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -430,22 +474,22 @@ class PrecomputedDetections:
             where = f"{path}, line {line_number}"
             entry = json.loads(line)
             if not isinstance(entry, dict) or "filename" not in entry or "detections" not in entry:
-                raise ValueError(f"{where}: expected {{'filename': ..., 'detections': [...]}}")
+                raise DataError(f"{where}: expected {{'filename': ..., 'detections': [...]}}")
             filename = Path(entry["filename"]).as_posix()
             if filename in self.by_file:
-                raise ValueError(f"{where}: {filename} appears twice")
+                raise DataError(f"{where}: {filename} appears twice")
             self.by_file[filename] = [_parse_detection(d, where) for d in entry["detections"]]
 
     def __call__(self, image: np.ndarray, filename: str) -> list[Detection]:
         if filename not in self.by_file:
-            raise ValueError(f"{self.path} has no detections for {filename}; it needs one line per image")
+            raise DataError(f"{self.path} has no detections for {filename}; it needs one line per image")
         height, width = image.shape[:2]
         detections = []
         for d in self.by_file[filename]:
             if d["mask_rle"] is not None:
                 mask = decode_rle(d["mask_rle"])
                 if mask.shape != (height, width):
-                    raise ValueError(
+                    raise DataError(
                         f"{self.path}: {filename} has a {mask.shape} mask for a {height} x {width} image"
                     )
             else:

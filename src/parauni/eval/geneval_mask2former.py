@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..rl.rewards import CLIP_L14, CLIPEmbedder, load_reward_weights
-from .geneval_rules import GENEVAL_COLORS, Detection
+from ..scoring.clip import CLIP_L14, CLIPEmbedder, load_reward_weights
+from ..scoring.geneval_rules import GENEVAL_COLORS, Detection
 
 MASK2FORMER_REPO = "facebook/mask2former-swin-small-coco-instance"
 TEST_SCALE = (1333, 800)  # mmdet's test Resize: long side at most 1333, short side at most 800
@@ -183,7 +183,7 @@ class Mask2FormerDetector:
     ``detector(image, filename=None)`` takes a uint8 (H, W, 3) RGB image and returns its top-k instances as
     `ImageDetection`s named with GenEval's object names, each holding its bool (H, W) mask, tight box and a
     reference to the image (for `CLIPColorClassifier`). GenEval's score thresholds apply later
-    (`parauni.eval.geneval_rules.filter_detections`).
+    (`parauni.scoring.geneval_rules.filter_detections`).
     """
 
     def __init__(

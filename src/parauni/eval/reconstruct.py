@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ..models.parauni import ParaUni  # noqa: E402
 from ..pipeline import generate  # noqa: E402
-from ..rl.rewards import CLIPEmbedder  # noqa: E402
+from ..scoring.clip import CLIPEmbedder  # noqa: E402
 from ..training.data import IMAGE_SUFFIXES  # noqa: E402
 from ..utils.images import (  # noqa: E402
     ImageReadError,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..config import DiTConfig, VAEConfig, VLMConfig
-from ..utils.loading import WeightsError, load_pretrained
+from ..errors import WeightsError
+from ..utils.loading import load_pretrained
 from .tokenizer import BASIC_CORPUS, train_bpe_tokenizer
 from .vlm import BACKBONES, VLMBackbone, is_causal
 

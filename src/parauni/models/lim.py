@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 ZONES = ("shallow", "middle", "deep")
 
 
@@ -30,7 +32,7 @@ def zone_layers(
     the boundaries by ``num_layers / 28``.
     """
     if zone not in ZONES:
-        raise ValueError(f"unknown zone {zone!r}; choose one of {list(ZONES)}")
+        raise ConfigError(f"unknown zone {zone!r}; choose one of {list(ZONES)}")
     lo = round(bounds[0] * num_layers)
     hi = round(bounds[1] * num_layers)
     start, stop = {"shallow": (0, lo), "middle": (lo, hi), "deep": (hi, num_layers)}[zone]
@@ -52,34 +54,34 @@ def select_layers(
     layer, ending at the last one).
     """
     if num_layers < 1:
-        raise ValueError(f"num_layers={num_layers} must be >= 1")
+        raise ConfigError(f"num_layers={num_layers} must be >= 1")
     if mode == "all":
         return list(range(num_layers))
     if mode == "last":
         return [num_layers - 1]
     if mode == "list":
         if not layer_list:
-            raise ValueError("layer selection 'list' needs a non-empty layer_list")
+            raise ConfigError("layer selection 'list' needs a non-empty layer_list")
         out = []
         for i in layer_list:
             j = i + num_layers if i < 0 else i
             if not 0 <= j < num_layers:
-                raise ValueError(f"layer {i} is out of range for a VLM with {num_layers} decoder layers")
+                raise ConfigError(f"layer {i} is out of range for a VLM with {num_layers} decoder layers")
             out.append(j)
         if len(set(out)) != len(out):
-            raise ValueError(f"layer_list {layer_list} repeats a layer")
+            raise ConfigError(f"layer_list {layer_list} repeats a layer")
         return sorted(out)
     if mode.startswith("drop_"):
         dropped = set(zone_layers(num_layers, mode[len("drop_") :], bounds))
         kept = [i for i in range(num_layers) if i not in dropped]
         if not kept:
-            raise ValueError(f"{mode} removes every layer of a {num_layers}-layer VLM")
+            raise ConfigError(f"{mode} removes every layer of a {num_layers}-layer VLM")
         return kept
     if mode == "interval":
         if interval < 1:
-            raise ValueError(f"interval={interval} must be >= 1")
+            raise ConfigError(f"interval={interval} must be >= 1")
         return sorted(range(num_layers - 1, -1, -interval))
-    raise ValueError(f"unknown layer selection {mode!r}")
+    raise ConfigError(f"unknown layer selection {mode!r}")
 
 
 class ConnectorAttention(nn.Module):
@@ -88,7 +90,7 @@ class ConnectorAttention(nn.Module):
     def __init__(self, hidden: int, heads: int) -> None:
         super().__init__()
         if hidden % heads:
-            raise ValueError(f"connector width {hidden} is not divisible by its {heads} heads")
+            raise ConfigError(f"connector width {hidden} is not divisible by its {heads} heads")
         self.heads = heads
         self.q_proj = nn.Linear(hidden, hidden)
         self.k_proj = nn.Linear(hidden, hidden)
@@ -186,7 +188,7 @@ class LayerIntegrationModule(nn.Module):
     ) -> None:
         super().__init__()
         if not layers or min(layers) < 0 or max(layers) >= num_vlm_layers:
-            raise ValueError(f"layers {layers} do not fit a VLM with {num_vlm_layers} decoder layers")
+            raise ConfigError(f"layers {layers} do not fit a VLM with {num_vlm_layers} decoder layers")
         self.layers = list(layers)
         self.num_vlm_layers = num_vlm_layers
         self.register_buffer("layer_index", torch.tensor(self.layers, dtype=torch.long), persistent=False)

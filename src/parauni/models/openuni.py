@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from .parauni import CheckpointError, ParaUni
+from ..errors import CheckpointError
+from .parauni import ParaUni
 
 FROZEN_PREFIXES = ("lmm.", "vae.", "llm.")
 

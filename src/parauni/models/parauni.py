@@ -19,8 +19,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, TrainableConfig, from_dict, load_yaml, save_yaml
+from ..config import (
+    ModelConfig,
+    TrainableConfig,
+    apply_overrides,
+    from_dict,
+    list_presets,
+    load_model_config,
+    load_yaml,
+    save_yaml,
+)
 from ..diffusion.flow import condition_match_loss, dit_timestep, flow_loss, interpolate
+from ..errors import CheckpointError, ConfigError
+from ..utils.device import default_device
 from ..utils.files import save_safetensors
 from .components import load_dit, load_vae, load_vlm, portable_path, resolve_path, save_vlm
 from .lim import LayerIntegrationModule, select_layers
@@ -30,8 +41,11 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or does not match the model; the message names the problem."""
+def _looks_like_path(source: str) -> bool:
+    """Whether a --model value is meant as a path (a folder or a YAML file) rather than a preset name."""
+    return (
+        "/" in source or "\\" in source or source.startswith((".", "~")) or source.endswith((".yaml", ".yml"))
+    )
 
 
 def check_widths(vlm_hidden: int, config: ModelConfig, dit_config, vae_config) -> None:
@@ -170,7 +184,7 @@ class ParaUni(nn.Module):
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < m or value % m:
                 lo = max(m, (int(value) // m) * m) if isinstance(value, (int, float)) else m
-                raise ValueError(
+                raise ConfigError(
                     f"{name}={value} does not fit this model: sides must be positive multiples of {m} "
                     f"(VAE factor {self.latent_factor} x DiT patch {self.dit.config.patch_size}), e.g. {lo} or {lo + m}"
                 )
@@ -358,10 +372,46 @@ class ParaUni(nn.Module):
         return folder
 
     @classmethod
+    def load_config(cls, source: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+        """The :class:`ModelConfig` of a model folder (its config.yaml) or a preset name / YAML file, with the
+        overrides applied; no component is built."""
+        overrides = overrides or []
+        path = Path(source).expanduser()
+        if not path.exists() and _looks_like_path(str(source)):
+            raise ConfigError(
+                f"--model {source}: the folder does not exist; give a model folder (config.yaml + weights), "
+                f"a YAML file or a preset name ({', '.join(list_presets())})"
+            )
+        if path.is_dir():
+            if not (path / CONFIG_FILE).is_file():
+                raise ConfigError(f"{path} has no {CONFIG_FILE}; it is not a ParaUni model folder")
+            return from_dict(
+                ModelConfig, apply_overrides(load_yaml(path / CONFIG_FILE), overrides, schema=ModelConfig)
+            )
+        return load_model_config(str(source), overrides)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        overrides: list[str] | None = None,
+        meta: bool = False,
+        device: str | torch.device | None = None,
+    ) -> ParaUni:
+        """A model from a model folder (config.yaml + weights: :meth:`from_pretrained`) or a preset name / YAML
+        file (random weights: :meth:`from_config`), on ``device`` (default: :func:`default_device`, which reads
+        ``$PARAUNI_DEVICE``). ``meta=True`` builds the structure only, on the meta device, without weights."""
+        path = Path(source).expanduser()
+        if path.is_dir() and not meta:
+            model = cls.from_pretrained(path, overrides)
+        else:
+            config = cls.load_config(source, overrides)
+            model = cls.from_config(config, root=path if path.is_dir() else None, meta=meta)
+        return model if meta else model.to(device or default_device())
+
+    @classmethod
     def from_pretrained(cls, folder: str | Path, overrides: list[str] | None = None) -> ParaUni:
         """Load a folder written by :meth:`save_pretrained` (strict)."""
-        from ..config import apply_overrides
-
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file():
             raise CheckpointError(

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VLMConfig
+from ..errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,13 +64,13 @@ def check_prompts(prompts: object) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings")
+        raise ConfigError("prompts must be a non-empty list of strings")
     out = []
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompt {i} is a {type(p).__name__}, not text: {p!r}")
         if not p.strip():
-            raise ValueError(f"prompt {i} is empty; give a description of the image to generate")
+            raise ConfigError(f"prompt {i} is empty; give a description of the image to generate")
         out.append(p.strip())
     return out
 
@@ -156,7 +157,7 @@ class VLMBackbone(nn.Module):
         """
         if images is not None:
             if not self.supports_images:
-                raise ValueError(
+                raise ConfigError(
                     f"the {self.config.kind} backbone reads text only; it cannot take an input image"
                 )
             return self.encode_images(images)
@@ -337,7 +338,7 @@ class Qwen25VLBackbone(_ProcessorBackbone):
 
     def encode_images(self, images: torch.Tensor) -> PromptBatch:
         if self.image_processor is None:
-            raise ValueError(
+            raise ConfigError(
                 "this Qwen2.5-VL backbone was loaded without an image processor; it cannot take images"
             )
         proc = self.image_processor(images=_to_uint8_arrays(images), return_tensors="pt")
@@ -400,7 +401,7 @@ class JanusBackbone(_ProcessorBackbone):
 
     def encode_images(self, images: torch.Tensor) -> PromptBatch:
         if self.image_processor is None:
-            raise ValueError(
+            raise ConfigError(
                 "this Janus backbone was loaded without an image processor; it cannot take images"
             )
         proc = self.image_processor(images=_to_uint8_arrays(images), return_tensors="pt")

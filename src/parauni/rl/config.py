@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, TrainableConfig, _check_choice
+from ..config import ConfigError, TrainableConfig, check_choice
 from .ldam import LDAMConfig
 
 ZONE_CHOICES = ("shallow", "middle", "deep", "all")
@@ -24,7 +24,7 @@ class PhaseConfig:
     beta: float = field(default=0.02, metadata={"help": "KL weight against the reference policy"})
 
     def __post_init__(self) -> None:
-        _check_choice("rl.phases[].zone", self.zone, ZONE_CHOICES)
+        check_choice("rl.phases[].zone", self.zone, ZONE_CHOICES)
         if not self.rewards:
             raise ConfigError(f"rl phase {self.name!r} optimises no reward; give rewards: {{name: weight}}")
         if self.epochs < 1:
@@ -151,12 +151,12 @@ class RLConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("rl.adv_std", self.adv_std, ("global", "group"))
-        _check_choice("rl.schedule", self.schedule, ("flow_match", "uniform"))
-        _check_choice("rl.group_by", self.group_by, ("prompt", "index"))
-        _check_choice("rl.kl_std", self.kl_std, ("flow_grpo", "step"))
-        _check_choice("rl.lr_schedule", self.lr_schedule, ("cosine", "constant"))
-        _check_choice("rl.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("rl.adv_std", self.adv_std, ("global", "group"))
+        check_choice("rl.schedule", self.schedule, ("flow_match", "uniform"))
+        check_choice("rl.group_by", self.group_by, ("prompt", "index"))
+        check_choice("rl.kl_std", self.kl_std, ("flow_grpo", "step"))
+        check_choice("rl.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        check_choice("rl.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for name in (
             "prompts_per_epoch",
             "steps",

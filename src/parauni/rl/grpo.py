@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..config import save_yaml
 from ..diffusion.sampling import SDEStep, denoise, flow_match_sigmas, flow_sigmas, sde_noise_scale, sde_step
+from ..errors import ConfigError, TrainingDiverged
 from ..models.lim import zone_layers
 from ..models.parauni import ParaUni
 from ..models.vlm import PromptBatch
@@ -67,9 +68,9 @@ from ..training.distributed import (
     save_model,
 )
 from ..training.trainer import MAX_BAD_STEPS, enable_activation_checkpointing, warmup_cosine
-from ..utils.errors import TrainingDiverged
 from .config import PhaseConfig, RLConfig
 from .ldam import LDAM, perturbation_scale
+from .prompts import Prompts
 
 # rewards(images (N, 3, H, W) in [-1, 1], prompts, metadata) -> {reward name: N floats}
 RewardFn = Callable[[torch.Tensor, list[str], list[dict | None]], dict[str, list[float]]]
@@ -84,56 +85,6 @@ def _seed(*parts: int) -> int:
 
 def _generators(*prefix: int, indices: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(_seed(*prefix, i)) for i in indices]
-
-
-# --------------------------------------------------------------------------------------------- prompts
-class PromptSource:
-    """Prompts for RL: a list of (prompt, GenEval metadata or None); an epoch draws ``n`` of them."""
-
-    def __init__(self, items: list[tuple[str, dict | None]]) -> None:
-        if not items:
-            raise ValueError("the RL prompt set is empty")
-        self.items = items
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> PromptSource:
-        """A ``.txt`` file (one prompt a line) or a ``.jsonl`` file of {"prompt", ...} rows (GenEval format)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"RL prompt file {path} does not exist")
-        items = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                row = json.loads(line)
-                if "prompt" not in row:
-                    raise ValueError(f"{path}:{n} has no 'prompt' field")
-                items.append((row["prompt"], row if "include" in row else None))
-            else:
-                items.append((line.strip(), None))
-        return cls(items)
-
-    def epoch(self, seed: int, epoch: int, n: int) -> list[tuple[str, dict | None]]:
-        """``n`` prompts for ``epoch``: a seeded draw without replacement (with replacement if n > size)."""
-        rng = np.random.default_rng([seed, epoch, 7])
-        idx = rng.choice(len(self.items), size=n, replace=n > len(self.items))
-        return [self.items[i] for i in idx]
-
-
-class WorldPromptSource(PromptSource):
-    """Endless GenEval-format prompts of the shapes world, drawn uniformly over the six tags."""
-
-    def __init__(self) -> None:
-        pass
-
-    def epoch(self, seed: int, epoch: int, n: int) -> list[tuple[str, dict | None]]:
-        from ..eval.geneval_rules import GENEVAL_TAGS
-        from ..world.captions import metadata_for
-
-        rng = np.random.default_rng([seed, epoch, 11])
-        rows = [metadata_for(GENEVAL_TAGS[int(rng.integers(len(GENEVAL_TAGS)))], rng) for _ in range(n)]
-        return [(r["prompt"], r) for r in rows]
 
 
 # --------------------------------------------------------------------------------------------- conditions
@@ -516,7 +467,7 @@ def train_rl(
     model: ParaUni,
     rewards: RewardFn,
     reward_names: list[str],
-    prompts: PromptSource,
+    prompts: Prompts,
     cfg: RLConfig,
     out_dir: str | Path,
     resume: bool = False,
@@ -537,7 +488,7 @@ def train_rl(
 
     missing = sorted({r for p in cfg.phases for r in p.rewards} - set(reward_names))
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"rl phases use rewards {missing} that are not configured; available: {reward_names}"
         )
     out = Path(out_dir)
@@ -554,7 +505,7 @@ def train_rl(
     world, rank = acc.num_processes, acc.process_index
     n_total = cfg.samples_per_epoch
     if n_total % world:
-        raise ValueError(
+        raise ConfigError(
             f"rl.prompts_per_epoch x rl.group_size = {n_total} samples must divide over {world} processes"
         )
     n_local = n_total // world

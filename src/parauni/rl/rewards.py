@@ -9,13 +9,10 @@ Every reward is a callable ``(images, prompts, metadata) -> list[float]``, one f
 Contents:
 
 * `Reward`: the interface: input validation, internal batching, ``torch.no_grad``.
-* `CLIPEmbedder`: the one CLIP scoring helper every CLIP-based reward shares: the image processor's settings
-  applied in torch (shortest side resized with bicubic, centre crop, mean / std normalisation; no
-  torchvision), prompts tokenised to at most 77 tokens, L2-normalised projected embeddings.
 * The paper's rewards: `PickScore` (CLIP-H), `Aesthetic` (LAION's improved aesthetic predictor on CLIP
   ViT-L/14) and `CLIPScore` (CLIP ViT-L/14), loaded from a local folder or a Hugging Face id.
 * `GenEvalReward`: Flow-GRPO's partial-credit GenEval reward through a detector
-  (`parauni.eval.geneval_rules.partial_credit`).
+  (`parauni.scoring.geneval_rules.partial_credit`).
 * `CombinedReward`: the weighted sum of several rewards, with each reward's scores kept for logging.
 """
 
@@ -26,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..eval.geneval_rules import (
+from ..errors import ConfigError, DataError
+from ..scoring.clip import CLIP_L14, CLIPEmbedder, RewardModelError
+from ..scoring.geneval_rules import (
     ColorClassifier,
     Detection,
     evaluate_image,
@@ -38,26 +36,15 @@ from ..eval.geneval_rules import (
     validate_metadata,
 )
 from ..utils.images import tensor_to_uint8
-from ..utils.loading import WeightsError, load_pretrained
+from .config import RewardsConfig
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-CLIP_L14 = "openai/clip-vit-large-patch14"
 LAION_AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 LAION_AESTHETIC_REPO = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
-CLIP_MAX_LENGTH = 77
 
 # detector(uint8 image (H, W, 3)) -> detections of every class it knows
 Detector = Callable[[np.ndarray], list[Detection]]
-
-
-class RewardModelError(WeightsError):
-    """A reward model's weights could not be found or loaded; the message names the source and the fix."""
-
-
-def load_reward_weights(loader: Callable, source: str | Path, what: str, repo: str, **kwargs):
-    """`load_pretrained` for reward models, detectors and answer models: failures are `RewardModelError`."""
-    return load_pretrained(loader, source, what, repo, RewardModelError, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- interface
@@ -72,7 +59,7 @@ class Reward:
 
     def __init__(self, batch_size: int = 32) -> None:
         if batch_size < 1:
-            raise ValueError(f"reward batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"reward batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
 
     def score(
@@ -138,7 +125,7 @@ class CombinedReward:
             raise ValueError("CombinedReward needs at least one reward")
         unknown = sorted(set(weights) - set(rewards))
         if unknown:
-            raise ValueError(f"reward weights name unknown rewards {unknown}; available: {sorted(rewards)}")
+            raise ConfigError(f"reward weights name unknown rewards {unknown}; available: {sorted(rewards)}")
         self.rewards = dict(rewards)
         self.weights = {name: float(weights.get(name, 0.0)) for name in self.rewards}
 
@@ -154,181 +141,6 @@ class CombinedReward:
         for reward in self.rewards.values():
             reward.to(device)
         return self
-
-
-# ----------------------------------------------------------------------------------------------- loading
-# ----------------------------------------------------------------------------------------------- CLIP helper
-class CLIPEmbedder:
-    """A ``transformers.CLIPModel`` with its tokenizer and image preprocessing: L2-normalised embeddings.
-
-    It does not freeze the model (the world CLIP trains through it); `from_pretrained` and the rewards do.
-
-    Image preprocessing is the model's ``CLIPImageProcessor`` settings done in torch on (N, 3, H, W) tensors
-    in [-1, 1]: to [0, 1], shortest side resized to `resize` (bicubic, antialiased, clamped to [0, 1] as a
-    uint8 round trip would), centre crop to `crop`, then ``(x - mean) / std``.
-
-    Prompts are tokenised with right padding and truncated to `max_length` (77 for real CLIP, at most the
-    text model's positions). CLIP pools the text at the end-of-text token, so every row must end with it: a
-    tokenizer that does not append it itself (the shapes world's BPE) gets it appended, and a truncated row's
-    last token is replaced by it.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer=None,
-        resize: int = 224,
-        crop: tuple[int, int] = (224, 224),
-        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
-        max_length: int = CLIP_MAX_LENGTH,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.resize = int(resize)
-        self.crop = (int(crop[0]), int(crop[1]))
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.max_length = min(max_length, model.config.text_config.max_position_embeddings)
-        if max(self.crop) > self.resize:
-            raise ValueError(f"CLIP crop {self.crop} is larger than the resized shortest side {self.resize}")
-        if tokenizer is not None:
-            self._check_tokenizer(tokenizer)
-
-    def _check_tokenizer(self, tokenizer) -> None:
-        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-            raise ValueError(
-                f"the CLIP tokenizer {type(tokenizer).__name__} needs an eos and a pad token "
-                f"(eos={tokenizer.eos_token!r}, pad={tokenizer.pad_token!r})"
-            )
-        pooled = self.model.config.text_config.eos_token_id
-        # eos_token_id == 2 is the legacy CLIP config: transformers pools at the largest id (argmax) instead.
-        if pooled != 2 and pooled != tokenizer.eos_token_id:
-            raise ValueError(
-                f"the CLIP text model pools at token id {pooled} (text_config.eos_token_id) but the tokenizer "
-                f"ends text with id {tokenizer.eos_token_id} ({tokenizer.eos_token!r}); save the model with "
-                "text_config.eos_token_id = tokenizer.eos_token_id"
-            )
-        self.tokenizer_adds_eos = tokenizer("a").input_ids[-1] == tokenizer.eos_token_id
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str | Path,
-        processor: str | Path | None = None,
-        *,
-        what: str = "CLIP model",
-        model_repo: str = CLIP_L14,
-        processor_repo: str | None = None,
-        text: bool = True,
-        dtype: torch.dtype = torch.float32,
-    ) -> CLIPEmbedder:
-        """Load a ``CLIPModel`` from `model` and its image processor (+ tokenizer if `text`) from `processor`
-        (default: `model`), each a local folder or a Hugging Face id; `model_repo` / `processor_repo` are the
-        repos named in errors."""
-        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
-
-        processor = model if processor is None else processor
-        processor_repo = processor_repo or model_repo
-        clip = (
-            load_reward_weights(CLIPModel.from_pretrained, model, what, model_repo, dtype=dtype)
-            .eval()
-            .requires_grad_(False)
-        )
-        image_processor = load_reward_weights(
-            CLIPImageProcessorPil.from_pretrained, processor, f"{what} image processor", processor_repo
-        )
-        tokenizer = (
-            load_reward_weights(AutoTokenizer.from_pretrained, processor, f"{what} tokenizer", processor_repo)
-            if text
-            else None
-        )
-        return cls.from_image_processor(clip, tokenizer, image_processor)
-
-    @classmethod
-    def from_image_processor(cls, model: nn.Module, tokenizer, image_processor) -> CLIPEmbedder:
-        """Take the resize / crop / normalisation settings of a ``CLIPImageProcessor``."""
-        size, crop = image_processor.size, image_processor.crop_size
-        resize = size.get("shortest_edge") or min(size["height"], size["width"])
-        crop_hw = (crop["height"], crop["width"]) if image_processor.do_center_crop else (resize, resize)
-        return cls(
-            model,
-            tokenizer,
-            resize=resize,
-            crop=crop_hw,
-            mean=image_processor.image_mean,
-            std=image_processor.image_std,
-        )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(self, device: torch.device | str) -> CLIPEmbedder:
-        self.model.to(device)
-        return self
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) in [-1, 1] -> CLIP pixel values (N, 3, crop_h, crop_w) on the model's device."""
-        x = (images.to(self.device, torch.float32) + 1) / 2  # (N, 3, H, W) in [0, 1]
-        h, w = x.shape[-2:]
-        if min(h, w) != self.resize:
-            r = self.resize
-            size = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)  # the processor's rounding
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        ch, cw = self.crop
-        h, w = x.shape[-2:]
-        top, left = (h - ch) // 2, (w - cw) // 2
-        x = x[..., top : top + ch, left : left + cw]
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-        return x.to(self.dtype)
-
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) in [-1, 1] -> L2-normalised projected embeddings (N, D), float32."""
-        pooled = self.model.vision_model(pixel_values=self.preprocess(images)).pooler_output  # (N, C_v)
-        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
-
-    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompts -> {"input_ids", "attention_mask"} (N, S), right padded, each row ending in end-of-text."""
-        if self.tokenizer is None:
-            raise ValueError(
-                "this CLIPEmbedder was loaded without a tokenizer (text=False); it embeds images only"
-            )
-        tok = self.tokenizer
-        texts = prompts if self.tokenizer_adds_eos else [p + tok.eos_token for p in prompts]
-        enc = tok(
-            texts,
-            padding="longest",
-            padding_side="right",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        ids[torch.arange(len(texts)), mask.sum(1) - 1] = tok.eos_token_id  # truncated rows end in eos too
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-
-    def embed_texts(self, prompts: list[str], chunk: int = 32) -> torch.Tensor:
-        """Prompts -> L2-normalised projected embeddings (N, D), float32.
-
-        Prompts run in chunks of `chunk` sorted by length, each cut to its longest row, so a few long
-        prompts do not pad every short one (causal attention and end-of-text pooling make it exact).
-        """
-        enc = self.tokenize(prompts)
-        ids, mask = enc["input_ids"], enc["attention_mask"]  # (N, S)
-        lengths = mask.sum(1)
-        order = lengths.argsort()
-        pooled = []
-        for idx in order.split(chunk):
-            n = int(lengths[idx].max())
-            out = self.model.text_model(input_ids=ids[idx, :n], attention_mask=mask[idx, :n])
-            pooled.append(out.pooler_output)  # (chunk, C_t)
-        pooled = torch.cat(pooled)[order.argsort()]  # back to the prompts' order
-        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
 
 class _CLIPReward(Reward):
@@ -428,15 +240,13 @@ class AestheticMLP(nn.Module):
             indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
             weights = [state[f"layers.{i}.weight"] for i in indices]
         except (ValueError, IndexError, KeyError) as err:
-            raise ValueError(
+            raise DataError(
                 f"{source} is not an aesthetic MLP state dict (keys layers.<i>.weight / .bias): {sorted(state)[:6]}"
             ) from err
         gaps = [b - a for a, b in zip(indices, indices[1:], strict=False)]
         n_dropout = next((i for i, g in enumerate(gaps) if g != 2), len(gaps))
         if not weights or indices[0] != 0 or any(g != 1 for g in gaps[n_dropout:]):
-            raise ValueError(
-                f"{source}: unsupported aesthetic MLP layout, Linear layers at indices {indices}"
-            )
+            raise DataError(f"{source}: unsupported aesthetic MLP layout, Linear layers at indices {indices}")
         dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
         mlp = cls(dims, [0.0] * n_dropout)
         mlp.load_state_dict(dict(state), strict=True)
@@ -458,7 +268,7 @@ class AestheticMLP(nn.Module):
         elif path.suffix in (".pth", ".pt", ".bin"):
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise ValueError(f"aesthetic MLP weights {path}: expected a .safetensors or .pth file")
+            raise DataError(f"aesthetic MLP weights {path}: expected a .safetensors or .pth file")
         return cls.from_state_dict(state, str(path))
 
 
@@ -505,7 +315,7 @@ class Aesthetic(_CLIPReward):
         mlp = AestheticMLP.from_file(weights)
         embedder = CLIPEmbedder.from_pretrained(clip, what="aesthetic CLIP ViT-L/14", text=False, dtype=dtype)
         if mlp.dims[0] != embedder.model.config.projection_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"aesthetic MLP {weights} takes {mlp.dims[0]}-d embeddings but the CLIP model {clip} projects to "
                 f"{embedder.model.config.projection_dim}; use CLIP ViT-L/14 ({CLIP_L14})"
             )
@@ -515,7 +325,7 @@ class Aesthetic(_CLIPReward):
 # ----------------------------------------------------------------------------------------------- GenEval
 class GenEvalReward(Reward):
     """Flow-GRPO's GenEval reward: per image, detect objects, keep them by GenEval's thresholds and give
-    partial credit per clause of its metadata row (`parauni.eval.geneval_rules.partial_credit`); with
+    partial credit per clause of its metadata row (`parauni.scoring.geneval_rules.partial_credit`); with
     ``strict=True``, 1.0 if GenEval's own rule accepts the image and 0.0 otherwise.
 
     `detector(uint8 image (H, W, 3)) -> list[Detection]`; `classify_colors(detections, class) -> colours`
@@ -536,7 +346,7 @@ class GenEvalReward(Reward):
         scores = []
         for i, (image, row) in enumerate(zip(tensor_to_uint8(images), metadata, strict=True)):
             if row is None:
-                raise ValueError(
+                raise DataError(
                     f"the GenEval reward needs the metadata row of every image; image {i} (prompt "
                     f"{prompts[i]!r}) has none"
                 )
@@ -547,3 +357,24 @@ class GenEvalReward(Reward):
             else:
                 scores.append(partial_credit(kept, row, self.classify_colors))
         return scores
+
+
+def build_rewards(cfg: RewardsConfig, extra: Mapping[str, Reward] | None = None) -> dict[str, Reward]:
+    """The reward models ``cfg`` names (PickScore, Aesthetic, CLIP score), by reward name, after ``extra``
+    ones built elsewhere (the shapes world's, from ``cfg.world``: :func:`parauni.world.reward_models.world_rewards`,
+    which sits above this package)."""
+    out = dict(extra or {})
+    if cfg.pickscore:
+        out["pickscore"] = PickScore.from_pretrained(cfg.pickscore, cfg.pickscore_processor, cfg.batch_size)
+    if cfg.aesthetic_mlp:
+        out["aesthetic"] = Aesthetic.from_pretrained(
+            cfg.aesthetic_mlp, cfg.aesthetic_clip, batch_size=cfg.batch_size
+        )
+    if cfg.clip:
+        out["clip"] = CLIPScore.from_pretrained(cfg.clip, cfg.batch_size)
+    if not out:
+        raise ConfigError(
+            "no reward model is configured: give --rewards.pickscore / --rewards.aesthetic_mlp / --rewards.clip "
+            "(local folders or Hugging Face ids), or --world for the shapes world's rewards"
+        )
+    return out

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..models.parauni import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..utils.files import read_json, save_safetensors
 from .distributed import like, save_optimizer, whole_tensors
 
@@ -298,3 +298,24 @@ def init_ema(
             for name, value in ema.items():
                 value.copy_(like(value, saved[name]))
     return ema
+
+
+def resume_step(folder: str | Path) -> int:
+    """The step ``--resume`` continues from: that of the newest complete checkpoint in ``folder``, else a
+    ConfigError saying what to do."""
+    ckpt = intact_checkpoint(Path(folder), "step", say=lambda _: None)  # train says which one it takes
+    if ckpt is None:
+        raise ConfigError(
+            f"--resume: {folder} holds no checkpoint to continue from (they are written every train.save_every "
+            "steps); run without --resume (and with --overwrite to replace what the folder holds)"
+        )
+    return int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+
+
+def trim_train_log(folder: str | Path, start: int) -> None:
+    """Drop the log rows of steps >= ``start`` (a killed run logged them after its last checkpoint), so a
+    resumed run's log holds every step once. The launcher's first process writes the log, so only it trims."""
+    log = Path(folder) / TRAIN_LOG
+    if log.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] < start]
+        log.write_text("".join(line + "\n" for line in kept))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, _check_choice
+from ..config import ConfigError, check_choice
 from ..diffusion.flow import TIMESTEP_SAMPLING
 
 # The paper's recipe per stage; a TrainConfig starts from these and takes overrides.
@@ -74,8 +74,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2):
             raise ConfigError(f"train.stage={self.stage} must be 1 or 2 (Stage III is `parauni rl`)")
-        _check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
-        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")

@@ -23,15 +23,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from ..errors import ConfigError, DataError, ImageReadError
 from ..utils.files import read_lines, save_safetensors
-from ..utils.images import ImageReadError, pil_to_tensor, read_image, resize_center_crop
+from ..utils.images import pil_to_tensor, read_image, resize_center_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class DataError(ValueError):
-    """The training data cannot be used; the message says why and what to do."""
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..models.parauni import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..utils.files import apply_umask
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -67,25 +67,25 @@ def check_backend(acc, entry: str, model: nn.Module) -> None:
 
     kind = acc.distributed_type
     if kind == DistributedType.MEGATRON_LM:
-        raise ValueError(
+        raise ConfigError(
             f"{entry} does not run under Megatron-LM (it needs a tensor-parallel model split by hand); "
             f"launch with {CONFIGS}"
         )
     if kind == DistributedType.FSDP and acc.state.fsdp_plugin.fsdp_version != 2:
-        raise ValueError(
+        raise ConfigError(
             f"{entry} runs FSDP2 (fully_shard) only, not FSDP1: set fsdp_version: 2 in the accelerate config, "
             "as configs/accelerate/fsdp.yaml does"
         )
     if kind == DistributedType.DEEPSPEED:
         stage = acc.state.deepspeed_plugin.zero_stage
         if stage != 2:
-            raise ValueError(
+            raise ConfigError(
                 f"{entry} runs DeepSpeed ZeRO stage 2 only, not stage {stage}: stage 3 shards the parameters, "
                 "which Stage III's sampling and the checkpoints need whole. Use "
                 "configs/accelerate/deepspeed_zero2.yaml, or configs/accelerate/fsdp.yaml to shard parameters"
             )
     if is_sharded(acc) and not hasattr(type(model), "from_config"):
-        raise ValueError(
+        raise ConfigError(
             f"{entry} under {kind.value} writes its final model from a copy built with "
             f"{type(model).__name__}.from_config(config), which does not exist; launch it with "
             "configs/accelerate/ddp.yaml"
@@ -151,7 +151,7 @@ def configure_deepspeed(acc, settings: dict[str, tuple[float, str]]) -> None:
         if have == "auto":
             config[key] = value
         elif float(have) != float(value):
-            raise ValueError(
+            raise ConfigError(
                 f"the DeepSpeed config sets {key}={have}, but the loop runs {value} ({option}): set it to auto "
                 "(configs/accelerate/deepspeed_zero2.yaml leaves it out) or change the loop's option"
             )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError
+from ..errors import DataError
 from .streaming import CorruptSample, ShardedSource, check_caption, decode_image
 
 DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")

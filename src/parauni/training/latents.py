@@ -32,9 +32,9 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
+from ..errors import DataError
 from ..utils.files import read_json, save_safetensors
 from .checkpoint import write_json_atomic
-from .data import DataError
 from .streaming import SHARDS_PER_GROUP, CorruptSample, ShardedSource
 
 FORMAT = "parauni-latents"

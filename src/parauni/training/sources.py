@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError, FolderSource, is_jsonl_file, scan_folder
+from ..errors import DataError
+from .data import FolderSource, is_jsonl_file, scan_folder
 from .hf_datasets import HFDatasetSource, is_hf_folder
 from .latents import LatentShardSource, is_latents_folder
 from .streaming import SHARDS_PER_GROUP, RecordsSource, ShardedSource

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DataError
 from ..utils.images import pil_to_tensor, resize_center_crop
-from .data import DataError, Record
+from .data import Record
 
 # Shards a trainer reads at once (their samples are shuffled together). Small groups keep reads sequential.
 SHARDS_PER_GROUP = 4
@@ -38,7 +39,7 @@ WARN_EVERY = 100
 GROUP_CACHE = 4  # shard-group orders kept in memory
 
 
-class CorruptSample(ValueError):
+class CorruptSample(DataError):
     """A sample that cannot be used (unreadable image, missing caption): ``sample`` names it, ``reason``
     says why."""
 

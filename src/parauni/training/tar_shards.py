@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError
+from ..errors import DataError
 from .streaming import SHARDS_PER_GROUP, CorruptSample, ShardedSource, check_caption, decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from ..config import TrainableConfig, save_yaml
 from ..diffusion.flow import sample_timesteps
+from ..errors import ConfigError, TrainingDiverged
 from ..models.parauni import ParaUni
-from ..utils.errors import TrainingDiverged
 from ..utils.files import save_safetensors
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -126,7 +126,7 @@ def enable_activation_checkpointing(model) -> None:
     """
     dit = getattr(model, "dit", None)
     if dit is None or not getattr(dit, "_supports_gradient_checkpointing", False):
-        raise ValueError(
+        raise ConfigError(
             f"activation checkpointing needs a diffusers DiT at model.dit; {type(model).__name__} has "
             f"{type(dit).__name__}: set activation_checkpointing=false"
         )
@@ -187,14 +187,14 @@ def train(
     )
     check_backend(acc, "parauni train", model)
     if cfg.condition_distill > 0 and teacher is None:
-        raise ValueError(
+        raise ConfigError(
             f"train.condition_distill={cfg.condition_distill} needs a teacher text encoder: pass "
             "train(..., teacher=captions -> (states, mask)) from Python (the world demo passes its Stage-0 "
             "text encoder), or set train.condition_distill=0"
         )
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={cfg.batch_size} is not divisible by {world} process(es) x "
             f"train.grad_accum={cfg.grad_accum}"
         )
@@ -232,7 +232,7 @@ def train(
     }  # after prepare: FSDP's are DTensors
     params = list(named.values())
     if not params:
-        raise ValueError("nothing to train: no parameter of the model requires a gradient")
+        raise ConfigError("nothing to train: no parameter of the model requires a gradient")
     ema = init_ema(named, ckpt, cfg.ema)
     log_path = out_dir / LOG_FILE
     if acc.is_main_process:

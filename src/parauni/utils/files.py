@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 class OutputPathError(ConfigError):

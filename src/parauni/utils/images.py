@@ -8,9 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-
-class ImageReadError(ValueError):
-    """An image file could not be read; the message names the file."""
+from ..errors import ImageReadError
 
 
 def read_image(path: str | Path) -> Image.Image:

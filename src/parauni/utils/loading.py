@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-
-class WeightsError(OSError):
-    """Weights could not be found or loaded; the message names the component, the source and the fix."""
+from ..errors import WeightsError
 
 
 def is_local(source: str | Path) -> bool:

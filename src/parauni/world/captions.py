@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parauni.eval.geneval_rules import GENEVAL_TAGS, RELATIONS, validate_metadata
+from parauni.scoring.geneval_rules import GENEVAL_TAGS, RELATIONS, validate_metadata
 from parauni.world.scene import (
     COLORS,
     MAX_SIZE_FRAC,
@@ -30,6 +30,8 @@ from parauni.world.scene import (
     place_objects,
     render,
 )
+
+from ..errors import ConfigError, DataError
 
 PLURALS: dict[str, str] = {
     "circle": "circles",
@@ -278,12 +280,12 @@ def _tag_probabilities(tag_weights: dict[str, float] | None) -> np.ndarray:
     weights = DEFAULT_TAG_WEIGHTS if tag_weights is None else tag_weights
     unknown = set(weights) - set(TRAINING_TAGS)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown tags {sorted(unknown)} in tag_weights; expected a subset of {TRAINING_TAGS}"
         )
     p = np.array([float(weights.get(tag, 0.0)) for tag in TRAINING_TAGS])
     if np.any(p < 0) or not p.sum() > 0:
-        raise ValueError(f"tag_weights {weights} must be non-negative with a positive sum")
+        raise ConfigError(f"tag_weights {weights} must be non-negative with a positive sum")
     return p / p.sum()
 
 
@@ -358,7 +360,7 @@ def make_eval_metadata(per_tag: int = 48, seed: int = 0) -> list[dict]:
     rows are drawn without repetition. Deterministic in (per_tag, seed).
     """
     if per_tag < 1:
-        raise ValueError(f"per_tag must be at least 1, got {per_tag}")
+        raise ConfigError(f"per_tag must be at least 1, got {per_tag}")
     rows = []
     for tag_index, tag in enumerate(GENEVAL_TAGS):
         options = all_metadata(tag)
@@ -383,9 +385,9 @@ def read_metadata(path: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
             if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"expected a JSON object, got {type(row).__name__}")
             validate_metadata(row)
         except ValueError as err:  # json.JSONDecodeError is a ValueError
-            raise ValueError(f"{path}, line {line_number}: bad metadata row: {err}") from err
+            raise DataError(f"{path}, line {line_number}: bad metadata row: {err}") from err
         rows.append(row)
     return rows

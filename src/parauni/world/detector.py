@@ -1,7 +1,7 @@
 """ShapesEval's detector: finds the shapes world's objects in an image and returns them as `Detection`s.
 
 It plays the part of GenEval's Mask2Former + CLIP colour classifier for the shapes world, so that
-ShapesEval = `filter_detections` + `evaluate_image` + `score_rows` from `parauni.eval.geneval_rules`,
+ShapesEval = `filter_detections` + `evaluate_image` + `score_rows` from `parauni.scoring.geneval_rules`,
 unchanged. Steps, on a (possibly imperfect, generated) uint8 image:
 
 1. Colour-cast correction: if the border's median colour is near the world's grey, shift the image so it
@@ -25,8 +25,10 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from parauni.eval.geneval_rules import Detection, color_from_detection
-from parauni.world.scene import BACKGROUND, COLORS, SHAPES, shape_mask
+from ..eval.geneval import Detector as GenEvalDetector
+from ..eval.geneval import DetectorChoice
+from ..scoring.geneval_rules import ColorClassifier, Detection, color_from_detection
+from .scene import BACKGROUND, COLORS, SHAPES, shape_mask
 
 _PALETTE = np.array(list(COLORS.values()), dtype=float)  # (10, 3)
 _COLOR_NAMES = tuple(COLORS)
@@ -183,3 +185,19 @@ def _split_by_color(component: np.ndarray, segment: np.ndarray, min_area: int) -
         pieces, n = ndimage.label(labels == c)
         parts += [pieces == i for i in range(1, n + 1) if (pieces == i).sum() >= min_area]
     return parts
+
+
+def world_classes() -> tuple[str, ...]:
+    """The object classes the shapes world's detector finds."""
+    return SHAPES
+
+
+def world_detector() -> tuple[GenEvalDetector, ColorClassifier]:
+    """The shapes world's `ShapesDetector` as a GenEval (detector, classify_colors) pair."""
+    shapes = ShapesDetector()
+    return (lambda image, filename: shapes(image)), shapes.classify_colors
+
+
+def world_detector_choice() -> DetectorChoice:
+    """``--detector world`` of the GenEval commands (:func:`parauni.eval.geneval.choose_detector`)."""
+    return DetectorChoice(*world_detector(), world_classes())

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, from_dict
+from ..errors import MissingFileError, ParaUniError
 from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
 from ..training.checkpoint import CHECKPOINT_DIR, RAW_FILE
@@ -65,7 +66,7 @@ RECIPE: tuple[str, ...] = (
 )
 
 
-class Stage0Error(ValueError):
+class Stage0Error(ParaUniError, ValueError):
     """A Stage-0 folder that cannot be used as asked (another config, a missing model)."""
 
 
@@ -635,7 +636,7 @@ def stage0_folder(cfg: WorldConfig, cache_dir: str | Path) -> Path:
     """The complete Stage-0 folder of ``cfg`` in ``cache_dir``; a clear error when Stage 0 has not run."""
     folder = Path(cache_dir) / f"stage0-{stage0_key(cfg)}"
     if not (folder / DONE_FILE).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no complete Stage-0 world models in {folder}: run `parauni demo` first (same --world overrides "
             "and cache), which trains and caches them"
         )

@@ -22,6 +22,7 @@ import torch
 
 from ..analysis.prompt_use import DEFAULT_PROMPTS, prompt_sensitivity
 from ..config import ConfigError
+from ..errors import ParaUniError
 from ..models.parauni import ParaUni
 from ..training.checkpoint import RAW_FILE
 from ..utils.device import default_device
@@ -52,7 +53,7 @@ MAX_FILE_BYTES = 20 * 1024 * 1024
 UNHASHED = (MANIFEST, CARD)
 
 
-class ReleaseError(ValueError):
+class ReleaseError(ParaUniError, ValueError):
     """A Stage-0 release that is missing, incomplete or altered."""
 
 

@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..eval.geneval_rules import GENEVAL_TAGS  # noqa: E402
 from ..rl.plots import ema  # noqa: E402
+from ..scoring.geneval_rules import GENEVAL_TAGS  # noqa: E402
 from ..utils.images import make_grid  # noqa: E402
 
 

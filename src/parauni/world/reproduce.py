@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..eval.geneval_rules import GENEVAL_TAGS
+from ..errors import ConfigError
 from ..models.parauni import ParaUni
+from ..scoring.geneval_rules import GENEVAL_TAGS
 from ..training.trainer import train
 from .captions import make_eval_metadata
 from .config import WorldConfig
@@ -136,7 +137,7 @@ def select_rows(names: list[str] | None) -> list[AblationRow]:
         return list(ROWS)
     unknown = sorted(set(names) - set(ROW_NAMES))
     if unknown:
-        raise ValueError(f"unknown ablation row(s) {unknown}; choose from {list(ROW_NAMES)}")
+        raise ConfigError(f"unknown ablation row(s) {unknown}; choose from {list(ROW_NAMES)}")
     wanted = set(names)
     if any(r.rl is not None for r in ROWS if r.name in wanted):
         wanted.add("all_layers")
@@ -419,7 +420,7 @@ def run_reproduce(
 
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seeds {seeds} must be distinct non-negative integers (e.g. 0 1 2)")
+        raise ConfigError(f"--seeds {seeds} must be distinct non-negative integers (e.g. 0 1 2)")
     selected = select_rows(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

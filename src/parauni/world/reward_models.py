@@ -11,8 +11,8 @@ The paper's rewards need models trained on natural images; the world trains its 
 * "geneval": ShapesEval's partial credit, Flow-GRPO's GenEval reward with the world's detector
   (`ShapesEvalReward`).
 
-Scoring reuses `parauni.rl.rewards` (`CLIPEmbedder`, `CLIPScore`, `Aesthetic`, `GenEvalReward`); Stage 0
-(`parauni.world.pretrain.run_stage0`) trains and saves the models with `save_world_reward_models`.
+Scoring reuses `parauni.scoring.clip.CLIPEmbedder` and `parauni.rl.rewards` (`CLIPScore`, `Aesthetic`,
+`GenEvalReward`); Stage 0 (`parauni.world.pretrain.run_stage0`) trains and saves the models with `save_world_reward_models`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from ..rl.rewards import (
     Aesthetic,
     AestheticMLP,
-    CLIPEmbedder,
     CLIPScore,
     GenEvalReward,
     Reward,
     RewardModelError,
 )
+from ..scoring.clip import CLIPEmbedder
 from ..utils.images import pil_to_tensor
 from .captions import (
     COUNTS,

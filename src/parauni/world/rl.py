@@ -17,105 +17,28 @@ previous world setting, 2 drops and 1 std: 0.39, 0.14, 0.04; the paper's: 0.00).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import TrainableConfig
-from ..rl.config import PhaseConfig, RLConfig
-from ..rl.ldam import LDAMConfig
+import numpy as np
+
+from ..rl.grpo import train_rl
+from ..rl.prompts import PromptItem
+from ..rl.rewards import CombinedReward
+from ..scoring.geneval_rules import GENEVAL_TAGS
+from .captions import metadata_for
+from .config import WorldRLConfig, world_rl_config
+from .reward_models import world_rewards
 
 
-@dataclass
-class WorldRLConfig:
-    """Stage III on the world (the paper's recipe scaled down; see :class:`parauni.rl.config.RLConfig`)."""
+class WorldPromptSource:
+    """Endless GenEval-format prompts of the shapes world, drawn uniformly over the six tags (a
+    :class:`parauni.rl.prompts.Prompts`)."""
 
-    enabled: bool = field(default=True, metadata={"help": "run Stage III in the demo"})
-    aesthetic_epochs: int = field(default=12, metadata={"help": "epochs of phase 1 (world aesthetic)"})
-    clip_epochs: int = field(
-        default=12, metadata={"help": "epochs of phase 2 (world CLIP + ShapesEval credit)"}
-    )
-    geneval_weight: float = field(
-        default=1.0, metadata={"help": "weight of ShapesEval partial credit in phase 2"}
-    )
-    prompts_per_epoch: int = 16
-    group_size: int = 4
-    steps: int = field(default=10, metadata={"help": "SDE sampling steps"})
-    cfg: float = field(default=2.0, metadata={"help": "CFG of rollouts (the world's sampling CFG)"})
-    lr: float = field(default=3e-3, metadata={"help": "AdamW peak lr of the LoRA"})
-    lr_schedule: str = field(
-        default="cosine", metadata={"help": "'cosine' (the paper's, to 0 over the run) or 'constant'"}
-    )
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank on the DiT (0: train queries + LIM)"})
-    beta: float = field(default=0.02, metadata={"help": "KL weight"})
-    updates_per_epoch: int = field(default=1, metadata={"help": "1: every update on-policy"})
-    micro_batch: int = 16
-    ldam: bool = field(default=True, metadata={"help": "LDAM on (off: plain Flow-GRPO)"})
-    ldam_window: int = field(default=3, metadata={"help": "LDAM window W (paper: 5)"})
-    ldam_drop_epochs: int = field(
-        default=1,
-        metadata={
-            "help": "reward-drop gate: consecutive drops r_s (paper: 5, which never fires in 12 epochs)"
-        },
-    )
-    ldam_grad_sigmas: float = field(
-        default=0.0,
-        metadata={"help": "grad-norm gate: above the window's mean + this many stds (paper's reading: 2)"},
-    )
-    ldam_reward_gate: bool = field(
-        default=True, metadata={"help": "require the reward-drop gate (off: paper ablation 7)"}
-    )
-    ldam_grad_gate: bool = field(
-        default=True, metadata={"help": "require the grad-norm gate (off: paper ablation 6)"}
-    )
-    cache_conditions: bool = field(
-        default=True,
-        metadata={"help": "run the frozen VLM once per prompt and epoch (see rl.cache_conditions)"},
-    )
-    seed: int = 0
-
-
-def world_rl_config(w: WorldRLConfig, image_size: int) -> RLConfig:
-    """The :class:`RLConfig` of a world run."""
-    phase2 = {"clip": 1.0}
-    if w.geneval_weight > 0:
-        phase2["geneval"] = w.geneval_weight
-    trainable = (
-        TrainableConfig(
-            queries=False, lim=False, dit=False, dit_lora_rank=w.lora_rank, dit_lora_alpha=w.lora_rank
-        )
-        if w.lora_rank > 0
-        else TrainableConfig(queries=True, lim=True, dit=False)
-    )
-    return RLConfig(
-        phases=[
-            PhaseConfig("aesthetic", {"aesthetic": 1.0}, w.aesthetic_epochs, "middle", w.beta),
-            PhaseConfig("clip+geneval", phase2, w.clip_epochs, "deep", w.beta),
-        ],
-        prompts_per_epoch=w.prompts_per_epoch,
-        group_size=w.group_size,
-        steps=w.steps,
-        cfg=w.cfg,
-        height=image_size,
-        width=image_size,
-        lr=w.lr,
-        lr_schedule=w.lr_schedule,
-        updates_per_epoch=w.updates_per_epoch,
-        micro_batch=w.micro_batch,
-        rollout_batch=w.prompts_per_epoch * w.group_size,
-        trainable=trainable,
-        ldam=LDAMConfig(
-            enabled=w.ldam,
-            window=w.ldam_window,
-            drop_epochs=w.ldam_drop_epochs,
-            grad_sigmas=w.ldam_grad_sigmas,
-            reward_gate=w.ldam_reward_gate,
-            grad_gate=w.ldam_grad_gate,
-        ),
-        cache_conditions=w.cache_conditions,
-        save_every=5,
-        keep_last=1,
-        seed=w.seed,
-    )
+    def epoch(self, seed: int, epoch: int, n: int) -> list[PromptItem]:
+        """``n`` (prompt, metadata row) items for ``epoch``, the same for the same seed."""
+        rng = np.random.default_rng([seed, epoch, 11])
+        rows = [metadata_for(GENEVAL_TAGS[int(rng.integers(len(GENEVAL_TAGS)))], rng) for _ in range(n)]
+        return [(r["prompt"], r) for r in rows]
 
 
 def run_world_rl(
@@ -129,10 +52,6 @@ def run_world_rl(
     log=print,
 ):
     """Stage III of ``model`` (a world Stage-II ParaUni) with the world's rewards; returns the RLResult."""
-    from ..rl.grpo import WorldPromptSource, train_rl
-    from ..rl.rewards import CombinedReward
-    from .reward_models import world_rewards
-
     cfg = world_rl_config(w, image_size)
     rewards = world_rewards(stage0)
     combined = CombinedReward(rewards, {name: 1.0 for name in rewards})

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConfigError
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 
 # GenEval's ten colour names. Chosen so that every pair is more than 100 apart in RGB and every colour is
@@ -81,7 +83,7 @@ class Scene:
 
     def __post_init__(self) -> None:
         if self.size < MIN_IMAGE_SIZE:
-            raise ValueError(f"scene size {self.size} is too small; use at least {MIN_IMAGE_SIZE} pixels")
+            raise ConfigError(f"scene size {self.size} is too small; use at least {MIN_IMAGE_SIZE} pixels")
 
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -168,7 +170,7 @@ def place_objects(
     if n < 1:
         raise ValueError(f"number of objects must be at least 1, got {n}")
     if not 0 < min_frac <= max_frac < 1:
-        raise ValueError(f"need 0 < min_frac <= max_frac < 1, got min_frac={min_frac}, max_frac={max_frac}")
+        raise ConfigError(f"need 0 < min_frac <= max_frac < 1, got min_frac={min_frac}, max_frac={max_frac}")
     low, high = min_frac * size, max_frac * size
     while low >= _MIN_OBJECT_PIXELS:
         for _ in range(_RESTARTS_PER_SCALE):
@@ -176,7 +178,7 @@ def place_objects(
             if placed is not None:
                 return placed
         low, high = low * _SHRINK, high * _SHRINK
-    raise ValueError(
+    raise ConfigError(
         f"cannot place {n} objects in a {size}x{size} image even with sides shrunk to {_MIN_OBJECT_PIXELS} px; "
         "use fewer objects or a larger image"
     )

@@ -1,7 +1,7 @@
 """ShapesEval: the world's GenEval. Generate images for GenEval-format prompts, detect, score.
 
 The detector knows the world (:class:`~parauni.world.detector.ShapesDetector`); the scoring is GenEval's
-own rules from :mod:`parauni.eval.geneval_rules`, the same code the real GenEval evaluation uses.
+own rules from :mod:`parauni.scoring.geneval_rules`, the same code the real GenEval evaluation uses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..eval.geneval_rules import evaluate_image, filter_detections, score_rows
+from ..scoring.geneval_rules import evaluate_image, filter_detections, score_rows
 from .detector import ShapesDetector
 
 # generate(prompts, first_seed) -> uint8 images (N, H, W, 3); image i uses noise seed first_seed + i.

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DataError
+
 GENEVAL_TAGS: tuple[str, ...] = (
     "single_object",
     "two_object",
@@ -75,12 +77,12 @@ def _row_name(metadata: dict) -> str:
 
 def _check_clause(clause: object, where: str, prompt: str) -> None:
     if not isinstance(clause, dict) or "class" not in clause or "count" not in clause:
-        raise ValueError(f"metadata row {prompt}: {where} {clause!r} needs a 'class' and a 'count'")
+        raise DataError(f"metadata row {prompt}: {where} {clause!r} needs a 'class' and a 'count'")
     count = clause["count"]
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"metadata row {prompt}: {where} has count {count!r}; expected an integer >= 1")
+        raise DataError(f"metadata row {prompt}: {where} has count {count!r}; expected an integer >= 1")
     if "color" in clause and clause["color"] not in GENEVAL_COLORS:
-        raise ValueError(
+        raise DataError(
             f"metadata row {prompt}: {where} has colour {clause['color']!r}; expected one of {GENEVAL_COLORS}"
         )
 
@@ -90,11 +92,11 @@ def validate_metadata(metadata: dict) -> None:
     prompt = _row_name(metadata)
     for key in ("tag", "include"):
         if key not in metadata:
-            raise ValueError(
+            raise DataError(
                 f"metadata row {prompt} has no {key!r}; every GenEval row needs 'tag' and 'include'"
             )
     if metadata["tag"] not in GENEVAL_TAGS:
-        raise ValueError(
+        raise DataError(
             f"metadata row {prompt} has unknown tag {metadata['tag']!r}; expected one of {GENEVAL_TAGS}"
         )
     for i, clause in enumerate(metadata["include"]):
@@ -109,7 +111,7 @@ def validate_metadata(metadata: dict) -> None:
             or not isinstance(position[1], int)
             or not 0 <= position[1] < i
         ):
-            raise ValueError(
+            raise DataError(
                 f"metadata row {prompt}: include[{i}] has position {position!r}; expected [relation, index] "
                 f"with relation in {RELATIONS} and index of an earlier include clause"
             )
@@ -256,7 +258,7 @@ def partial_credit(
     """
     validate_metadata(metadata)
     if not metadata["include"]:
-        raise ValueError(f"metadata row {_row_name(metadata)} has no include clause to give credit for")
+        raise DataError(f"metadata row {_row_name(metadata)} has no include clause to give credit for")
     credits: list[float] = []
     matched_groups: list[list[Detection] | None] = []
     for clause in metadata["include"]:

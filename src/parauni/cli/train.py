@@ -1,0 +1,217 @@
+"""``parauni train`` and ``extract-latents``: Stages I / II on the user's own data, and its VAE latents."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..utils.files import check_output_dir
+from .common import (
+    DATA_HELP,
+    OVERRIDE_HELP,
+    OVERWRITE_RUN_HELP,
+    add_data_args,
+    add_quiet,
+    check_run_folder,
+    route,
+)
+
+
+def model_image_size(config) -> int:
+    """The square training size a model config implies: its sampling size (which training then keeps)."""
+    height, width = config.sampling.height, config.sampling.width
+    if height != width:
+        raise ConfigError(
+            f"the model samples {height}x{width} images but training images are square; give --image-size"
+        )
+    return height
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ..config import apply_overrides
+    from ..models.parauni import ParaUni
+    from ..training.checkpoint import resume_step, trim_train_log
+    from ..training.config import stage_config
+    from ..training.latents import LatentShardSource, check_latents_fit, encoder_key
+    from ..training.sources import DataOptions, data_kind, training_source
+    from ..training.teacher import lm_teacher
+    from ..training.trainer import train
+
+    train_items, model_overrides = route(overrides, "train")
+    train_dict = apply_overrides({}, train_items)
+    if args.image_size:
+        train_dict["image_size"] = args.image_size
+    kind = data_kind(args.data)
+    stage_config(args.stage, train_dict)  # the training config's errors before any data is read
+    config = ParaUni.load_config(args.model, model_overrides)  # and the model config's
+    check_run_folder(args.out, args.resume, args.overwrite)
+    start = resume_step(args.out) if args.resume else 0
+    options = DataOptions(args.image_column, args.caption_column, args.shards_per_group)
+    latents = LatentShardSource(args.data, args.shards_per_group) if kind == "latents" else None
+    if latents is not None:  # extracted latents fix the image size
+        train_dict.setdefault("image_size", latents.image_size)
+    train_dict.setdefault("image_size", model_image_size(config))
+    train_cfg = stage_config(args.stage, train_dict)
+    model = ParaUni.load(args.model, model_overrides)
+    model.check_size(train_cfg.image_size, train_cfg.image_size)
+    # the model folder samples at the size it was trained at
+    model.config.sampling.height = model.config.sampling.width = train_cfg.image_size
+    key = encoder_key(model.vae)
+    if latents is not None:
+        shape = model.latent_shape(train_cfg.image_size, train_cfg.image_size)
+        check_latents_fit(latents, shape, train_cfg.image_size, key)
+        source = latents
+    else:
+        source = training_source(
+            args.data,
+            train_cfg.image_size,
+            encode=model.encode_images,
+            cache_key=key,
+            options=options,
+            progress=not args.quiet,
+            cache_dir=args.cache_dir,
+        )
+    uncaptioned = len(getattr(source, "uncaptioned", ()))
+    print(
+        f"data ({kind}): {len(source)} image-caption pairs from {args.data}"
+        + (f"; skipped {len(source.skipped)} unreadable or corrupt sample(s)" if source.skipped else "")
+        + (f"; left out {uncaptioned} image(s) without a caption" if uncaptioned else "")
+        + f"; training at {train_cfg.image_size} px"
+    )
+    if args.resume:
+        trim_train_log(args.out, start)
+    before = len(source.skipped)
+    teacher = lm_teacher(model, seed=train_cfg.seed) if train_cfg.condition_distill > 0 else None
+    result = train(
+        model, source, train_cfg, args.out, resume=args.resume, progress=not args.quiet, teacher=teacher
+    )
+    more = len(source.skipped) - before
+    done = f"{result.steps} steps" if start == 0 else f"steps {start}-{result.steps} of {result.steps}"
+    print(
+        f"stage {args.stage}: {done} in {result.seconds:.1f} s, final loss {result.final_loss:.4f}; "
+        f"model written to {result.model_dir}"
+        + (f"; skipped {more} more corrupt sample(s) while streaming" if more else "")
+    )
+    return 0
+
+
+def cmd_extract_latents(args: argparse.Namespace, overrides: list[str]) -> int:
+    from accelerate import Accelerator
+
+    from ..models.parauni import ParaUni
+    from ..training.latents import extract_latents, finish_extraction, vae_encoder
+    from ..training.sources import DataOptions, pixel_source
+
+    check_output_dir(args.out, resumable=True)  # a rerun with the same options resumes
+    config = ParaUni.load_config(args.model, overrides)
+    root = Path(args.model) if Path(args.model).is_dir() else None
+    size = args.image_size or config.sampling.height
+    acc = Accelerator()  # the processes of accelerate launch / torchrun (on CPUs: ACCELERATE_USE_CPU=true)
+    source = pixel_source(args.data, size, DataOptions(args.image_column, args.caption_column))
+    encode, key = vae_encoder(config, root, acc.device)
+    result = extract_latents(
+        source,
+        encode,
+        args.out,
+        image_size=size,
+        encoder_key=key,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        progress=not args.quiet,
+    )
+    print(
+        f"process {acc.process_index + 1} of {acc.num_processes}: wrote {result.written} shard(s), "
+        f"{result.reused} already done, skipped {result.skipped} corrupt sample(s)"
+    )
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        manifest = finish_extraction(args.out)
+        print(
+            f"latents of {sum(manifest['sizes'])} samples ({len(manifest['skipped'])} corrupt skipped) at "
+            f"{size} px, shape {manifest['latent_shape']}, in {manifest['num_shards']} shard(s) in {args.out}; "
+            f"train with parauni train --data {args.out}"
+        )
+    return 0
+
+
+def train_epilog() -> str:
+    """``parauni train --help``'s list of the --train.* keys with their per-stage defaults and meaning."""
+    import dataclasses
+
+    from ..training.config import STAGE_DEFAULTS, TrainConfig
+
+    lines = [
+        "training settings as --train.key=value (e.g. --train.steps=2000 --train.batch_size=64 --train.lr=1e-4):"
+    ]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        staged = {stage: d[f.name] for stage, d in STAGE_DEFAULTS.items() if f.name in d}
+        shown = ", ".join(f"{v} at stage {k}" for k, v in staged.items()) if staged else default
+        lines.append(f"  --train.{f.name:<24} {f.metadata.get('help', '')} (default: {shown})")
+    lines.append(
+        "model settings as --section.key=value (e.g. --lim.layers=last); all keys: docs/configuration.md"
+    )
+    return "\n".join(lines)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register this family's commands on the ``parauni`` sub-command parser."""
+    p = sub.add_parser("train", help="Stage I / II on your own image-caption folder", epilog=train_epilog())
+    p.add_argument("--stage", type=int, required=True, choices=[1, 2], help="1: queries + LIM; 2: + DiT")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument(
+        "--model",
+        required=True,
+        help="preset, YAML or model folder to start from (Stage II: Stage I's output)",
+    )
+    p.add_argument(
+        "--out", required=True, help="run folder: the trained model, checkpoints/ and train_log.jsonl"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="square training size, kept as the model's sampling size (default: train.image_size if given, "
+        "else the model's sampling size; latents: theirs)",
+    )
+    add_data_args(p)
+    p.add_argument(
+        "--shards-per-group",
+        type=int,
+        default=4,
+        help="sharded data: shards whose samples are shuffled together (default: 4)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="a folder of images: where their prepared inputs (VAE latents) are cached "
+        "(default: .parauni_cache in the data folder)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_RUN_HELP)
+    add_quiet(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser(
+        "extract-latents",
+        help="VAE latents of a data set in safetensors shards (run under accelerate launch to split the work)",
+        epilog=OVERRIDE_HELP,
+    )
+    p.add_argument(
+        "--data", required=True, help="the images + captions, in any --data form of parauni train but latents"
+    )
+    p.add_argument("--model", required=True, help="preset, YAML or model folder whose VAE encodes the images")
+    p.add_argument("--out", required=True, help="latents folder (rerun with the same options to resume)")
+    p.add_argument("--image-size", type=int, help="square image size (default: the model's sampling size)")
+    add_data_args(p)
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per latent shard (default: 1024)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call (default: 32)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored latent dtype"
+    )
+    add_quiet(p)
+    p.set_defaults(fn=cmd_extract_latents)
