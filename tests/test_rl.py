@@ -12,19 +12,12 @@ from parauni.config import TrainableConfig
 from parauni.diffusion.sampling import euler_step, flow_sigmas, sde_step
 from parauni.errors import TrainingDiverged
 from parauni.rl.config import PhaseConfig, RLConfig
-from parauni.rl.grpo import (
-    MAX_BAD_STEPS,
-    PolicyStep,
-    PromptConditions,
-    _zone_positions,
-    group_advantages,
-    grpo_loss,
-    rollout,
-    train_rl,
-)
+from parauni.rl.grpo import MAX_BAD_STEPS, _zone_positions, train_rl
 from parauni.rl.ldam import LDAM, LDAMConfig, grad_norm_gate, ldam_gamma, perturbation_scale, reward_gate
+from parauni.rl.objective import PolicyStep, group_advantages, grpo_loss
 from parauni.rl.prompts import PromptSource
-from parauni.training.checkpoint import RL_LOG
+from parauni.rl.rollout import PromptConditions, rollout
+from parauni.utils.run_files import RL_LOG
 
 # ------------------------------------------------------------------------------------------- SDE step
 
@@ -178,7 +171,7 @@ def _rl_config(**kw) -> RLConfig:
 
 def _recomputed_log_probs(model, ro, cfg, zone):
     policy = PolicyStep(model, cfg, zone)
-    policy._sigma_max = float(ro.sigmas[1])
+    assert policy.sigma_max == float(ro.sigmas[1])  # the rollout's SDE scale
     uncond = model.condition(model.encode_prompts([None]))
     batch = PromptConditions(batch=model.encode_prompts(ro.prompts))
     out = []
@@ -376,7 +369,7 @@ def test_rl_with_activation_checkpointing_stays_on_policy(make_tiny, tmp_path):
 
 def test_kl_term_divides_by_flow_grpos_std_computed_from_sigma_and_eta():
     """The KL scale is eta sqrt(sigma / (1 - sigma)) (Flow-GRPO's std_dev_t), not the step std."""
-    from parauni.rl.grpo import kl_std
+    from parauni.rl.objective import kl_std
 
     eta, sigma, sigma_next, sigma_max = 0.7, 0.6, 0.45, 0.95
     mean, ref = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.05)
@@ -399,7 +392,7 @@ def test_policy_step_hands_the_kl_flow_grpos_std(make_tiny):
     items = [("a red circle", None)] * 2
     ro = rollout(model, items, [0, 0], [0, 1], cfg, epoch=0, ldam=None)
     policy = PolicyStep(model, cfg, [])
-    policy._sigma_max = float(ro.sigmas[1])
+    assert policy.sigma_max == float(ro.sigmas[1])  # the rollout's SDE scale
     uncond = model.condition(model.encode_prompts([None]))
     src = PromptConditions(batch=model.encode_prompts(ro.prompts))
     for j in range(cfg.steps):
@@ -413,7 +406,7 @@ def test_policy_step_hands_the_kl_flow_grpos_std(make_tiny):
 
 def test_rewarded_image_is_nearly_noise_free_at_the_default_rollout_schedule():
     """The last SDE step (never trained) adds noise to the image the rewards score: std < 0.01."""
-    from parauni.rl.grpo import rollout_sigmas
+    from parauni.rl.rollout import rollout_sigmas
 
     def residual_std(cfg: RLConfig) -> float:
         sigmas = rollout_sigmas(cfg)
@@ -577,7 +570,7 @@ def test_cached_conditions_leave_the_log_probs_unchanged(make_tiny, train_lim):
     torch.testing.assert_close(cached.latents, plain.latents, rtol=1e-5, atol=1e-6)
     # the update's recomputation from the cache gives the rollout's log-probabilities exactly
     policy = PolicyStep(model, cfg, zone)
-    policy._sigma_max = float(cached.sigmas[1])
+    assert policy.sigma_max == float(cached.sigmas[1])  # the rollout's SDE scale
     src = cache.select(cached.prompts)
     for j in range(cfg.steps):
         with torch.no_grad():

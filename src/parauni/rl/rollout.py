@@ -1,0 +1,215 @@
+"""Stage III's rollouts: the policy's conditions (cached once per prompt and epoch) and SDE sampling with
+CFG that keeps every latent and log-probability (:func:`rollout`); all randomness derives from
+``(seed, epoch, sample index)`` (:func:`derived_seed`), so a rollout is the same on any number of processes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion.sampling import SDEStep, denoise, flow_match_sigmas, flow_sigmas
+from ..models.parauni import ParaUni
+from ..models.vlm import PromptBatch
+from ..pipeline import initial_noise
+from .config import RLConfig
+from .ldam import LDAM, perturbation_scale
+
+
+def derived_seed(*parts: int) -> int:
+    """One 62-bit seed from integer parts (seed, epoch, purpose, sample index): the same on every process."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 1) % (2**62)
+    return h
+
+
+def seeded_generators(*prefix: int, indices: list[int]) -> list[torch.Generator]:
+    """One CPU generator per sample index, seeded with ``derived_seed(*prefix, index)``."""
+    return [torch.Generator().manual_seed(derived_seed(*prefix, i)) for i in indices]
+
+
+# --------------------------------------------------------------------------------------------- conditions
+@dataclass
+class PromptConditions:
+    """What the policy's condition of a batch of samples is computed from; the first one set is used.
+
+    per_layer: (B, L_sel, Q, C) cached LIM outputs (VLM, queries and LIM frozen);
+    states: (B, L, Q, D) cached VLM query states (VLM and queries frozen; the LIM runs on them);
+    batch: the tokenised prompts (the VLM runs).
+    """
+
+    batch: PromptBatch | None = None
+    states: torch.Tensor | None = None
+    per_layer: torch.Tensor | None = None
+
+    def per_layer_conditions(self, model: ParaUni) -> torch.Tensor:
+        """(B, L_sel, Q, C): the LIM's per-layer outputs, computed only as far as nothing is cached."""
+        if self.per_layer is not None:
+            return self.per_layer
+        if self.states is not None:
+            return model.lim.per_layer(self.states)
+        return model.per_layer_conditions(self.batch)
+
+
+class ConditionCache:
+    """One epoch's prompts through the frozen VLM once: one forward per distinct prompt (issue 15, item 8).
+
+    With the queries frozen (Stage III's default) a prompt's query states cannot change within an epoch; with
+    the LIM frozen too, neither can its per-layer outputs, which are then kept instead. LDAM's perturbation
+    is applied after the LIM, as without the cache. ``uncond`` (1, Q, C) is the unconditional condition.
+    """
+
+    def __init__(self, model: ParaUni, prompts: list[str], batch_size: int) -> None:
+        unique = list(dict.fromkeys(prompts))
+        self.row = {p: i for i, p in enumerate(unique)}
+        self.frozen_lim = not any(p.requires_grad for p in model.lim.parameters())
+        with torch.no_grad():
+            states = torch.cat(
+                [
+                    model.query_states(model.encode_prompts(unique[i : i + batch_size]))
+                    for i in range(0, len(unique), batch_size)
+                ]
+            )
+            self.tensor = model.lim.per_layer(states) if self.frozen_lim else states
+            self.uncond = model.condition(model.encode_prompts([None]))
+        self.vlm_forwards = len(unique) + 1
+
+    @staticmethod
+    def usable(model: ParaUni, config: RLConfig) -> bool:
+        """Whether the query states are fixed for an epoch: the cache is on and the queries do not train."""
+        return config.cache_conditions and not model.queries.requires_grad
+
+    def select(self, prompts: list[str]) -> PromptConditions:
+        """The cached rows of ``prompts`` (each must be one of the epoch's)."""
+        rows = self.tensor[[self.row[p] for p in prompts]]
+        return PromptConditions(per_layer=rows) if self.frozen_lim else PromptConditions(states=rows)
+
+
+def prompt_conditions(model: ParaUni, prompts: list[str], cache: ConditionCache | None) -> PromptConditions:
+    """The policy's condition input for ``prompts``: cached rows, or the tokenised prompts."""
+    if cache is not None:
+        return cache.select(prompts)
+    return PromptConditions(batch=model.encode_prompts(prompts))
+
+
+def rollout_sigmas(config: RLConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """(steps + 1,) sigmas of the rollout: ``rl.schedule`` 'flow_match' (Flow-GRPO's) or 'uniform'."""
+    make = flow_match_sigmas if config.schedule == "flow_match" else flow_sigmas
+    return make(config.steps, config.shift, device=device)
+
+
+# --------------------------------------------------------------------------------------------- rollout
+@dataclass
+class Rollout:
+    """One epoch's samples on this process (n of them)."""
+
+    prompts: list[str]
+    metadata: list[dict | None]
+    groups: torch.Tensor  # (n,) index of the prompt in the epoch
+    latents: torch.Tensor  # (n, T + 1, C, h, w): x_0 (noise) .. x_T
+    log_probs: torch.Tensor  # (n, T)
+    sigmas: torch.Tensor  # (T + 1,)
+    ldam_eps: torch.Tensor | None  # (n, |zone|, Q, C) or None
+    gamma: float
+    images: torch.Tensor  # (n, 3, H, W) in [-1, 1], CPU
+    advantages: torch.Tensor | None = None  # (n,)
+    rewards: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def policy_condition(
+    model: ParaUni, src: PromptConditions, eps: torch.Tensor | None, gamma: float, zone: list[int]
+) -> torch.Tensor:
+    """(B, Q, C): the LIM's condition, the zone's per-layer outputs scaled by ``1 + gamma * eps`` (LDAM)."""
+    per_layer = src.per_layer_conditions(model)
+    if eps is None:
+        return model.lim.aggregate(per_layer)
+    scale = perturbation_scale(eps.to(per_layer.device, per_layer.dtype), gamma, zone, per_layer.shape[1])
+    return model.lim.aggregate(per_layer, scale)
+
+
+def cfg_velocity(
+    model: ParaUni, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Guided velocity ``v_u + scale (v_c - v_u)`` with the unconditional branch detached (no graph).
+
+    Rollout and policy update both use this function, in two DiT calls (not one batched call), so that the
+    update recomputes the rollout's log-probabilities with the same arithmetic. x: (B, C, h, w); t: (B,).
+    """
+    v_c = model.velocity(x, t, cond)
+    if scale == 1.0:
+        return v_c
+    with torch.no_grad():
+        v_u = model.velocity(x, t, uncond)
+    return v_u + scale * (v_c - v_u)
+
+
+@torch.no_grad()
+def rollout(
+    model: ParaUni,
+    items: list[tuple[str, dict | None]],
+    groups: list[int],
+    indices: list[int],
+    config: RLConfig,
+    epoch: int,
+    ldam: LDAM | None,
+    progress: bool = False,
+    cache: ConditionCache | None = None,
+) -> Rollout:
+    """Sample the given global sample ``indices`` (their prompts ``items``) with the SDE sampler + CFG.
+
+    ``cache``: the epoch's conditions (:class:`ConditionCache`); without it the VLM runs on every batch.
+    """
+    model.eval()
+    s = model.config.sampling
+    height, width = config.height or s.height, config.width or s.width
+    shape = model.latent_shape(height, width)
+    sigmas = rollout_sigmas(config, device=model.device)
+    uncond_one = cache.uncond if cache is not None else model.condition(model.encode_prompts([None]))
+    lat, logp, eps_all, images = [], [], [], []
+    gamma = ldam.gamma if ldam is not None and ldam.active else 0.0
+    for start in tqdm(
+        range(0, len(items), config.rollout_batch), desc="rollout", leave=False, disable=not progress
+    ):
+        chunk = items[start : start + config.rollout_batch]
+        idx = indices[start : start + len(chunk)]
+        src = prompt_conditions(model, [p for p, _ in chunk], cache)
+        eps = None
+        if gamma > 0:
+            per_shape = (
+                len(chunk),
+                len(model.lim.layers),
+                model.queries.shape[0],
+                model.lim.projector.out_features,
+            )
+            eps = ldam.noise(per_shape, seeded_generators(config.seed, epoch, 2, indices=idx))
+        cond = policy_condition(model, src, eps, gamma, ldam.zone if ldam is not None else [])
+        x = initial_noise(shape, [derived_seed(config.seed, epoch, 0, i) for i in idx], model.device)
+        step = SDEStep(config.eta, float(sigmas[1]), seeded_generators(config.seed, epoch, 1, indices=idx))
+        uncond = uncond_one.expand_as(cond)
+        final, outs = denoise(
+            functools.partial(cfg_velocity, model, cond=cond, uncond=uncond, scale=config.cfg),
+            x,
+            sigmas,
+            step,
+            record=True,
+        )
+        lat.append(torch.stack([x.float()] + [o.sample.float() for o in outs], dim=1))
+        logp.append(torch.stack([o.log_prob for o in outs], dim=1))
+        if eps is not None:
+            eps_all.append(eps)
+        images.append(model.decode_latents(final).cpu())
+    return Rollout(
+        prompts=[p for p, _ in items],
+        metadata=[m for _, m in items],
+        groups=torch.tensor(groups),
+        latents=torch.cat(lat),
+        log_probs=torch.cat(logp),
+        sigmas=sigmas,
+        ldam_eps=torch.cat(eps_all) if eps_all else None,
+        gamma=gamma,
+        images=torch.cat(images),
+    )
