@@ -1,4 +1,4 @@
-"""Layer analysis of the VLM's query features (paper section 3.1, figures 2, 4, 5; system.md section 5).
+"""Layer analysis of the VLM's query features (paper section 3.1, figures 2, 4, 5; README.md, "Evaluate").
 
 * `per_layer_scores` (fig. 2): condition the DiT on ONE selected layer's ``c_i`` and score the images with
   each reward, layer by layer (the paper's CLIP score rises with depth).
@@ -25,6 +25,7 @@ import torch
 from ..models.lim import ZONES, zone_layers
 from ..models.parauni import ParaUni
 from ..pipeline import generate
+from ..utils.plotting import pyplot
 
 # reward(images (N, 3, H, W) in [-1, 1], prompts, metadata) -> N floats (parauni.rl.rewards.Reward)
 RewardFn = Callable[[torch.Tensor, list[str], Sequence[dict | None] | None], list[float]]
@@ -229,10 +230,7 @@ def suggest_zones(sim: np.ndarray, n_zones: int = 3) -> list[range]:
 # ------------------------------------------------------------------------------------------------- plots
 def plot_layer_analysis(result: dict, out: str | Path) -> dict[str, Path]:
     """Write the figures of an `analyze_layers` result to `out`; returns {figure: path}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out)
     paths = {}

@@ -1,4 +1,4 @@
-"""Image reconstruction evaluation (the paper's supplementary section 4; build specification section 1,
+"""Image reconstruction evaluation (the paper's supplementary section 4; README.md, "Evaluate",
 "Image-to-image").
 
 Each input image goes through the VLM's vision encoder into the prompt "Keep the image as it is."
@@ -18,18 +18,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ..models.parauni import ParaUni  # noqa: E402
-from ..pipeline import generate  # noqa: E402
-from ..scoring.clip import CLIPEmbedder  # noqa: E402
-from ..training.data import IMAGE_SUFFIXES  # noqa: E402
-from ..utils.images import (  # noqa: E402
+from ..models.parauni import ParaUni
+from ..pipeline import generate
+from ..scoring.clip import CLIPEmbedder
+from ..training.data import IMAGE_SUFFIXES
+from ..utils.images import (
     ImageReadError,
     pil_to_tensor,
     read_image,
@@ -37,6 +33,7 @@ from ..utils.images import (  # noqa: E402
     tensor_to_pil,
     tensor_to_uint8,
 )
+from ..utils.plotting import pyplot
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -250,6 +247,7 @@ def side_by_side(rows: dict[str, torch.Tensor], out_png: str | Path, max_images:
     rows: column title -> (N, 3, H, W) in [-1, 1], e.g. ``{"input": x, "last layer": y, "all layers": z}``;
     every entry holds the same N images (sizes may differ between columns).
     """
+    plt = pyplot()
     if not rows:
         raise ValueError("side_by_side needs at least one column")
     counts = {name: len(x) for name, x in rows.items()}

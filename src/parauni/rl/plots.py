@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..utils.plotting import pyplot
+
 
 def read_log(path: str | Path) -> list[dict]:
     """The rows of an ``rl_log.jsonl``."""
@@ -54,10 +56,7 @@ def plot_reward_curves(runs: dict[str, list[dict]], out: str | Path, rate: float
     """One panel per reward: every run's raw curve (thin) and EMA (thick); triangles labelled with the
     perturbed zone mark LDAM triggers (rows whose ``ldam_triggered`` is set, after that epoch's update) and
     dotted lines the starts of curriculum phases. ``runs``: label -> log rows (e.g. LDAM on / off)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = sorted({n for rows in runs.values() for n in reward_names(rows)})
     if not names:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..rl.plots import ema  # noqa: E402
-from ..scoring.geneval_rules import GENEVAL_TAGS  # noqa: E402
-from ..utils.images import make_grid  # noqa: E402
+from ..rl.plots import ema
+from ..scoring.geneval_rules import GENEVAL_TAGS
+from ..utils.images import make_grid
+from ..utils.plotting import pyplot
 
 
 def read_log(path: str | Path, key: str = "loss") -> tuple[list[int], list[float]]:
@@ -30,6 +27,7 @@ def read_log(path: str | Path, key: str = "loss") -> tuple[list[int], list[float
 
 def plot_losses(curves: dict[str, Path], out: str | Path) -> Path:
     """One panel per training log (name -> JSONL path); raw values and an EMA (smoothing 0.1)."""
+    plt = pyplot()
     curves = {k: v for k, v in curves.items() if Path(v).is_file()}
     fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(4 * max(1, len(curves)), 3.2), squeeze=False)
     for ax, (name, path) in zip(axes[0], curves.items(), strict=False):
@@ -55,6 +53,7 @@ def plot_tag_grids(samples: dict[str, dict], out_dir: str | Path, upscale: int =
 
     samples: {model_name: {tag: [(prompt, [uint8 images])]}} as returned by ``run_shapeseval``.
     """
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = list(samples)
