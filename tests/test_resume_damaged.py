@@ -26,13 +26,8 @@ from parauni.models.parauni import CheckpointError, ParaUni
 from parauni.rl.config import PhaseConfig
 from parauni.rl.grpo import train_rl
 from parauni.rl.prompts import PromptSource
-from parauni.training.checkpoint import (
-    CHECKPOINT_DIR,
-    MANIFEST_FILE,
-    RAW_FILE,
-    checkpoint_problem,
-    intact_checkpoint,
-)
+from parauni.training.checkpoint import MANIFEST_FILE, RAW_FILE, checkpoint_problem, intact_checkpoint
+from parauni.utils.run_files import CHECKPOINT_DIR
 
 # (file, how it is damaged, what the message says)
 DAMAGES = [

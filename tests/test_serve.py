@@ -13,7 +13,6 @@ from parauni.cli import main
 from parauni.models.parauni import CONFIG_FILE
 from parauni.pipeline import GenerationCancelled
 from parauni.serve import (
-    RL_LOG_FILE,
     Gate,
     ServeError,
     ServeSettings,
@@ -35,6 +34,7 @@ from parauni.serve import (
     reconstruct,
     text_to_image,
 )
+from parauni.utils.run_files import RL_LOG
 
 SETTINGS = ServeSettings(max_prompt_chars=20, max_steps=8, max_scale=2, max_batch=3, max_upload_bytes=4096)
 SAMPLING = dict(steps=2, cfg=4.5, seed=0, height=64, width=96, settings=SETTINGS)
@@ -168,7 +168,7 @@ def _model_folder(path: Path, rl: bool = False) -> str:
     path.mkdir(parents=True)
     (path / CONFIG_FILE).write_text("name: x\n")
     if rl:
-        (path / RL_LOG_FILE).write_text("{}\n")
+        (path / RL_LOG).write_text("{}\n")
     return str(path)
 
 

@@ -21,6 +21,10 @@ over ``--notice-seconds`` is announced with it, and every tab has a Stop button 
 request between two denoising steps. All tabs share one Gradio queue slot, so generations run one at a time. The server binds 127.0.0.1 by
 default, with Gradio's analytics and version check off and no share link, so nothing reaches the network.
 
+Why one module of about 650 lines: it is one small app, read in order (settings, the checks of a request,
+generation, the served models, the page); its parts only make sense together, and the generation itself is
+:func:`parauni.pipeline.generate`.
+
 Gradio, torch and the model code are imported inside the functions that use them: ``parauni --help`` reads
 this module's settings (:class:`ServeSettings`) to list the serve flags, and should not load them.
 """
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ParaUniError
+from .utils.run_files import CONFIG_FILE, RL_LOG
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -51,7 +56,6 @@ log = logging.getLogger(__name__)
 
 MAX_CFG = 20.0
 MAX_SEED = 2**32 - 1
-RL_LOG_FILE = "rl_log.jsonl"  # written by parauni.rl.grpo beside a Stage-III model's weights
 PAGE_CSS = ".pixelated img { image-rendering: pixelated; }"  # small images (the world's 32 px) stay sharp
 QUEUE_ID = "generation"  # the one concurrency slot every tab's generation waits for
 NO_MODEL_HINT = "run `parauni demo` first or pass --model DIR"
@@ -357,8 +361,6 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
 
 def demo_sources(demo_dir: str | Path) -> dict[str, str]:
     """The models ``parauni demo`` trained in ``demo_dir``: Stage III (RL) when present, then Stage II."""
-    from .models.parauni import CONFIG_FILE
-
     demo_dir = Path(demo_dir)
     stage2, stage3 = demo_dir / "stage2", demo_dir / "stage3"
     if not (stage2 / CONFIG_FILE).is_file():
@@ -370,7 +372,7 @@ def demo_sources(demo_dir: str | Path) -> dict[str, str]:
 
 def is_rl_model(source: str) -> bool:
     """Whether a model folder is a Stage-III policy (its RL log lies beside the weights)."""
-    return (Path(source) / RL_LOG_FILE).is_file()
+    return (Path(source) / RL_LOG).is_file()
 
 
 def comparison_variants(models: dict[str, ParaUni], sources: dict[str, str]) -> tuple[list[Variant], str]:
@@ -401,7 +403,7 @@ def comparison_variants(models: dict[str, ParaUni], sources: dict[str, str]) -> 
         variants.append(Variant(f"{n}: all {len(models[n].lim.layers)} layers{rl}", n))
     if after:
         notes.append(
-            f"Columns marked *after RL* are Stage-III (Flow-GRPO + LDAM) policies ({RL_LOG_FILE} lies beside "
+            f"Columns marked *after RL* are Stage-III (Flow-GRPO + LDAM) policies ({RL_LOG} lies beside "
             "their weights), shown after the models before RL."
         )
     return variants, " ".join(notes)

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import ModelConfig, field_type
 from ..errors import ConfigError
 from ..utils.files import OutputPathError, check_output_dir
+from ..utils.run_files import CHECKPOINT_DIR, CONFIG_FILE, RL_LOG, TRAIN_LOG, WEIGHTS_FILE
 
 OVERRIDE_HELP = "config overrides as --section.key=value (e.g. --lim.layers=last --sampling.steps=10)"
 OVERWRITE_RUN_HELP = "start over in an --out that holds a run (its checkpoints/ are deleted first)"
@@ -27,9 +28,8 @@ DATA_HELP = (
     ".tar path or a shard pattern ('data/shard-{000000..000099}.tar', 'data/*.tar'); a Hugging Face dataset "
     "folder (save_to_disk, parquet or arrow; needs `datasets`); or extracted latents (parauni extract-latents)"
 )
-# What a train / rl --out holds once a run wrote to it (the names parauni.training.checkpoint and
-# parauni.models.parauni define; repeated here so that checking --out does not import torch)
-RUN_FILES = ("checkpoints", "model.safetensors", "config.yaml", "train_log.jsonl", "rl_log.jsonl")
+# what a train / rl --out holds once a run wrote to it
+RUN_FILES = (CHECKPOINT_DIR, WEIGHTS_FILE, CONFIG_FILE, TRAIN_LOG, RL_LOG)
 
 
 # ---------------------------------------------------------------------------------------------- overrides
@@ -117,14 +117,42 @@ def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
             "--overwrite to start over, or choose another folder"
         )
     check_output_dir(path, overwrite=overwrite, resumable=resume)
-    if overwrite and (path / "checkpoints").is_dir() and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(path / "checkpoints")
+    if overwrite and (path / CHECKPOINT_DIR).is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(path / CHECKPOINT_DIR)
 
 
 # ------------------------------------------------------------------------------------------- shared flags
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """--quiet, of every command that shows progress."""
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    """--model of the commands that generate from one model."""
+    p.add_argument(
+        "--model", required=True, help="a model folder (or a preset name for a random-weights smoke run)"
+    )
+
+
+def add_benchmark_args(p: argparse.ArgumentParser) -> None:
+    """--limit / --no-score of the benchmark commands that generate and then score."""
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--no-score", action="store_true", help="generate only")
+
+
+def add_score_args(p: argparse.ArgumentParser, images_help: str, out_help: str) -> None:
+    """--images / --out / --overwrite / --quiet of the commands that score an existing image folder."""
+    p.add_argument("--images", required=True, help=images_help)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_quiet(p)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--resume / --overwrite / --quiet of the commands that train into a run folder."""
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_RUN_HELP)
+    add_quiet(p)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

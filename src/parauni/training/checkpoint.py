@@ -35,9 +35,9 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointError, ConfigError
 from ..utils.files import read_json, save_safetensors
+from ..utils.run_files import CHECKPOINT_DIR, TRAIN_LOG
 from .distributed import like, save_optimizer, whole_tensors
 
-CHECKPOINT_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.json"
@@ -45,8 +45,6 @@ MANIFEST_FILE = "manifest.json"
 RAW_FILE = (
     "raw_trainable.safetensors"  # Stages I-II with an EMA: the last raw weights beside the model folder
 )
-TRAIN_LOG = "train_log.jsonl"
-RL_LOG = "rl_log.jsonl"
 NAME_DIGITS = {"step": 7, "epoch": 6}  # step_0000042, epoch_000007: names sort in the order they were written
 
 

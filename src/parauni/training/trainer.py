@@ -34,8 +34,9 @@ from ..diffusion.flow import sample_timesteps
 from ..errors import ConfigError, TrainingDiverged
 from ..models.parauni import ParaUni
 from ..utils.files import save_safetensors
+from ..utils.run_files import CHECKPOINT_DIR
+from ..utils.run_files import TRAIN_LOG as LOG_FILE
 from .checkpoint import (
-    CHECKPOINT_DIR,
     RAW_FILE,
     init_ema,
     load_checkpoint,
@@ -43,7 +44,6 @@ from .checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from .checkpoint import TRAIN_LOG as LOG_FILE
 from .config import TrainConfig
 from .distributed import (
     all_processes_agree,
