@@ -159,11 +159,7 @@ def generate(
             batch = model.encode_prompts(list(prompts[start:stop]))
         else:
             batch = model.encode_prompts([None] * (stop - start), images=images[start:stop])
-        if scale_fn is None:
-            cond = model.condition(batch)
-        else:
-            per_layer = model.per_layer_conditions(batch)
-            cond = model.lim.aggregate(per_layer, scale_fn(per_layer))
+        cond = model.condition(batch, scale_fn)
         uncond = model.condition(model.encode_prompts([None])).expand_as(cond)
         x = initial_noise(shape, list(range(seed + start, seed + stop)), model.device)
         x = sample(velocity, cond, uncond, x, sampler=sampler, steps=steps, shift=shift, cfg=cfg)

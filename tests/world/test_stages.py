@@ -10,8 +10,7 @@ import yaml
 
 from parauni.cli import main
 from parauni.models.parauni import ParaUni
-from parauni.world.config import WorldConfig
-from parauni.world.demo import world_config
+from parauni.world.config import WorldConfig, world_config
 from parauni.world.pretrain import WorldSource, run_stage0, stage0_key, world_model_config
 from parauni.world.t2i import TextToImage
 

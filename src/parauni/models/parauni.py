@@ -4,7 +4,7 @@
                      -> LIM: c = mean_i LN(projector(connector(q_i)))  (B, Q, C)
                      -> cross-attention condition of the DiT, which predicts the flow velocity.
 
-Paper section 3; system.md sections 1-3. The model owns: building from a config (weights, random or meta),
+Paper section 3; docs/how-it-works.md. The model owns: building from a config (weights, random or meta),
 the condition, the velocity, the training loss (``forward``), its optimizer groups, and a strict
 ``save_pretrained`` / ``from_pretrained`` of what was trained.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,12 +34,10 @@ from ..diffusion.flow import condition_match_loss, dit_timestep, flow_loss, inte
 from ..errors import CheckpointError, ConfigError
 from ..utils.device import default_device
 from ..utils.files import save_safetensors
+from ..utils.run_files import CONFIG_FILE, WEIGHTS_FILE
 from .components import load_dit, load_vae, load_vlm, portable_path, resolve_path, save_vlm
 from .lim import LayerIntegrationModule, select_layers
 from .vlm import PromptBatch, VLMBackbone
-
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def _looks_like_path(source: str) -> bool:
@@ -233,15 +232,23 @@ class ParaUni(nn.Module):
         """(B, L_sel, Q, C): the LIM's output for each selected layer, before the mean (LDAM perturbs these)."""
         return self.lim.per_layer(self.query_states(batch))
 
-    def condition(self, batch: PromptBatch, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, Q, C) cross-attention condition; ``scale`` multiplies the per-layer conditions (LDAM).
+    def condition(
+        self, batch: PromptBatch, scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """(B, Q, C) cross-attention condition: the mean over layers of :meth:`per_layer_conditions`.
 
-        Without ``scale`` a text batch goes through the VLM and the LIM once per distinct prompt.
+        ``scale_fn(per_layer (B, L_sel, Q, C)) -> scale`` multiplies the per-layer conditions before the mean
+        (layer analyses, the last-layer view of ``parauni serve``); Stage III scales cached per-layer
+        conditions the same way, through the one aggregation :meth:`LayerIntegrationModule.aggregate`.
+        Without ``scale_fn`` a text batch goes through the VLM and the LIM once per distinct prompt.
         """
-        if scale is None and batch.pixel_values is None:
+        if scale_fn is not None:
+            per_layer = self.per_layer_conditions(batch)
+            return self.lim.aggregate(per_layer, scale_fn(per_layer))
+        if batch.pixel_values is None:
             unique, rows = distinct_prompts(batch)
             return self.lim(self._vlm_query_states(unique))[rows]
-        return self.lim(self.query_states(batch), scale)
+        return self.lim(self.query_states(batch))
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Flow velocity v(x_t, t | cond). x_t: (B, C, h, w); t: (B,) in [0, 1]; cond: (B, Q, C')."""

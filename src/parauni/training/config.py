@@ -1,10 +1,10 @@
-"""Training configuration for Stages I and II (supplementary Table 1, system.md section 3)."""
+"""Training configuration for Stages I and II (supplementary Table 1; docs/how-it-works.md, "Training")."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, check_choice
+from ..config import ConfigError, check_choice, from_dict
 from ..diffusion.flow import TIMESTEP_SAMPLING
 
 # The paper's recipe per stage; a TrainConfig starts from these and takes overrides.
@@ -97,8 +97,6 @@ class TrainConfig:
 
 def stage_config(stage: int, overrides: dict | None = None) -> TrainConfig:
     """The paper's defaults for ``stage`` with ``overrides`` (a dict of TrainConfig fields) applied."""
-    from ..config import from_dict
-
     if stage not in STAGE_DEFAULTS:
         raise ConfigError(f"stage {stage} must be 1 or 2")
     data = {"stage": stage, **STAGE_DEFAULTS[stage], **(overrides or {})}

@@ -1,6 +1,6 @@
 """Pre-extracted VAE latents: ``parauni extract-latents`` writes them, training reads them (encoded source).
 
-OpenUni precomputes the VAE latents of its large datasets; so does this (system.md section 3). Layout of
+OpenUni precomputes the VAE latents of its large datasets; so does this (docs/real-models.md). Layout of
 an extraction folder::
 
     plan.json                      what is extracted: source, sample count, shard size, image size, encoder
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..errors import DataError
+from ..models.components import load_vae
 from ..utils.files import read_json, save_safetensors
 from .checkpoint import write_json_atomic
 from .streaming import SHARDS_PER_GROUP, CorruptSample, ShardedSource
@@ -55,8 +56,6 @@ def vae_encoder(
     The same map as :meth:`ParaUni.encode_images` (``vae.encode(x).latent * scaling_factor``); a VAE built
     from an arch dict gets the seed :meth:`ParaUni.from_config` gives it (``config.seed + 2``).
     """
-    from ..models.components import load_vae
-
     vae = load_vae(config.vae, root, seed=config.seed + 2)
     if vae is None:
         raise DataError(

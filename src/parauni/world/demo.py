@@ -17,15 +17,18 @@ import torch
 
 from ..models.parauni import ParaUni
 from ..pipeline import generate
-from ..training.checkpoint import RL_LOG
-from ..training.checkpoint import TRAIN_LOG as LOG_FILE
+from ..rl.plots import phase_gains, plot_reward_curves, read_log, reward_names, trigger_summary
 from ..training.config import TrainConfig
 from ..training.trainer import stage_trainable, train
 from ..utils.images import tensor_to_uint8
+from ..utils.run_files import RL_LOG
+from ..utils.run_files import TRAIN_LOG as LOG_FILE
 from .captions import make_eval_metadata, write_eval_metadata
-from .config import WorldConfig, default_cache_dir, world_config  # noqa: F401 (re-exported)
-from .pretrain import STREAM_OFFSETS, WorldSource, world_model_config
+from .config import STREAM_OFFSETS, WorldConfig
+from .pretrain import WorldSource, world_model_config
+from .release import world_stage0
 from .report import plot_losses, plot_tag_grids, write_markdown
+from .rl import run_world_rl
 from .shapeseval import run_shapeseval
 from .t2i import TextToImage, t2igen
 
@@ -138,8 +141,6 @@ def run_demo(
     """
     if quick:
         log("--quick: a smoke run, every stage for a few steps; its scores say nothing about the method")
-    from .release import world_stage0
-
     torch.manual_seed(0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,15 +213,11 @@ def run_demo(
 
     rl_metrics = None
     if cfg.rl.enabled and 2 in stages:
-        from .rl import run_world_rl
-
         t = time.time()
         result = run_world_rl(
             model, cfg.rl, cfg.image_size, stage0, out / "stage3", progress=progress, log=log
         )
         timings["stage3_rl"] = time.time() - t
-        from ..rl.plots import phase_gains, reward_names, trigger_summary
-
         history = result.history
         rl_metrics = {
             "phases": {
@@ -274,8 +271,6 @@ def run_demo(
         out / "losses.png",
     )
     if rl_metrics is not None:
-        from ..rl.plots import plot_reward_curves, read_log
-
         plot_reward_curves({"Stage III": read_log(out / "stage3" / RL_LOG)}, out / "rl_curves.png")
         figures["rewards"] = "rl_curves.png"
     for tag, path in plot_tag_grids(samples, out).items():

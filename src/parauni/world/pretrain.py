@@ -11,6 +11,11 @@
 ``parauni world pretrain`` runs it with the long recipe (:data:`RECIPE`) whose result ships with the package
 (:mod:`parauni.world.release`); ``parauni demo --stage0 scratch`` runs it with the world config's quick defaults,
 cached under a key of the config.
+
+Why one module of about 700 lines: it is one recipe read top to bottom, each model's builder beside its
+training loop and its phase (tokenizer, VLM, autoencoder, text-to-image, rewards), then the resumable folder
+that holds them; the reward models, the fit loop and the text-to-image model already live apart
+(``reward_models.py``, ``fit.py``, ``t2i.py``).
 """
 
 from __future__ import annotations
@@ -20,23 +25,26 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, from_dict
+from ..config import CONDITIONAL_TEMPLATE, ModelConfig, from_dict
 from ..errors import MissingFileError, ParaUniError
 from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
-from ..training.checkpoint import CHECKPOINT_DIR, RAW_FILE
+from ..training.checkpoint import RAW_FILE
 from ..training.config import TrainConfig
 from ..training.trainer import train
 from ..utils.device import default_device
 from ..utils.images import pil_to_tensor
+from ..utils.run_files import CHECKPOINT_DIR, TRAIN_LOG
 from .captions import WorldStream, world_vocabulary
 from .config import STREAM_OFFSETS, WorldConfig
 from .fit import FitSchedule, fit
+from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
 from .t2i import TextToImage
 
 STAGE0_VERSION = (
@@ -147,8 +155,6 @@ def _vlm_batch(
     (the answer of a unified model, written as text), so that the positions where ParaUni's queries will sit
     are trained to gather the prompt's content (measured: their states vary about 10x more across prompts).
     """
-    from ..config import CONDITIONAL_TEMPLATE
-
     context = "<img>" + "<IMG_CONTEXT>" * model.config.image_seq_length + "</img>"
     texts, prompt_lens, images = [], [], []
     for item, text in zip(items, text_only, strict=True):
@@ -246,8 +252,6 @@ def train_world_vlm(
 
 
 def _scratch_work(name: str) -> Path:
-    import tempfile
-
     return Path(tempfile.mkdtemp(prefix=f"parauni-{name}-"))
 
 
@@ -531,7 +535,7 @@ def _phase_t2i(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -
     source = WorldSource(cfg.seed + STREAM_OFFSETS["t2i"], cfg.image_size)
     t0 = time.time()
     result = train(t2i, source, t2i_train_config(cfg), folder / "t2i", resume=True, progress=progress)
-    log_rows = [json.loads(line) for line in (folder / "t2i" / "train_log.jsonl").read_text().splitlines()]
+    log_rows = [json.loads(line) for line in (folder / "t2i" / TRAIN_LOG).read_text().splitlines()]
     m = {
         "final_loss": result.final_loss,
         "text_encoder_final_loss": text["final_loss"],
@@ -542,8 +546,6 @@ def _phase_t2i(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -
 
 
 def _phase_rewards(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -> dict:
-    from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
-
     clip = world_clip(cfg, tokenizer).to(default_device())
     clip_metrics = train_world_clip(clip, tokenizer, cfg, progress, folder / WORK_DIR / "clip")
     mlp, aesthetic = train_world_aesthetic(clip, cfg, progress, folder / WORK_DIR / "aesthetic")

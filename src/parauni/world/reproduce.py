@@ -34,14 +34,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..analysis.layers import analyze_layers
 from ..errors import ConfigError
+from ..eval.reconstruct import reconstruct_folder, side_by_side
 from ..models.parauni import ParaUni
 from ..scoring.geneval_rules import GENEVAL_TAGS
 from ..training.trainer import train
-from .captions import make_eval_metadata
-from .config import WorldConfig
+from .captions import WorldStream, make_eval_metadata
+from .config import STREAM_OFFSETS, WorldConfig
 from .demo import paraunigen, stage_train_config, world_teacher
-from .pretrain import STREAM_OFFSETS, WorldSource, world_model_config
+from .pretrain import WorldSource, world_model_config
+from .release import world_stage0
+from .reward_models import load_world_clip, world_rewards
+from .rl import run_world_rl
 from .shapeseval import run_shapeseval
 
 RESULT_FILE = "result.json"
@@ -206,8 +211,6 @@ def run_unit(
         model = _train_stages(cfg, stage0, row, seed, unit, progress)
         extra: dict = {}
     else:
-        from .rl import run_world_rl
-
         start = _unit_dir(out, "all_layers", seed) / "stage2"
         if not (start / "done.json").is_file():
             raise RuntimeError(
@@ -350,8 +353,6 @@ def _paper_table(table: dict) -> str:
 # --------------------------------------------------------------------- reconstruction and layer analysis
 def world_image_folder(cfg: WorldConfig, folder: Path, n: int = 16) -> Path:
     """Write `n` held-out world renders (the inputs of the reconstruction comparison) as PNGs."""
-    from .captions import WorldStream
-
     folder.mkdir(parents=True, exist_ok=True)
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size)
     for i in range(n):
@@ -361,9 +362,6 @@ def world_image_folder(cfg: WorldConfig, folder: Path, n: int = 16) -> Path:
 
 def run_reconstruction(cfg: WorldConfig, stage0: Path, out: Path, seed: int, progress: bool) -> dict:
     """Last-layer vs all-layer Stage-II models of `seed`: PSNR, SSIM, world-CLIP similarity, side by side."""
-    from ..eval.reconstruct import reconstruct_folder, side_by_side
-    from .reward_models import load_world_clip
-
     images = world_image_folder(cfg, out / "reconstruction" / "inputs")
     clip = load_world_clip(stage0)
     columns, summary = {}, {}
@@ -379,9 +377,6 @@ def run_reconstruction(cfg: WorldConfig, stage0: Path, out: Path, seed: int, pro
 
 def run_layer_analysis(cfg: WorldConfig, stage0: Path, out: Path, seed: int, progress: bool) -> dict:
     """Figures 2, 4, 5 for the all-layer Stage-II model of `seed`, with the world's rewards."""
-    from ..analysis.layers import analyze_layers
-    from .reward_models import world_rewards
-
     model = ParaUni.from_pretrained(_unit_dir(out, "all_layers", seed) / "stage2")
     metadata = make_eval_metadata(per_tag=2, seed=cfg.seed)
     result = analyze_layers(
@@ -416,8 +411,6 @@ def run_reproduce(
     """Run (or continue) the ablation on the world and write ``reproduce.json`` and ``reproduce.md``.
 
     ``stage0``: the world's Stage-0 models, as for the demo (:func:`release.world_stage0`)."""
-    from .release import world_stage0
-
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError(f"--seeds {seeds} must be distinct non-negative integers (e.g. 0 1 2)")
