@@ -313,27 +313,28 @@ def readable_weights(folder: Path) -> None:
 def save_model(acc, model: nn.Module, folder: Path, values: dict[str, torch.Tensor] | None = None) -> None:
     """Write the final model folder with ``model.save_pretrained``; every process must call it.
 
-    ``values`` replace trained tensors by name (Stage III's EMA). One process / DDP: the main process's model
-    itself. FSDP / DeepSpeed: the main process builds a plain copy with ``type(model).from_config(config)`` (its
+    ``values`` replace trained tensors by name (the EMA weights): they are copied into the live model on every
+    process first, under every backend, so the model a caller holds afterwards is the one the folder holds
+    (before, one process / DDP left the main process's model with EMA weights and FSDP / DeepSpeed did not).
+    One process / DDP: the main process saves its model itself. FSDP / DeepSpeed: the main process builds a plain copy with ``type(model).from_config(config)`` (its
     frozen parts come from the same paths or seeded architectures) and fills it with the gathered tensors that
     differ from a fresh build (``trained_state_dict`` and whatever trains now), so the folder is the same as a
     DDP run's and loads with ``from_pretrained``. This needs CPU memory for one more copy of the model.
     """
     acc.wait_for_everyone()
+    with torch.no_grad():  # local tensors (shards under FSDP) into the same local parameters
+        params = dict(model.named_parameters())
+        for name, value in (values or {}).items():
+            params[name].copy_(value)
     if not is_sharded(acc):
         if acc.is_main_process:
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for name, value in (values or {}).items():
-                    params[name].copy_(value)
             model.save_pretrained(folder)
             readable_weights(Path(folder))
         acc.wait_for_everyone()
         return
     live = dict(model.named_buffers()) | dict(model.named_parameters())
     names = set(model.trained_state_dict()) | {n for n, p in model.named_parameters() if p.requires_grad}
-    tensors = whole_tensors(acc, {n: live[n] for n in sorted(names)})
-    tensors.update(whole_tensors(acc, values or {}))
+    tensors = whole_tensors(acc, {n: live[n] for n in sorted(names | set(values or {}))})
     if acc.is_main_process:
         copy = type(model).from_config(model.config)
         result = copy.load_state_dict(tensors, strict=False)
