@@ -1,5 +1,5 @@
 """GenEval's official detector on Hugging Face models (Ghosh et al. 2023; the paper's main benchmark; the
-build specification's section 5, "GenEval").
+README.md, "Evaluate").
 
 GenEval detects objects with mmdet's Mask2Former (Swin-S, COCO instances) and names colours with CLIP ViT-L/14
 zero-shot on masked crops. Here both run on ``transformers`` models loaded from a local folder or a Hugging
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..scoring.clip import CLIP_L14, CLIPEmbedder, load_reward_weights
 from ..scoring.geneval_rules import GENEVAL_COLORS, Detection
+from ..utils.device import default_device
 
 MASK2FORMER_REPO = "facebook/mask2former-swin-small-coco-instance"
 TEST_SCALE = (1333, 800)  # mmdet's test Resize: long side at most 1333, short side at most 800
@@ -226,7 +227,7 @@ class Mask2FormerDetector:
         processor = load_reward_weights(
             Mask2FormerImageProcessorPil.from_pretrained, source, f"{what} image processor", MASK2FORMER_REPO
         )
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         rescale = processor.rescale_factor if processor.do_rescale else 1.0
         mean, std = (
             (processor.image_mean, processor.image_std)
@@ -318,7 +319,7 @@ class CLIPColorClassifier:
         """CLIP (model, tokenizer, image processor) from a local folder or a Hugging Face id, onto `device`
         (default: CUDA when available, else CPU)."""
         embedder = CLIPEmbedder.from_pretrained(source, what="GenEval colour classifier (CLIP ViT-L/14)")
-        return cls(embedder.to(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        return cls(embedder.to(device or default_device()))
 
     def text_classifier(self, cls: str) -> torch.Tensor:
         """The colours' text embeddings for class `cls`: (len(colors), D), L2-normalised."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightsError
+from ..utils.device import default_device
 from ..utils.loading import load_pretrained
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
@@ -97,10 +98,12 @@ class CLIPEmbedder:
         processor_repo: str | None = None,
         text: bool = True,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
     ) -> CLIPEmbedder:
         """Load a ``CLIPModel`` from `model` and its image processor (+ tokenizer if `text`) from `processor`
-        (default: `model`), each a local folder or a Hugging Face id; `model_repo` / `processor_repo` are the
-        repos named in errors."""
+        (default: `model`), each a local folder or a Hugging Face id, onto `device` (default:
+        :func:`~parauni.utils.device.default_device`, which reads ``$PARAUNI_DEVICE``); `model_repo` /
+        `processor_repo` are the repos named in errors."""
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         processor = model if processor is None else processor
@@ -118,7 +121,7 @@ class CLIPEmbedder:
             if text
             else None
         )
-        return cls.from_image_processor(clip, tokenizer, image_processor)
+        return cls.from_image_processor(clip, tokenizer, image_processor).to(device or default_device())
 
     @classmethod
     def from_image_processor(cls, model: nn.Module, tokenizer, image_processor) -> CLIPEmbedder:
