@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from ..utils.files import check_output_dir, read_lines
 from .common import (
     OVERRIDE_HELP,
+    add_model_arg,
     add_quiet,
     add_sampling_args,
     add_world_stage0_args,
@@ -102,9 +103,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="per-layer conditioning scores, inter-layer similarity and zone removal (paper figs. 2, 4, 5)",
         epilog=OVERRIDE_HELP,
     )
-    p.add_argument(
-        "--model", required=True, help="a model folder (or a preset name for a random-weights smoke run)"
-    )
+    add_model_arg(p)
     p.add_argument(
         "--out",
         required=True,

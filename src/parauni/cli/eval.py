@@ -10,8 +10,11 @@ from ..errors import ConfigError
 from ..utils.files import check_output_dir, check_output_file, read_lines
 from .common import (
     OVERRIDE_HELP,
+    add_benchmark_args,
+    add_model_arg,
     add_quiet,
     add_sampling_args,
+    add_score_args,
     check_limit,
     check_sampling_args,
     no_overrides,
@@ -292,27 +295,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="GenEval images in the official layout (resumable), then their scores",
         epilog=OVERRIDE_HELP,
     )
-    p.add_argument(
-        "--model", required=True, help="a model folder (or a preset name for a random-weights smoke run)"
-    )
+    add_model_arg(p)
     p.add_argument("--metadata", required=True, help="GenEval's evaluation_metadata.jsonl (or one like it)")
     p.add_argument(
         "--out", required=True, help="output folder: 00000/metadata.jsonl, 00000/samples/0000.png, ..."
     )
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
     add_sampling_args(p, "image j of prompt i uses seed + i * images-per-prompt + j")
-    p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--no-score", action="store_true", help="generate only")
+    add_benchmark_args(p)
     _add_detector_args(p)
     add_quiet(p)
     p.set_defaults(fn=cmd_eval_geneval)
 
     p = evals.add_parser("geneval-score", help="score an existing GenEval image folder")
-    p.add_argument("--images", required=True, help="a GenEval output folder (00000/metadata.jsonl, ...)")
+    add_score_args(
+        p,
+        "a GenEval output folder (00000/metadata.jsonl, ...)",
+        "per-image results JSONL; summary.json is written beside it",
+    )
     _add_detector_args(p)
-    p.add_argument("--out", required=True, help="per-image results JSONL; summary.json is written beside it")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    add_quiet(p)
     p.set_defaults(fn=cmd_eval_geneval_score)
 
     p = evals.add_parser(
@@ -320,9 +321,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="DPG-Bench 2x2 grids <item_id>.png (resumable), then their VQA scores",
         epilog=OVERRIDE_HELP,
     )
-    p.add_argument(
-        "--model", required=True, help="a model folder (or a preset name for a random-weights smoke run)"
-    )
+    add_model_arg(p)
     p.add_argument("--prompts", required=True, help='DPG-Bench prompts: a JSONL of {"item_id", "prompt"}')
     p.add_argument(
         "--out", required=True, help="output folder: <item_id>.png grids, results.jsonl, summary.json"
@@ -330,18 +329,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_sampling_args(p, "image j of prompt i uses seed + i * 4 + j")
     p.add_argument("--height", type=int, help="height of each of the 4 images (default: the model's)")
     p.add_argument("--width", type=int, help="width of each of the 4 images (default: the model's)")
-    p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--no-score", action="store_true", help="generate only")
+    add_benchmark_args(p)
     _add_dpg_score_args(p)
     add_quiet(p)
     p.set_defaults(fn=cmd_eval_dpg)
 
     p = evals.add_parser("dpg-score", help="score an existing DPG-Bench folder of <item_id>.png grids")
-    p.add_argument("--images", required=True, help="a folder of <item_id>.png 2x2 grids")
+    add_score_args(
+        p,
+        "a folder of <item_id>.png 2x2 grids",
+        "per-prompt results JSONL; summary.json is written beside it",
+    )
     _add_dpg_score_args(p)
-    p.add_argument("--out", required=True, help="per-prompt results JSONL; summary.json is written beside it")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    add_quiet(p)
     p.set_defaults(fn=cmd_eval_dpg_score)
 
     p = evals.add_parser(

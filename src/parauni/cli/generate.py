@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..utils.files import OutputPathError, check_output_dir, check_output_file, read_lines
-from .common import OVERRIDE_HELP, add_quiet, add_sampling_args, check_sampling_args
+from .common import OVERRIDE_HELP, add_model_arg, add_quiet, add_sampling_args, check_sampling_args
 
 
 def _fmt(n: int) -> str:
@@ -233,9 +233,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("generate", help="text-to-image / image-to-image to PNG files", epilog=OVERRIDE_HELP)
-    p.add_argument(
-        "--model", required=True, help="a model folder (or a preset name for a random-weights smoke run)"
-    )
+    add_model_arg(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument(
         "--prompts-file", help="a .txt file with one prompt per line, or a .jsonl with 'prompt' keys"

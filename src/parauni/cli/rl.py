@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import OVERWRITE_RUN_HELP, add_quiet, add_world_stage0_args, check_run_folder, route
+from .common import (
+    add_run_args,
+    add_world_stage0_args,
+    check_run_folder,
+    route,
+)
 
 DEMO_STAGE2 = "parauni-demo/stage2"  # where `parauni demo` (default --out) writes its Stage-II model
 
@@ -106,7 +111,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", help="RL prompts: .txt (one a line) or .jsonl with 'prompt' (GenEval rows)")
     p.add_argument("--world", action="store_true", help="the shapes world: its prompts, rewards and defaults")
     add_world_stage0_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_RUN_HELP)
-    add_quiet(p)
+    add_run_args(p)
     p.set_defaults(fn=cmd_rl)

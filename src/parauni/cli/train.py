@@ -10,9 +10,9 @@ from ..utils.files import check_output_dir
 from .common import (
     DATA_HELP,
     OVERRIDE_HELP,
-    OVERWRITE_RUN_HELP,
     add_data_args,
     add_quiet,
+    add_run_args,
     check_run_folder,
     route,
 )
@@ -191,9 +191,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="a folder of images: where their prepared inputs (VAE latents) are cached "
         "(default: .parauni_cache in the data folder)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_RUN_HELP)
-    add_quiet(p)
+    add_run_args(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(
