@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses, YAML presets and ``--section.key=value`` overrides.
 
-Every default of the build specification (``docs/system.md``) lives here as a field with help text, never as a
+Every default (the paper's, docs/configuration.md lists them) lives here as a field with help text, never as a
 constant inside model code. A config is a tree of dataclasses; it is read from YAML, overridden from the
 command line and saved beside every checkpoint. Unknown keys are errors that name the key and the valid ones.
 """
@@ -207,7 +207,7 @@ class TrainableConfig:
 
 @dataclass
 class SamplingConfig:
-    """Defaults for generation (system.md section 2)."""
+    """Defaults for generation (docs/how-it-works.md, "Conventions")."""
 
     sampler: str = field(default="dpm", metadata={"help": "'dpm' (DPM-Solver++ flow) or 'euler'"})
     steps: int = field(default=20, metadata={"help": "denoising steps"})

@@ -1,4 +1,4 @@
-"""Rectified-flow conventions, as pure functions (system.md section 2).
+"""Rectified-flow conventions, as pure functions (docs/how-it-works.md, "Conventions").
 
 One convention everywhere: ``t`` (= sigma) in [0, 1], ``t = 1`` is pure noise,
 

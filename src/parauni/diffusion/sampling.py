@@ -108,7 +108,7 @@ def sde_step(
     noise: torch.Tensor | None = None,
     prev_sample: torch.Tensor | None = None,
 ) -> StepOutput:
-    """Flow-GRPO's SDE step with the log-probability of its result, all in fp32 (system.md section 4).
+    """Flow-GRPO's SDE step with the log-probability of its result, all in fp32 (docs/how-it-works.md, "Stage III").
 
     With ``dt = sigma_next - sigma < 0`` and ``s = eta * sqrt(sigma / (1 - sigma'))`` (``sigma' = sigma_max``
     when ``sigma == 1``, else ``sigma``)::

@@ -1,5 +1,5 @@
 """DPG-Bench generation and scoring (ELLA, Hu et al. 2024; the paper's dense-prompt benchmark, DPG 83.45; the
-build specification's section 5, "DPG-Bench").
+README.md, "Evaluate").
 
 * `generate_dpg`: four images per prompt tiled 2x2 into ``out_dir/<item_id>.png`` (the official layout),
   resumably; image j of prompt i uses noise seed ``seed + i * 4 + j`` (GenEval's rule, `generate_geneval`).

@@ -1,5 +1,5 @@
 """GenEval generation and scoring (Ghosh et al. 2023; the paper's main benchmark and its ablations; the
-build specification's section 5).
+README.md, "Evaluate").
 
 * `generate_geneval`: images for each metadata row in GenEval's official layout, resumably::
 

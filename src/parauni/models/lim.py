@@ -1,4 +1,4 @@
-"""The Layer Integration Module (LIM) and layer selection (paper section 3.2, system.md section 1).
+"""The Layer Integration Module (LIM) and layer selection (paper section 3.2; docs/how-it-works.md).
 
 For the query states of the selected VLM layers ``q_i`` (each ``(B, Q, D)``) the LIM computes
 

@@ -6,7 +6,7 @@ own prompt; the decoder runs once with ``output_hidden_states=True`` and the que
 ``hidden_states[1:]`` (the outputs of the L decoder layers; HF applies the final norm to the last one).
 While the queries train, a causal decoder runs the prompt first without a graph and the queries on its
 key/value cache (the same states; the backward pass then covers only the query positions).
-Paper section 3.1; system.md section 1.
+Paper section 3.1; docs/how-it-works.md, "The data flow".
 
 Adapters:
 * :class:`InternVLBackbone` - ``transformers.InternVLForConditionalGeneration`` (InternVL3 ``-hf``); text

@@ -1,4 +1,4 @@
-"""Configuration of Stage III: Flow-GRPO (system.md section 4), the reward curriculum and LDAM."""
+"""Configuration of Stage III: Flow-GRPO (docs/how-it-works.md, "Stage III"), the reward curriculum and LDAM."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def paper_phases() -> list[PhaseConfig]:
 
 @dataclass
 class RLConfig:
-    """Stage III on a Stage-II model. Defaults follow system.md section 4 at a single-GPU scale.
+    """Stage III on a Stage-II model. Defaults follow the paper and Flow-GRPO at a single-GPU scale.
 
     Where the paper and Flow-GRPO's code differ, the default is the paper's (the optimiser: AdamW betas 0.9 /
     0.95, weight decay 0.05, cosine, no warm-up) and Flow-GRPO's is an option; where the paper is silent the

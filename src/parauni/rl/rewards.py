@@ -1,4 +1,4 @@
-"""Stage III's reward models (system.md section 4, "Rewards"; the paper's RL stage with LDAM).
+"""Stage III's reward models (the paper's RL stage with LDAM; docs/how-it-works.md, "Stage III").
 
 Every reward is a callable ``(images, prompts, metadata) -> list[float]``, one float per image:
 

@@ -1,5 +1,5 @@
 """GenEval's scoring rules (Ghosh et al. 2023; the benchmark of ParaUni's main results and ablations; the
-build specification's section 5), written once.
+README.md, "Evaluate"), written once.
 
 Both the real GenEval evaluation (a Mask2Former detector plus CLIP colour classification) and the shapes
 world's ShapesEval (`parauni.world.detector`) turn an image into `Detection`s and score them here:
@@ -9,7 +9,7 @@ world's ShapesEval (`parauni.world.detector`) turn an image into `Detection`s an
 * `evaluate_image`: GenEval's per-image decision from the metadata row's include / exclude clauses,
   including the colour clause (via a `classify_colors` callable) and the position clause (`relative_position`).
 * `score_rows`: per-tag accuracy and the overall score, the unweighted mean of the per-tag means.
-* `partial_credit`: Flow-GRPO's GenEval reward for Stage III (system.md section 4), the mean of per-clause
+* `partial_credit`: Flow-GRPO's GenEval reward for Stage III (docs/how-it-works.md, "Stage III"), the mean of per-clause
   credits, with the same colour and position checks as `evaluate_image`.
 
 The metadata format is GenEval's `evaluation_metadata.jsonl`: {"tag", "include": [{"class", "count",

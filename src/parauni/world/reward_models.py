@@ -1,4 +1,4 @@
-"""The shapes world's reward models for Stage III (system.md section 4, "Rewards"), trained in Stage 0.
+"""The shapes world's reward models for Stage III (docs/world.md), trained in Stage 0.
 
 The paper's rewards need models trained on natural images; the world trains its own stand-ins:
 
