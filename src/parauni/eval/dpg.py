@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from parauni.eval.geneval import generate_pending, write_atomic, write_results
 from parauni.scoring.clip import RewardModelError, load_reward_weights
+from parauni.utils.device import default_device
 from parauni.utils.loading import checked_source
 
 from ..errors import ConfigError, DataError, MissingFileError
@@ -413,9 +414,10 @@ class BlipVQA:
 
     @classmethod
     def from_pretrained(
-        cls, source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls, source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
     ) -> BlipVQA:
-        """Load from a local folder or a Hugging Face id (e.g. ``Salesforce/blip-vqa-base``)."""
+        """Load from a local folder or a Hugging Face id (e.g. ``Salesforce/blip-vqa-base``) onto ``device``
+        (default: :func:`~parauni.utils.device.default_device`, which reads ``$PARAUNI_DEVICE``)."""
         from transformers import AutoConfig, BlipForQuestionAnswering, BlipProcessor
 
         what = "DPG-Bench VQA model"
@@ -432,7 +434,7 @@ class BlipVQA:
         processor = load_reward_weights(
             BlipProcessor.from_pretrained, source, f"{what} processor", BLIP_VQA_REPO
         )
-        return cls(model.to(device), processor)
+        return cls(model.to(device or default_device()), processor)
 
     @torch.no_grad()
     def __call__(self, image: Image.Image, question: str) -> str:
