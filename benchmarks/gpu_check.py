@@ -79,10 +79,11 @@ from parauni.eval.reconstruct import psnr  # noqa: E402
 from parauni.models.parauni import ParaUni  # noqa: E402
 from parauni.pipeline import generate  # noqa: E402
 from parauni.rl.config import PhaseConfig, RLConfig  # noqa: E402
-from parauni.rl.grpo import PromptSource, train_rl  # noqa: E402
-from parauni.training.checkpoint import TRAIN_LOG  # noqa: E402
+from parauni.rl.grpo import train_rl  # noqa: E402
+from parauni.rl.prompts import PromptSource  # noqa: E402
 from parauni.training.config import stage_config  # noqa: E402
 from parauni.training.trainer import stage_trainable, train  # noqa: E402
+from parauni.utils.run_files import TRAIN_LOG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
