@@ -269,3 +269,12 @@ def test_a_missing_model_folder_says_so(capsys, tmp_path):
     assert _generate(tmp_path, tmp_path / "o.png", "--model", "/no/such/dir") == 2
     err = _error(capsys)
     assert "--model /no/such/dir: the folder does not exist" in err and "tiny" in err
+
+
+def test_rl_world_without_model_names_the_folder_it_reads(capsys, tmp_path, monkeypatch, no_model):
+    """`parauni rl --world` without --model trains parauni demo's Stage-II model in the working directory;
+    where there is none, it says which folder it looked for and what to do (issue 16)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", "--world", "--out", str(tmp_path / "rl"), "--quiet"]) == 2
+    err = _error(capsys)
+    assert "parauni-demo/stage2" in err and str(tmp_path) in err and "--model DIR" in err

@@ -107,6 +107,43 @@ def test_a_diverged_training_is_one_line(capsys, monkeypatch):
     )
 
 
+@pytest.mark.parametrize(
+    "bug", [TypeError("object of type 'int' has no len()"), ValueError("a bug"), KeyError("k")]
+)
+def test_a_bug_keeps_its_traceback(monkeypatch, bug):
+    """Only the project's own errors become one line (issue 16): a built-in exception from a command is a bug
+    and reaches the caller (Python prints its traceback), even a ValueError."""
+    import parauni.cli.generate
+
+    def broken(args, overrides):
+        raise bug
+
+    monkeypatch.setattr(parauni.cli.generate, "cmd_info", broken)
+    with pytest.raises(type(bug)):
+        main(["info", "tiny"])
+
+
+def test_every_project_error_is_a_paraunierror():
+    from parauni import errors
+    from parauni.models.components import ComponentLoadError
+    from parauni.scoring.clip import RewardModelError
+    from parauni.serve import ServeError
+    from parauni.training.streaming import CorruptSample
+    from parauni.utils.files import OutputPathError
+    from parauni.world.pretrain import Stage0Error
+    from parauni.world.release import ReleaseError
+
+    named = [getattr(errors, n) for n in dir(errors) if n.endswith(("Error", "Diverged"))]
+    named += [ComponentLoadError, RewardModelError, ServeError, CorruptSample, OutputPathError, Stage0Error]
+    named += [ReleaseError]
+    for cls in named:
+        assert issubclass(cls, errors.ParaUniError), cls
+    # the built-in bases callers and tests catch stay
+    assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.DataError, ValueError)
+    assert issubclass(errors.MissingFileError, FileNotFoundError)
+    assert issubclass(errors.WeightsError, OSError) and issubclass(errors.CheckpointError, RuntimeError)
+
+
 def test_read_json_names_the_file_line_and_column(tmp_path):
     from parauni.utils.files import read_json
 
