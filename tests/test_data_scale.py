@@ -188,10 +188,10 @@ def test_extract_latents_split_over_processes_resume_then_train(tmp_path, tiny_m
     # two processes of `accelerate launch`, run one after the other: each writes every other shard
     split = tmp_path / "split"
     with pytest.warns(UserWarning):
-        assert extract_latents(source, encode, split, rank=0, world=2, **options).written == 2
+        assert extract_latents(source, encode, split, rank=0, num_processes=2, **options).written == 2
     with pytest.raises(DataError, match="1 of 3 latent shards are missing"):
         finish_extraction(split)
-    assert extract_latents(source, encode, split, rank=1, world=2, **options).written == 1
+    assert extract_latents(source, encode, split, rank=1, num_processes=2, **options).written == 1
     manifest = finish_extraction(split)
     assert manifest["sizes"] == [2, 3, 1] and len(manifest["skipped"]) == 2
     assert manifest["latent_shape"] == [8, 8, 8]

@@ -70,8 +70,8 @@ def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         raise ConfigError("parauni rl needs --prompts FILE (.txt or GenEval-style .jsonl), or --world")
     model = ParaUni.load(model_dir, model_overrides)
-    world = world_rewards(rewards_cfg.world, batch_size=rewards_cfg.batch_size) if rewards_cfg.world else {}
-    rewards = build_rewards(rewards_cfg, world)
+    shapes = world_rewards(rewards_cfg.world, batch_size=rewards_cfg.batch_size) if rewards_cfg.world else {}
+    rewards = build_rewards(rewards_cfg, shapes)
     combined = CombinedReward(rewards, {name: 1.0 for name in rewards})
     print(
         f"RL: {rl_cfg.total_epochs} epochs over phases "

@@ -120,7 +120,7 @@ def cmd_extract_latents(args: argparse.Namespace, overrides: list[str]) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         rank=acc.process_index,
-        world=acc.num_processes,
+        num_processes=acc.num_processes,
         progress=not args.quiet,
     )
     print(

@@ -12,12 +12,17 @@ from .common import add_quiet, only_world_overrides
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..world.demo import run_demo
 
-    world = only_world_overrides(overrides, "demo")
+    world_overrides = only_world_overrides(overrides, "demo")
     out = Path(args.out)
     earlier_report = (out / "report.md").is_file() or (out / "metrics.json").is_file()
     check_output_dir(out, overwrite=args.overwrite, resumable=earlier_report)
     run_demo(
-        args.out, args.cache, quick=args.quick, overrides=world, progress=not args.quiet, stage0=args.stage0
+        args.out,
+        args.cache,
+        quick=args.quick,
+        overrides=world_overrides,
+        progress=not args.quiet,
+        stage0=args.stage0,
     )
     return 0
 
@@ -25,16 +30,16 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_world_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..world.release import run_pretrain
 
-    world = only_world_overrides(overrides, "world pretrain")
+    world_overrides = only_world_overrides(overrides, "world pretrain")
     phases = args.phases.split(",") if args.phases else None
-    run_pretrain(args.out, world, phases, recipe=not args.no_recipe, progress=not args.quiet)
+    run_pretrain(args.out, world_overrides, phases, recipe=not args.no_recipe, progress=not args.quiet)
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..world.reproduce import run_reproduce
 
-    world = only_world_overrides(overrides, "reproduce")
+    world_overrides = only_world_overrides(overrides, "reproduce")
     check_output_dir(args.out, resumable=True)  # a rerun continues the table
     run_reproduce(
         args.out,
@@ -42,7 +47,7 @@ def cmd_reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
         rows=args.rows,
         cache_dir=args.cache,
         quick=args.quick,
-        overrides=world,
+        overrides=world_overrides,
         analyses=not args.no_analyses,
         progress=not args.quiet,
         stage0=args.stage0,

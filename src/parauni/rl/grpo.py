@@ -157,13 +157,13 @@ def train_rl(
             "gradient_clipping": (config.grad_clip, "rl.grad_clip"),
         },
     )
-    world, rank = acc.num_processes, acc.process_index
+    num_processes, rank = acc.num_processes, acc.process_index
     n_total = config.samples_per_epoch
-    if n_total % world:
+    if n_total % num_processes:
         raise ConfigError(
-            f"rl.prompts_per_epoch x rl.group_size = {n_total} samples must divide over {world} processes"
+            f"rl.prompts_per_epoch x rl.group_size = {n_total} samples must divide over {num_processes} processes"
         )
-    n_local = n_total // world
+    n_local = n_total // num_processes
     model.set_trainable(config.trainable)
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -189,7 +189,7 @@ def train_rl(
     policy = PolicyStep(model, config, [])
     wrapped, optimizer = prepare(acc, ModelCalls(model), optimizer, model)
     if ckpt is not None:
-        load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", world))
+        load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", num_processes))
     # after prepare the parameters may be new objects (FSDP: DTensor shards); the reference and EMA follow them
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
@@ -291,7 +291,7 @@ def train_rl(
             **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in gathered.items()},
             "grad_norm": grad_norm,
             "skipped_updates": sum(skips),
-            "update_samples": len(keep) * world,
+            "update_samples": len(keep) * num_processes,
             "lr": _lr(config, epoch, config.inner_epochs - 1, config.updates_per_epoch - 1),
             "cached_conditions": cache is not None,
             **stats,
@@ -324,7 +324,7 @@ def train_rl(
                 "history": history,
                 "ldam": [x.state_dict() for x in ldams],
                 "bad_in_a_row": bad_in_a_row,
-                "num_processes": world,
+                "num_processes": num_processes,
             }
             save_checkpoint(out, "epoch", acc, wrapped, optimizer, named, state, config.keep_last, ema)
     bar.close()

@@ -10,7 +10,7 @@ an extraction folder::
 
 Output shard j holds the source's samples ``j * shard_size .. (j + 1) * shard_size - 1`` in its
 unshuffled order, corrupt ones left out, so the result does not depend on the number of processes. Under
-``accelerate launch`` process r extracts shards r, r + world, ...; a rerun with the same options skips
+``accelerate launch`` process r of n extracts shards r, r + n, ...; a rerun with the same options skips
 the shards already written (resume), and a rerun with other options is refused. Every file is written
 atomically (``checkpoint.write_json_atomic``, ``utils.files.save_safetensors``, with the umask's permissions),
 so a killed run leaves whole files or none.
@@ -146,10 +146,10 @@ def extract_latents(
     batch_size: int = 32,
     dtype: str = "float32",
     rank: int = 0,
-    world: int = 1,
+    num_processes: int = 1,
     progress: bool = True,
 ) -> ExtractResult:
-    """Encode this process's output shards (j = rank, rank + world, ...) of ``source`` into ``out``.
+    """Encode this process's output shards (j = rank, rank + num_processes, ...) of ``source`` into ``out``.
 
     Args:
         source: a pixel source (tar shards, a Hugging Face dataset, image files) read in its unshuffled order.
@@ -157,12 +157,12 @@ def extract_latents(
         encoder_key: identifies ``encode`` (:func:`encoder_key` of its VAE), checked on resume and by training.
     Call :func:`finish_extraction` once every process is done.
     """
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} must be in [0, {world})")
+    if not 0 <= rank < num_processes:
+        raise ValueError(f"rank {rank} must be in [0, {num_processes})")
     out = Path(out)
     plan = make_plan(source, image_size, encoder_key, shard_size, dtype)
     _check_plan(out, plan)
-    mine = range(rank, plan["num_shards"], world)
+    mine = range(rank, plan["num_shards"], num_processes)
     written = reused = skipped = 0
     for j in tqdm(mine, desc=f"extracting latents (process {rank})", disable=not progress):
         final = out / f"{shard_name(j)}.safetensors"

@@ -192,13 +192,13 @@ def train(
             "train(..., teacher=captions -> (states, mask)) from Python (the world demo passes its Stage-0 "
             "text encoder), or set train.condition_distill=0"
         )
-    world, rank = acc.num_processes, acc.process_index
-    if cfg.batch_size % (world * cfg.grad_accum):
+    num_processes, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % (num_processes * cfg.grad_accum):
         raise ConfigError(
-            f"train.batch_size={cfg.batch_size} is not divisible by {world} process(es) x "
+            f"train.batch_size={cfg.batch_size} is not divisible by {num_processes} process(es) x "
             f"train.grad_accum={cfg.grad_accum}"
         )
-    micro = cfg.batch_size // (world * cfg.grad_accum)
+    micro = cfg.batch_size // (num_processes * cfg.grad_accum)
     configure_deepspeed(
         acc,
         {
@@ -226,7 +226,7 @@ def train(
         acc.print(f"resuming from {ckpt} at step {start}")
     wrapped, optimizer = prepare(acc, model, optimizer, model)
     if ckpt is not None:
-        load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", world))
+        load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", num_processes))
     named = {
         n: p for n, p in model.named_parameters() if p.requires_grad
     }  # after prepare: FSDP's are DTensors
@@ -255,7 +255,7 @@ def train(
             group["lr"] = lr
         losses, finite, skipped = [], True, False
         for m in range(cfg.grad_accum):
-            first = data_offset + step * cfg.batch_size + (m * world + rank) * micro
+            first = data_offset + step * cfg.batch_size + (m * num_processes + rank) * micro
             positions = list(range(first, first + micro))
             inputs, captions = source.examples(positions, seed=cfg.seed)
             with torch.no_grad():
@@ -320,7 +320,7 @@ def train(
                 "schedule": _schedule(cfg),
                 "lr": lr,
                 "bad_in_a_row": bad_in_a_row,
-                "num_processes": world,
+                "num_processes": num_processes,
             }
             save_checkpoint(out_dir, "step", acc, wrapped, optimizer, named, state, cfg.keep_last, ema)
     bar.close()
