@@ -177,7 +177,7 @@ def _model_names(sources: list[str]) -> list[str]:
 def cmd_eval_reconstruct(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..eval.reconstruct import read_image_folder, reconstruct_folder, side_by_side
     from ..models.parauni import ParaUni
-    from ..rl.rewards import CLIPEmbedder
+    from ..scoring.clip import CLIPEmbedder
 
     check_sampling_args(args)
     check_output_dir(args.out, overwrite=args.overwrite)

@@ -82,7 +82,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.resume:
         trim_train_log(args.out, start)
     before = len(source.skipped)
-    teacher = lm_teacher(model, seed=train_cfg.seed) if train_cfg.condition_distill > 0 else None
+    captions = getattr(source, "captions", None)  # the teacher standardises over them
+    teacher = (
+        lm_teacher(model, seed=train_cfg.seed, captions=captions) if train_cfg.condition_distill > 0 else None
+    )
     result = train(
         model, source, train_cfg, args.out, resume=args.resume, progress=not args.quiet, teacher=teacher
     )
