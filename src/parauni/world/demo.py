@@ -20,6 +20,7 @@ from ..pipeline import generate
 from ..rl.plots import phase_gains, plot_reward_curves, read_log, reward_names, trigger_summary
 from ..training.config import TrainConfig
 from ..training.trainer import stage_trainable, train
+from ..utils.device import default_device
 from ..utils.images import tensor_to_uint8
 from ..utils.run_files import RL_LOG
 from ..utils.run_files import TRAIN_LOG as LOG_FILE
@@ -90,14 +91,14 @@ def estimate_seconds(model: ParaUni, cfg: WorldConfig, source, teacher) -> dict[
     with torch.random.fork_rng(devices=[]):
         model.set_trainable(stage_trainable(1, model.config.trainable))
         images, captions = source.examples(list(range(p.batch_size)))
-        x0 = model.encode_images(images)
-        t, noise = torch.rand(len(x0)), torch.randn_like(x0)
+        x0 = model.encode_images(images.to(model.device))
+        t, noise = torch.rand(len(x0), device=x0.device), torch.randn_like(x0)
         batch = model.encode_prompts(captions)
         times = []
         # the first call pays one-off costs (allocation, kernel choice): the second is timed
         for _ in range(2):
             start = time.time()
-            model(batch, x0, t, noise, (teacher(captions), p.stage1_distill)).backward()
+            model(batch, x0, t, noise, teacher(captions), p.stage1_distill).backward()
             times.append(time.time() - start)
             model.zero_grad(set_to_none=True)
         train_step = times[-1]
@@ -153,9 +154,10 @@ def run_demo(
     timings["stage0"] = time.time() - t
     timings.update({f"{k} (when trained)": v for k, v in stage0_info["timings"].items()})
 
-    t2i = TextToImage.from_pretrained(stage0 / "t2i").eval()
+    device = default_device()  # a GPU when there is one: every model of the demo runs on it
+    t2i = TextToImage.from_pretrained(stage0 / "t2i").eval().to(device)
     teacher = t2i.text_states  # the Stage-I distillation's teacher (see world_teacher)
-    model = ParaUni.from_config(world_model_config(cfg, stage0))
+    model = ParaUni.from_config(world_model_config(cfg, stage0)).to(device)
     guess = estimate_seconds(
         model, cfg, WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size), teacher
     )
