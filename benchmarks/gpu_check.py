@@ -53,7 +53,6 @@ import gc
 import json
 import math
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -72,6 +71,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_demo import cpu_name  # noqa: E402
 from bench_throughput import peak_mib, reset_peak  # noqa: E402
 
 from parauni.config import ModelConfig, load_model_config  # noqa: E402
@@ -736,16 +736,6 @@ class Outcome:
     ok: bool
     why: str = ""
     figures: dict = field(default_factory=dict)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
