@@ -126,6 +126,7 @@ def test_quick_demo_writes_the_report(tmp_path, quick_cache):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "ShapesEval" in report and "Stage III (RL)" in report and "A smoke run (`--quick`)" in report
+    assert "`parauni reproduce`" in report and "--flow-only" in report  # where items 5 and 6 are measured
     assert set(metrics["estimate"]) == {"stage1", "stage2", "stage3_rl", "shapeseval", "total"}
     rl_rows = [json.loads(line) for line in (out / "stage3" / "rl_log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rl_rows] == ["aesthetic", "clip+geneval"]

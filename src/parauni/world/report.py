@@ -156,7 +156,21 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
             f"| {k} | {v['rewards']} | {v['start']:.4f} | {v['end']:.4f} |" for k, v in rl["phases"].items()
         ]
         lines += ["", f"LDAM triggers: {rl['ldam_triggers']}", "", f"![rewards]({figures['rewards']})", ""]
-    lines += ["## Samples", ""]
+    lines += [
+        "## The paper's loss and the paper's claims on this Stage 0",
+        "",
+        "Measured by their own commands, not by this run (docs/world.md has the figures they printed on the "
+        "shipped release):",
+        "",
+        "* Stage I with the paper's flow loss alone beside the distilled one: "
+        "`python benchmarks/bench_demo.py --flow-only`, or this demo with "
+        "`--world.parauni.stage1_distill=0 --world.parauni.stage2_distill=0`.",
+        "* The ablation rows (last layer, all layers, without each zone, LIM without LayerNorm; 3 seeds), the "
+        "reconstruction comparison and the layer analyses: `parauni reproduce` (resumable).",
+        "",
+        "## Samples",
+        "",
+    ]
     for key, path in figures.items():
         if key not in ("losses", "rewards"):
             lines += [f"### {key}", "", f"![{key}]({path})", ""]
