@@ -46,7 +46,7 @@ TARGET = 0.9
 # pooled states standardised over the training captions, one target per query token). The preset holds the
 # rest (sin-cos positions in the DiT, CFG 7 at sampling).
 RECIPE = [
-    "--train.steps=2000",
+    "--train.steps=3400",
     "--train.batch_size=32",
     "--train.lr=1e-3",
     "--train.warmup=50",
