@@ -308,14 +308,12 @@ def largest_batch(s: Setting, probe: Probe) -> tuple[int, str]:
     return best, f"largest power of two that fits; stopped: {why}"
 
 
-def trainer_seconds(s: Setting, model: ParaUni, stage: int, batch: int, out: Path) -> list[float]:
-    """Seconds of each step after the first of a ``train()`` run of ``s.steps`` steps (from its log); a
-    RuntimeError if a step's loss was not finite."""
-    size = model.config.sampling.height
-    cfg = stage_config(
+def check_train_config(s: Setting, stage: int, steps: int, batch: int, size: int):
+    """The loop's config of a timed check: ``steps`` steps of ``batch`` images of side ``size``, no saves."""
+    return stage_config(
         stage,
         {
-            "steps": s.steps,
+            "steps": steps,
             "batch_size": batch,
             "warmup": 1,
             "save_every": 0,
@@ -324,6 +322,13 @@ def trainer_seconds(s: Setting, model: ParaUni, stage: int, batch: int, out: Pat
             "image_size": size,
         },
     )
+
+
+def trainer_seconds(s: Setting, model: ParaUni, stage: int, batch: int, out: Path) -> list[float]:
+    """Seconds of each step after the first of a ``train()`` run of ``s.steps`` steps (from its log); a
+    RuntimeError if a step's loss was not finite."""
+    size = model.config.sampling.height
+    cfg = check_train_config(s, stage, s.steps, batch, size)
     train(model, RandomLatents(model.latent_shape(size, size)), cfg, out, progress=False)
     rows = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
     if not all(math.isfinite(r["loss"]) for r in rows):
@@ -582,18 +587,7 @@ def fsdp_worker(s: Setting, batch: int, out: Path) -> None:
         try:
             model = build_model(s, placeholder=False)
             size = model.config.sampling.height
-            cfg = stage_config(
-                stage,
-                {
-                    "steps": 2,
-                    "batch_size": batch,
-                    "warmup": 1,
-                    "save_every": 0,
-                    "log_every": 1,
-                    "mixed_precision": s.mixed_precision,
-                    "image_size": size,
-                },
-            )
+            cfg = check_train_config(s, stage, 2, batch, size)
             acc = None if s.cuda else cpu_fsdp_accelerator()
             memory = Memory(s)
             source = RandomLatents(model.latent_shape(size, size))
