@@ -136,7 +136,7 @@ def main() -> None:
         flow = run_demo(
             Path(args.out) / "flow_only",
             args.cache,
-            overrides=[*overrides, "parauni.stage1_distill=0", "rl.enabled=false"],
+            overrides=[*overrides, "parauni.stage1.condition_distill=0"],
             progress=False,
             stage0=args.stage0,
             stages=(1,),

@@ -1,7 +1,7 @@
 """Stage III on the shapes world: LDAM on vs off over seeds, its triggers, and the RL epoch time.
 
     python benchmarks/bench_rl.py --seeds 0 1 2 [--stage2 parauni-demo/stage2] [--out bench-rl]
-                                  [--no-eval] [--timing-epochs 2] [world overrides, e.g. --world.rl.clip_epochs=20]
+                                  [--no-eval] [--timing-epochs 2] [world overrides, e.g. --world.rl.phases.1.epochs=20]
     python benchmarks/bench_rl.py --quick --seeds 0     # the quick world, a fresh Stage-II model (smoke test)
     python benchmarks/bench_rl.py --gate-rates          # LDAM gate firing rates on synthetic inputs (seconds)
 
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from parauni.config import with_overrides
 from parauni.models.parauni import ParaUni
 from parauni.rl.ldam import LDAMConfig, replay
 from parauni.rl.plots import phase_gains, plot_reward_curves, trigger_summary
@@ -102,7 +103,7 @@ def _run(args, cfg, stage0: Path, w, out: Path):
 
     model = ParaUni.from_pretrained(args.stage2)
     t = time.time()
-    result = run_world_rl(model, w, cfg.image_size, stage0, out, progress=False, log=lambda *a: None)
+    result = run_world_rl(model, w, stage0, out, progress=False, log=lambda *a: None)
     return model, result.history, time.time() - t
 
 
@@ -110,8 +111,14 @@ def epoch_timing(args, cfg, stage0: Path, out: Path) -> dict:
     """Seconds per RL epoch with the VLM run at every call (before) and once per prompt and epoch (after)."""
     result = {}
     for label, cached in (("before", False), ("after", True)):
-        w = dataclasses.replace(
-            cfg.rl, seed=0, aesthetic_epochs=args.timing_epochs, clip_epochs=1, cache_conditions=cached
+        w = with_overrides(
+            cfg.rl,
+            [
+                "seed=0",
+                f"phases.0.epochs={args.timing_epochs}",
+                "phases.1.epochs=1",
+                f"cache_conditions={cached}",
+            ],
         )
         _, rows, _ = _run(args, cfg, stage0, w, out / f"timing_{label}")
         result[label] = {"seconds": [r["seconds"] for r in rows[: args.timing_epochs]], "rows": rows}
@@ -169,7 +176,7 @@ def main() -> None:
             ParaUni.from_config(world_model_config(cfg, stage0)).save_pretrained(args.stage2)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s); world RL: {cfg.rl.aesthetic_epochs} + {cfg.rl.clip_epochs} epochs, "
+        f"{torch.get_num_threads()} thread(s); world RL: {' + '.join(str(p.epochs) for p in cfg.rl.phases)} epochs, "
         f"{cfg.rl.prompts_per_epoch} prompts x {cfg.rl.group_size} images"
     )
     results: dict = {"runs": [], "world_rl": dataclasses.asdict(cfg.rl)}
@@ -198,7 +205,7 @@ def main() -> None:
     for seed in args.seeds:
         for ldam in (True, False):
             label = "LDAM on" if ldam else "LDAM off"
-            w = dataclasses.replace(cfg.rl, seed=seed, ldam=ldam)
+            w = with_overrides(cfg.rl, [f"seed={seed}", f"ldam.enabled={ldam}"])
             model, rows, seconds = _run(args, cfg, stage0, w, out / f"seed{seed}_{'on' if ldam else 'off'}")
             logs[label].append(rows)
             run = {

@@ -19,6 +19,7 @@ from parauni.config import (
     preset_dict,
     save_yaml,
     to_dict,
+    with_overrides,
 )
 
 
@@ -173,3 +174,15 @@ def test_overrides_read_exponent_numbers_without_a_dot():
 
     out = apply_overrides({}, ["--train.lr=1e-4", "--a.b=3", "--a.name=last", "--a.f=2.5E-3"])
     assert out == {"train": {"lr": 1e-4}, "a": {"b": 3, "name": "last", "f": 2.5e-3}}
+
+
+def test_overrides_reach_into_lists_by_position():
+    from parauni.rl.config import RLConfig
+
+    rl = with_overrides(RLConfig(), ["phases.1.epochs=3", "phases.0.rewards.clip=0.5", "ldam.window=2"])
+    assert rl.phases[1].epochs == 3 and rl.phases[0].rewards["clip"] == 0.5 and rl.ldam.window == 2
+    assert RLConfig().phases[1].epochs == 1000  # the input is not changed
+    with pytest.raises(ConfigError, match=r"'phases.x.epochs'.*use 0 to 1"):
+        with_overrides(RLConfig(), ["phases.x.epochs=3"])
+    with pytest.raises(ConfigError, match=r"zone=.nowhere. is not valid"):
+        with_overrides(RLConfig(), ["phases.0.zone=nowhere"], prefix="rl.")

@@ -16,9 +16,19 @@ def test_reference_lists_every_section_and_nested_key():
         "`train.lr`",
         "`rl.ldam.grad_gate`",
         "`rewards.pickscore`",
-        "`world.rl.ldam`",
+        "`world.rl.ldam.window`",
+        "`world.parauni.stage1.steps`",
+        "`world.rl.phases.1.epochs`",
     ):
         assert key in text, key
+
+
+def test_a_nested_world_section_shows_the_worlds_defaults_not_the_library_class_defaults():
+    text = reference_markdown()
+    assert "| `world.parauni.stage1.lr` | `float` | `0.003` |" in text
+    assert "| `train.lr` | `float` | `0.0001` |" in text
+    assert "| `world.rl.ldam.window` | `int` | `3` |" in text and "| `rl.ldam.window` | `int` | `5` |" in text
+    assert "| `world.rl.phases.0.rewards` | `dict[str, float]` | `{'aesthetic': 1.0}` |" in text
 
 
 def test_committed_reference_is_current():

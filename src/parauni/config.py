@@ -349,6 +349,9 @@ def field_type(cls: type, parts: list[str]) -> Any:
     """The annotation of the field ``parts`` (e.g. ``["vlm", "template"]``) of dataclass ``cls``, or None."""
     tp: Any = cls
     for part in parts:
+        if typing.get_origin(tp) is list and part.isdigit():  # an item of a list field, e.g. rl.phases.0
+            (tp,) = typing.get_args(tp) or (Any,)
+            continue
         if not _is_dataclass_type(tp):
             return None
         hints = typing.get_type_hints(tp)
@@ -389,13 +392,37 @@ def apply_overrides(data: dict, overrides: list[str], schema: type | None = None
         parts = key.split(".")
         node = out
         for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+            if isinstance(node, list):
+                node = node[_list_index(key, node, part)]
+                continue
+            if not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = _override_value(text, field_type(schema, parts) if schema else None)
+        value = _override_value(text, field_type(schema, parts) if schema else None)
+        if isinstance(node, list):
+            node[_list_index(key, node, parts[-1])] = value
+        else:
+            node[parts[-1]] = value
     if schema is not None:
         _drop_stale_arch(out, overrides)
     return out
+
+
+def _list_index(key: str, items: list, part: str) -> int:
+    """The position ``part`` names in ``items`` (an override such as ``rl.phases.1.epochs=6``)."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"override {key!r}: {part!r} is not a position in a list of {len(items)} item(s); "
+            f"use 0 to {len(items) - 1}"
+        )
+    return int(part)
+
+
+def with_overrides(config: T, overrides: list[str], prefix: str = "") -> T:
+    """A copy of the dataclass ``config`` with ``key=value`` overrides (keys relative to it, e.g.
+    ``ldam.enabled=false`` or ``phases.0.epochs=3`` on an :class:`~parauni.rl.config.RLConfig`)."""
+    cls = type(config)
+    return from_dict(cls, apply_overrides(to_dict(config), overrides, schema=cls), prefix=prefix)
 
 
 def _drop_stale_arch(data: dict, overrides: list[str]) -> None:

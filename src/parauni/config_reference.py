@@ -117,15 +117,22 @@ def _rows(cls: type, prefix: str, instance: object | None = None) -> list[str]:
     for f in dataclasses.fields(cls):
         default = _field_default(f, instance)
         if dataclasses.is_dataclass(default):
-            sections.append((f, default))
+            sections.append((f.name, f, default))
+            continue
+        if isinstance(default, list) and default and all(dataclasses.is_dataclass(x) for x in default):
+            # a list of sections (rl.phases): one section per item, keyed as its override is (rl.phases.0.epochs)
+            help_text = f.metadata.get("help") or implied_help(f.name)
+            sections += [(f"{f.name}.{i}", f, item) for i, item in enumerate(default)]
+            rows.append(f"| `{prefix}{f.name}` | `{f.type}` | {len(default)} item(s), below | {help_text} |")
             continue
         help_text = (f.metadata.get("help") or implied_help(f.name)).replace("|", "\\|")
         kind = str(f.type).replace("|", "\\|")
         rows.append(f"| `{prefix}{f.name}` | `{kind}` | {_default(default)} | {help_text} |")
-    for f, sub in sections:
-        doc = (type(sub).__doc__ or "").strip().splitlines()[0] if type(sub).__doc__ else ""
-        rows.append(f"| **`{prefix}{f.name}.*`** | section | | {doc} |")
-        rows += _rows(type(sub), f"{prefix}{f.name}.", sub)
+    for key, f, sub in sections:
+        doc = " ".join((type(sub).__doc__ or "").split()) if key != f.name else ""
+        doc = doc or f.metadata.get("help") or ((type(sub).__doc__ or "").strip().splitlines() or [""])[0]
+        rows.append(f"| **`{prefix}{key}.*`** | section | | {doc.replace('|', chr(92) + '|')} |")
+        rows += _rows(type(sub), f"{prefix}{key}.", sub)
     return rows
 
 

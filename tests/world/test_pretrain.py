@@ -163,8 +163,8 @@ def test_a_release_has_its_card_and_manifest_and_is_checked(quick_release, tmp_p
 def test_stage0_overrides_need_the_scratch_path(quick_release):
     with pytest.raises(ConfigError, match="--stage0 scratch"):
         world_stage0(quick_release, ["--world.t2i.steps=5"], log=lambda *_: None)
-    cfg, folder = world_stage0(quick_release, ["--world.parauni.stage1_steps=5"], log=lambda *_: None)
-    assert folder == quick_release and cfg.parauni.stage1_steps == 5
+    cfg, folder = world_stage0(quick_release, ["--world.parauni.stage1.steps=5"], log=lambda *_: None)
+    assert folder == quick_release and cfg.parauni.stage1.steps == 5
     assert cfg.vlm.layers == WorldConfig().quick().vlm.layers  # the release's own sizes
 
 

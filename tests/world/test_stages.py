@@ -9,7 +9,10 @@ import torch
 import yaml
 
 from parauni.cli import main
+from parauni.errors import ConfigError
 from parauni.models.parauni import ParaUni
+from parauni.rl.config import RLConfig
+from parauni.training.config import TrainConfig
 from parauni.world.config import WorldConfig, world_config
 from parauni.world.pretrain import WorldSource, run_stage0, stage0_key, world_model_config
 from parauni.world.t2i import TextToImage
@@ -43,7 +46,7 @@ def test_stage0_key_changes_with_what_it_trains():
     assert stage0_key(base) == stage0_key(WorldConfig())
     assert stage0_key(base) != stage0_key(world_config(["t2i.steps=7"]))
     assert stage0_key(base) != stage0_key(world_config(["reward.steps=7"]))
-    assert stage0_key(base) == stage0_key(world_config(["parauni.stage1_steps=7"]))
+    assert stage0_key(base) == stage0_key(world_config(["parauni.stage1.steps=7", "rl.ldam.window=2"]))
 
 
 @pytest.mark.parametrize("restate", [True, False])
@@ -100,6 +103,35 @@ def test_world_config_overrides_are_checked():
         world_config(["image_size=30"])
 
 
+def test_world_stages_are_whole_library_configs_overridden_by_their_own_keys():
+    cfg = world_config(["parauni.stage1.steps=7", "rl.ldam.window=4", "rl.phases.1.epochs=2", "seed=5"])
+    assert isinstance(cfg.parauni.stage1, TrainConfig) and isinstance(cfg.rl, RLConfig)
+    assert (cfg.parauni.stage1.steps, cfg.rl.ldam.window, cfg.rl.phases[1].epochs) == (7, 4, 2)
+    assert cfg.parauni.stage(2) is cfg.parauni.stage2 and cfg.parauni.stage2.steps == 150
+    # a stage's seed and image size follow the world's unless given
+    assert (cfg.parauni.stage1.seed, cfg.parauni.stage2.seed) == (6, 7)
+    assert world_config(["parauni.stage2.seed=11"]).parauni.stage2.seed == 11
+    assert world_config(["image_size=64"]).parauni.stage1.image_size == 64
+    with pytest.raises(
+        ConfigError, match=r"world.parauni.stage1.image_size=64 differs from world.image_size=32"
+    ):
+        world_config(["parauni.stage1.image_size=64"])
+    with pytest.raises(ConfigError, match=r"'rl.phases.2.epochs'.*list of 2 item"):
+        world_config(["rl.phases.2.epochs=1"])
+    with pytest.raises(ConfigError, match="world.parauni.stage1.bogus"):
+        world_config(["parauni.stage1.bogus=1"])
+    with pytest.raises(ConfigError, match="not stage 3"):
+        cfg.parauni.stage(3)
+
+
+@pytest.mark.parametrize("stages", [(2,), (1, 3), (2, 3)])
+def test_demo_stages_must_each_follow_the_one_before(tmp_path, stages):
+    from parauni.world.demo import run_demo
+
+    with pytest.raises(ConfigError, match="each stage trains the model of the one before"):
+        run_demo(tmp_path / "demo", quick=True, stages=stages, log=lambda *a: None)
+
+
 def test_quick_demo_writes_the_report(tmp_path, quick_cache):
     out = tmp_path / "demo"
     args = [
@@ -130,7 +162,7 @@ def test_quick_demo_writes_the_report(tmp_path, quick_cache):
     assert set(metrics["estimate"]) == {"stage1", "stage2", "stage3_rl", "shapeseval", "total"}
     rl_rows = [json.loads(line) for line in (out / "stage3" / "rl_log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rl_rows] == ["aesthetic", "clip+geneval"]
-    # both stages pull the condition toward the Stage-0 text encoder's states (parauni.stage{1,2}_distill)
+    # both stages pull the condition toward the Stage-0 text encoder's states (parauni.stage{1,2}.condition_distill)
     distill = [yaml.safe_load((out / f"stage{s}" / "train_config.yaml").read_text()) for s in (1, 2)]
     assert [c["condition_distill"] for c in distill] == [1.0, 1.0]
     assert (
@@ -158,13 +190,9 @@ def test_world_rl_changes_the_lora_and_nothing_else(tmp_path, quick_cache):
     cfg = world_config(quick=True)
     stage0 = stage0_folder(cfg, quick_cache)
     model = ParaUni.from_config(world_model_config(cfg, stage0))
-    from parauni.world.rl import world_rl_config
-
-    model.set_trainable(world_rl_config(cfg.rl, cfg.image_size).trainable)
+    model.set_trainable(cfg.rl.trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = run_world_rl(
-        model, cfg.rl, cfg.image_size, stage0, tmp_path / "rl", progress=False, log=lambda *a: None
-    )
+    result = run_world_rl(model, cfg.rl, stage0, tmp_path / "rl", progress=False, log=lambda *a: None)
     assert [r["phase"] for r in result.history] == ["aesthetic", "clip+geneval"]
     assert all(f"reward_{n}" in result.history[0] for n in ("aesthetic", "clip", "geneval"))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

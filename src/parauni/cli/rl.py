@@ -30,14 +30,14 @@ def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
     rl_items, rest = route(overrides, "rl")
     reward_items, model_overrides = route(rest, "rewards")
     check_run_folder(args.out, args.resume, args.overwrite)
-    rl_dict, rewards_dict = {}, {}
+    rl_dict, rewards_dict = dataclasses.asdict(RLConfig()), {}
     model_dir = args.model
     if args.world:
         from ..world.release import existing_stage0
-        from ..world.rl import WorldPromptSource, world_rl_config
+        from ..world.rl import WorldPromptSource
 
         wcfg, stage0 = existing_stage0("scratch" if args.cache else args.stage0, args.cache)
-        rl_dict = dataclasses.asdict(world_rl_config(wcfg.rl, wcfg.image_size))
+        rl_dict = dataclasses.asdict(wcfg.rl)
         rewards_dict = {"world": str(stage0)}
         if not model_dir:  # parauni demo's Stage-II model, in the working directory
             model_dir = DEMO_STAGE2

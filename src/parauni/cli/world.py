@@ -23,6 +23,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides=world_overrides,
         progress=not args.quiet,
         stage0=args.stage0,
+        stages=tuple(args.stages),
     )
     return 0
 
@@ -75,6 +76,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cache", help="with --stage0 scratch: its cache (default: $PARAUNI_CACHE or ~/.cache/parauni/world)"
+    )
+    p.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        choices=(1, 2, 3),
+        default=[1, 2, 3],
+        help="ParaUni's stages to train, each on the model of the one before: 1 2 3 (default), 1 2 (no RL) or 1",
     )
     p.add_argument("--quick", action="store_true", help="every stage for a few steps (smoke test)")
     p.add_argument(

@@ -17,6 +17,7 @@ from ..config import TrainableConfig, apply_overrides, from_dict
 from ..errors import ConfigError
 from ..rl.config import PhaseConfig, RLConfig
 from ..rl.ldam import LDAMConfig
+from ..training.config import TrainConfig
 
 # Each Stage-0 model and each stage of the demo draws its own stream of world examples: example i of a stage
 # is example i of WorldStream(seed + offset).
@@ -34,96 +35,48 @@ STREAM_OFFSETS: dict[str, int] = {
 }
 
 
-@dataclass
-class WorldRLConfig:
-    """Stage III on the world (the paper's recipe scaled down; see :class:`parauni.rl.config.RLConfig`)."""
-
-    enabled: bool = field(default=True, metadata={"help": "run Stage III in the demo"})
-    aesthetic_epochs: int = field(default=8, metadata={"help": "epochs of phase 1 (world aesthetic)"})
-    clip_epochs: int = field(
-        default=8, metadata={"help": "epochs of phase 2 (world CLIP + ShapesEval credit)"}
-    )
-    geneval_weight: float = field(
-        default=1.0, metadata={"help": "weight of ShapesEval partial credit in phase 2"}
-    )
-    prompts_per_epoch: int = 16
-    group_size: int = 4
-    steps: int = field(default=10, metadata={"help": "SDE sampling steps"})
-    cfg: float = field(default=2.0, metadata={"help": "CFG of rollouts (the world's sampling CFG)"})
-    lr: float = field(default=3e-3, metadata={"help": "AdamW peak lr of the LoRA"})
-    lr_schedule: str = field(
-        default="cosine", metadata={"help": "'cosine' (the paper's, to 0 over the run) or 'constant'"}
-    )
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank on the DiT (0: train queries + LIM)"})
-    beta: float = field(default=0.02, metadata={"help": "KL weight"})
-    updates_per_epoch: int = field(default=1, metadata={"help": "1: every update on-policy"})
-    micro_batch: int = 16
-    ldam: bool = field(default=True, metadata={"help": "LDAM on (off: plain Flow-GRPO)"})
-    ldam_window: int = field(default=3, metadata={"help": "LDAM window W (paper: 5)"})
-    ldam_drop_epochs: int = field(
-        default=1,
-        metadata={
-            "help": "reward-drop gate: consecutive drops r_s (paper: 5, which never fires in 12 epochs)"
-        },
-    )
-    ldam_grad_sigmas: float = field(
-        default=0.0,
-        metadata={"help": "grad-norm gate: above the window's mean + this many stds (paper's reading: 2)"},
-    )
-    ldam_reward_gate: bool = field(
-        default=True, metadata={"help": "require the reward-drop gate (off: paper ablation 7)"}
-    )
-    ldam_grad_gate: bool = field(
-        default=True, metadata={"help": "require the grad-norm gate (off: paper ablation 6)"}
-    )
-    cache_conditions: bool = field(
-        default=True,
-        metadata={"help": "run the frozen VLM once per prompt and epoch (see rl.cache_conditions)"},
-    )
-    seed: int = 0
-
-
-def world_rl_config(w: WorldRLConfig, image_size: int) -> RLConfig:
-    """The :class:`RLConfig` of a world run."""
-    phase2 = {"clip": 1.0}
-    if w.geneval_weight > 0:
-        phase2["geneval"] = w.geneval_weight
-    trainable = (
-        TrainableConfig(
-            queries=False, lim=False, dit=False, dit_lora_rank=w.lora_rank, dit_lora_alpha=w.lora_rank
-        )
-        if w.lora_rank > 0
-        else TrainableConfig(queries=True, lim=True, dit=False)
-    )
+def world_rl_defaults() -> RLConfig:
+    """Stage III on the world: the paper's curriculum (aesthetic on the middle zone, then CLIP with ShapesEval
+    partial credit on the deep zone) at a CPU's scale, a rank-8 LoRA on the DiT and LDAM's looser world gates
+    (``parauni.world.rl``'s docstring measures them)."""
     return RLConfig(
         phases=[
-            PhaseConfig("aesthetic", {"aesthetic": 1.0}, w.aesthetic_epochs, "middle", w.beta),
-            PhaseConfig("clip+geneval", phase2, w.clip_epochs, "deep", w.beta),
+            PhaseConfig("aesthetic", {"aesthetic": 1.0}, epochs=8, zone="middle", beta=0.02),
+            PhaseConfig("clip+geneval", {"clip": 1.0, "geneval": 1.0}, epochs=8, zone="deep", beta=0.02),
         ],
-        prompts_per_epoch=w.prompts_per_epoch,
-        group_size=w.group_size,
-        steps=w.steps,
-        cfg=w.cfg,
-        height=image_size,
-        width=image_size,
-        lr=w.lr,
-        lr_schedule=w.lr_schedule,
-        updates_per_epoch=w.updates_per_epoch,
-        micro_batch=w.micro_batch,
-        rollout_batch=w.prompts_per_epoch * w.group_size,
-        trainable=trainable,
-        ldam=LDAMConfig(
-            enabled=w.ldam,
-            window=w.ldam_window,
-            drop_epochs=w.ldam_drop_epochs,
-            grad_sigmas=w.ldam_grad_sigmas,
-            reward_gate=w.ldam_reward_gate,
-            grad_gate=w.ldam_grad_gate,
-        ),
-        cache_conditions=w.cache_conditions,
+        prompts_per_epoch=16,
+        group_size=4,
+        steps=10,
+        cfg=2.0,
+        lr=3e-3,
+        updates_per_epoch=1,
+        micro_batch=16,
+        rollout_batch=64,
+        trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=8, dit_lora_alpha=8),
+        ldam=LDAMConfig(window=3, drop_epochs=1, grad_sigmas=0.0),
         save_every=5,
         keep_last=1,
-        seed=w.seed,
+    )
+
+
+def world_stage_defaults(stage: int) -> TrainConfig:
+    """Stage I or II on the world: the paper's recipe (AdamW 0.9/0.95, wd 0.05, warm-up + cosine, clip 1.0,
+    10% caption dropout) at the world's scale, with logit-normal times as in Stage 0 and condition distillation
+    against the Stage-0 DiT's own text encoder (not in the paper; docs/world.md)."""
+    steps, lr, warmup = (1200, 3e-3, 20) if stage == 1 else (150, 1e-4, 10)
+    return TrainConfig(
+        stage=stage,
+        steps=steps,
+        batch_size=16,
+        lr=lr,
+        warmup=warmup,
+        timestep_sampling="logit_normal",
+        condition_distill=1.0,
+        image_size=32,
+        save_every=steps // 4,
+        keep_last=1,
+        log_every=5,
+        seed=stage,
     )
 
 
@@ -230,41 +183,35 @@ class WorldT2IConfig:
 
 @dataclass
 class WorldParaUniConfig:
-    """ParaUni on the world: queries + LIM sizes and Stages I and II."""
+    """ParaUni on the world: the sizes of its queries and LIM, and Stages I and II as whole training configs."""
 
     num_queries: int = field(default=32, metadata={"help": "learnable queries = condition tokens"})
     connector_layers: int = 2
     connector_heads: int = 4
     connector_intermediate: int = 384
-    stage1_steps: int = field(
-        default=1200,
+    stage1: TrainConfig = field(
+        default_factory=lambda: world_stage_defaults(1),
         metadata={
-            "help": "Stage-I steps (on the shipped Stage 0, 1200 at batch 16 and lr 3e-3 scored 0.433 on ShapesEval; "
-            "600 at batch 32 and lr 1e-3 scored 0.281; docs/world.md)"
+            "help": "Stage I (queries + LIM). On the shipped Stage 0, 1200 steps at batch 16 and lr 3e-3 scored 0.433 "
+            "on ShapesEval, 600 at batch 32 and lr 1e-3 0.281; batch 16 learnt faster per CPU-second than 32. "
+            "condition_distill (1.0) also pulls the condition to the Stage-0 DiT's own text-encoder states (not in "
+            "the paper; 0 = the flow loss alone, which collapses here). image_size follows world.image_size and "
+            "seed world.seed + 1 unless given (docs/world.md)"
         },
     )
-    stage1_lr: float = field(
-        default=3e-3, metadata={"help": "Stage-I peak learning rate (warm-up then cosine)"}
-    )
-    stage1_warmup: int = 20
-    stage2_steps: int = 150
-    stage2_lr: float = 1e-4
-    stage2_warmup: int = 10
-    batch_size: int = field(
-        default=16,
-        metadata={"help": "Stages I and II (16 learnt faster per CPU-second than 32; docs/world.md)"},
-    )
-    timestep_sampling: str = field(
-        default="logit_normal", metadata={"help": "as in Stage 0 (the paper: uniform)"}
-    )
-    stage1_distill: float = field(
-        default=1.0,
+    stage2: TrainConfig = field(
+        default_factory=lambda: world_stage_defaults(2),
         metadata={
-            "help": "train.condition_distill of Stage I: the condition is also pulled to the Stage-0 DiT's own "
-            "text-encoder states (not in the paper; 0 = its flow loss alone, which collapses here, docs/world.md)"
+            "help": "Stage II (+ the DiT), on Stage I's model; image_size follows world.image_size and seed "
+            "world.seed + 2 unless given"
         },
     )
-    stage2_distill: float = field(default=1.0, metadata={"help": "train.condition_distill of Stage II"})
+
+    def stage(self, n: int) -> TrainConfig:
+        """The training config of Stage ``n`` (1 or 2)."""
+        if n not in (1, 2):
+            raise ConfigError(f"the world trains ParaUni's Stages 1 and 2 with a TrainConfig, not stage {n}")
+        return self.stage1 if n == 1 else self.stage2
 
 
 @dataclass
@@ -324,7 +271,13 @@ class WorldConfig:
     """Everything about the embedded default world."""
 
     image_size: int = field(default=32, metadata={"help": "side of the world's square images"})
-    seed: int = 0
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of the world's example streams and Stage 0; Stages I and II use world.seed + 1 and + 2 "
+            "unless their own seed is given"
+        },
+    )
     save_every: int = field(
         default=100,
         metadata={"help": "Stage-0 checkpoints every N steps of each model (resuming; no effect on results)"},
@@ -335,7 +288,13 @@ class WorldConfig:
     parauni: WorldParaUniConfig = field(default_factory=WorldParaUniConfig)
     eval: WorldEvalConfig = field(default_factory=WorldEvalConfig)
     reward: WorldRewardConfig = field(default_factory=WorldRewardConfig)
-    rl: WorldRLConfig = field(default_factory=WorldRLConfig)
+    rl: RLConfig = field(
+        default_factory=world_rl_defaults,
+        metadata={
+            "help": "Stage III, the library's RLConfig with the world's defaults: override as --world.rl.key=value, "
+            "a phase as --world.rl.phases.0.epochs=4 (parauni.world.rl)"
+        },
+    )
 
     def __post_init__(self) -> None:
         dit_multiple = self.t2i.dit_patch * (2 ** (len(self.ae.channels) - 1) if self.ae.enabled else 1)
@@ -350,6 +309,13 @@ class WorldConfig:
                 f"{self.parauni.num_queries} (the DiT is pretrained on as many condition tokens as ParaUni gives), "
                 "or be 0 (masked captions)"
             )
+        for stage in (self.parauni.stage1, self.parauni.stage2):
+            if stage.image_size != self.image_size:
+                raise ConfigError(
+                    f"world.parauni.stage{stage.stage}.image_size={stage.image_size} differs from world.image_size="
+                    f"{self.image_size}: the world draws its examples at world.image_size; leave the stage's "
+                    "image_size out (it follows world.image_size)"
+                )
         if self.image_size % self.reward.patch:
             raise ConfigError(
                 f"world.image_size={self.image_size} must be a multiple of reward.patch ({self.reward.patch})"
@@ -366,15 +332,15 @@ class WorldConfig:
         q.t2i.dit_layers, q.t2i.text_layers, q.t2i.text_hidden = 2, 1, 64
         q.parauni.connector_intermediate = 128
         q.t2i.text_tokens = q.parauni.num_queries = 16
-        q.parauni.stage1_steps = q.parauni.stage2_steps = 3
-        q.parauni.stage1_warmup = q.parauni.stage2_warmup = 1
-        q.parauni.batch_size = 8
+        for stage in (q.parauni.stage1, q.parauni.stage2):
+            stage.steps, stage.warmup, stage.batch_size, stage.save_every = 3, 1, 8, 3
         q.eval.per_tag, q.eval.images_per_prompt, q.eval.steps = 1, 2, 4
         q.reward.vision_hidden = q.reward.text_hidden = 32
         q.reward.vision_layers = q.reward.text_layers = 1
         q.reward.steps, q.reward.warmup, q.reward.batch_size = 3, 1, 8
         q.reward.aesthetic_steps, q.reward.aesthetic_batch_size = 3, 8
-        q.rl.aesthetic_epochs = q.rl.clip_epochs = 1
+        for phase in q.rl.phases:
+            phase.epochs = 1
         q.rl.prompts_per_epoch, q.rl.group_size, q.rl.steps, q.rl.micro_batch = 2, 2, 3, 4
         return q
 
@@ -392,7 +358,15 @@ def world_config(
             data[key].update(value)
         elif key in data:
             data[key] = value
-    cfg = from_dict(WorldConfig, apply_overrides(data, items), prefix="world.")
+    data = apply_overrides(data, items, schema=WorldConfig)
+    given = {item.split("=", 1)[0] for item in items}
+    for n in (1, 2):  # a stage's image size and seed follow the world's unless given
+        stage = data["parauni"][f"stage{n}"]
+        if f"parauni.stage{n}.image_size" not in given:
+            stage["image_size"] = data["image_size"]
+        if f"parauni.stage{n}.seed" not in given:
+            stage["seed"] = data["seed"] + n
+    cfg = from_dict(WorldConfig, data, prefix="world.")
     return cfg.quick() if quick else cfg
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..models.parauni import ParaUni
 from ..pipeline import generate
 from ..rl.plots import phase_gains, plot_reward_curves, read_log, reward_names, trigger_summary
-from ..training.config import TrainConfig
 from ..training.trainer import stage_trainable, train
 from ..utils.device import default_device
 from ..utils.images import tensor_to_uint8
@@ -34,33 +34,8 @@ from .shapeseval import run_shapeseval
 from .t2i import TextToImage, t2igen
 
 
-def stage_train_config(cfg: WorldConfig, stage: int) -> TrainConfig:
-    """Stage I / II on the world: the paper's recipe (AdamW 0.9/0.95, wd 0.05, warm-up + cosine, clip 1.0,
-    10% caption dropout) at the world's scale."""
-    p = cfg.parauni
-    steps, lr, warmup, distill = (
-        (p.stage1_steps, p.stage1_lr, p.stage1_warmup, p.stage1_distill)
-        if stage == 1
-        else (p.stage2_steps, p.stage2_lr, p.stage2_warmup, p.stage2_distill)
-    )
-    return TrainConfig(
-        stage=stage,
-        steps=steps,
-        batch_size=p.batch_size,
-        lr=lr,
-        warmup=warmup,
-        image_size=cfg.image_size,
-        timestep_sampling=p.timestep_sampling,
-        condition_distill=distill,
-        save_every=max(1, steps // 4),
-        keep_last=1,
-        log_every=5,
-        seed=cfg.seed + stage,
-    )
-
-
 def world_teacher(stage0: Path):
-    """The teacher of ``parauni.stage{1,2}_distill``: the Stage-0 DiT's own text encoder (captions -> states, mask)."""
+    """The teacher of the stages' ``condition_distill``: the Stage-0 DiT's own text encoder (captions -> states, mask)."""
     return TextToImage.from_pretrained(stage0 / "t2i").eval().text_states
 
 
@@ -81,16 +56,18 @@ STAGE2_STEP_RATIO = 1.2
 RL_EPOCH_RATIO = 3.0
 
 
-def estimate_seconds(model: ParaUni, cfg: WorldConfig, source, teacher) -> dict[str, float]:
+def estimate_seconds(
+    model: ParaUni, cfg: WorldConfig, source, teacher, stages: tuple[int, ...] = (1, 2, 3)
+) -> dict[str, float]:
     """The demo's remaining stages on this machine, from one timed Stage-I step and one timed generation.
 
     Returns seconds per stage ("stage1", "stage2", "stage3_rl", "shapeseval" for its four runs, "total").
     Nothing it does changes the model or any random stream of the demo.
     """
-    p, e, r = cfg.parauni, cfg.eval, cfg.rl
+    s1, s2, e, r = cfg.parauni.stage1, cfg.parauni.stage2, cfg.eval, cfg.rl
     with torch.random.fork_rng(devices=[]):
         model.set_trainable(stage_trainable(1, model.config.trainable))
-        images, captions = source.examples(list(range(p.batch_size)))
+        images, captions = source.examples(list(range(s1.batch_size)))
         x0 = model.encode_images(images.to(model.device))
         t, noise = torch.rand(len(x0), device=x0.device), torch.randn_like(x0)
         batch = model.encode_prompts(captions)
@@ -98,7 +75,7 @@ def estimate_seconds(model: ParaUni, cfg: WorldConfig, source, teacher) -> dict[
         # the first call pays one-off costs (allocation, kernel choice): the second is timed
         for _ in range(2):
             start = time.time()
-            model(batch, x0, t, noise, teacher(captions), p.stage1_distill).backward()
+            model(batch, x0, t, noise, teacher(captions), s1.condition_distill).backward()
             times.append(time.time() - start)
             model.zero_grad(set_to_none=True)
         train_step = times[-1]
@@ -109,17 +86,19 @@ def estimate_seconds(model: ParaUni, cfg: WorldConfig, source, teacher) -> dict[
             times.append(time.time() - start)
         per_image_step = times[-1] / (n * e.steps)
     images_per_run = 6 * e.per_tag * e.images_per_prompt
-    rl_epochs = r.aesthetic_epochs + r.clip_epochs if r.enabled else 0
+    rl_epochs = r.total_epochs if 3 in stages else 0
     out = {
-        "stage1": p.stage1_steps * train_step,
-        "stage2": p.stage2_steps * train_step * STAGE2_STEP_RATIO,
+        "stage1": s1.steps * train_step if 1 in stages else 0.0,
+        "stage2": s2.steps * train_step * STAGE2_STEP_RATIO * s2.batch_size / s1.batch_size
+        if 2 in stages
+        else 0.0,
         "stage3_rl": rl_epochs
         * RL_EPOCH_RATIO
         * r.prompts_per_epoch
         * r.group_size
         * r.steps
         * per_image_step,
-        "shapeseval": (4 if r.enabled else 3) * images_per_run * e.steps * per_image_step,
+        "shapeseval": (1 + len(stages)) * images_per_run * e.steps * per_image_step,
     }
     return {**out, "total": sum(out.values())}
 
@@ -132,14 +111,19 @@ def run_demo(
     progress: bool = True,
     log=print,
     stage0: str | Path = "release",
-    stages: tuple[int, ...] = (1, 2),
+    stages: tuple[int, ...] = (1, 2, 3),
 ) -> dict:
     """Run the demo and write its report folder; returns the metrics.
 
     ``stage0``: the world's Stage-0 models, "release" (shipped with the package), "scratch" (quick ones trained
     here and cached in ``cache_dir``), a release folder or a Hub id (:func:`release.world_stage0`).
-    ``stages``: ParaUni's stages to train (Stage III follows Stage II when ``rl.enabled``).
+    ``stages``: ParaUni's stages to train, each on the model of the one before: (1,), (1, 2) or (1, 2, 3).
     """
+    stages = tuple(stages)
+    if stages not in ((1,), (1, 2), (1, 2, 3)):
+        raise ConfigError(
+            f"demo stages {list(stages)}: each stage trains the model of the one before; give 1, 1 2 or 1 2 3"
+        )
     if quick:
         log("--quick: a smoke run, every stage for a few steps; its scores say nothing about the method")
     torch.manual_seed(0)
@@ -159,7 +143,7 @@ def run_demo(
     teacher = t2i.text_states  # the Stage-I distillation's teacher (see world_teacher)
     model = ParaUni.from_config(world_model_config(cfg, stage0)).to(device)
     guess = estimate_seconds(
-        model, cfg, WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size), teacher
+        model, cfg, WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size), teacher, stages
     )
     log(
         f"estimate for this machine: about {guess['total'] / 60:.0f} min more (Stage I {guess['stage1']:.0f} s, "
@@ -197,13 +181,13 @@ def run_demo(
     scores, samples = {}, {}
     result = evaluate("stage0_t2i", t2igen(t2i, cfg))
     scores["stage0_t2i"], samples["Stage 0 DiT + own text encoder"] = result, result["samples"]
-    for stage in stages:
+    for stage in (n for n in stages if n < 3):
         t = time.time()
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
         train(
             model,
             source,
-            stage_train_config(cfg, stage),
+            cfg.parauni.stage(stage),
             out / f"stage{stage}",
             progress=progress,
             teacher=teacher,
@@ -214,11 +198,9 @@ def run_demo(
         samples[f"ParaUni Stage {'I' * stage} (all layers)"] = result["samples"]
 
     rl_metrics = None
-    if cfg.rl.enabled and 2 in stages:
+    if 3 in stages:
         t = time.time()
-        result = run_world_rl(
-            model, cfg.rl, cfg.image_size, stage0, out / "stage3", progress=progress, log=log
-        )
+        result = run_world_rl(model, cfg.rl, stage0, out / "stage3", progress=progress, log=log)
         timings["stage3_rl"] = time.time() - t
         history = result.history
         rl_metrics = {

@@ -164,7 +164,7 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
         "",
         "* Stage I with the paper's flow loss alone beside the distilled one: "
         "`python benchmarks/bench_demo.py --flow-only`, or this demo with "
-        "`--world.parauni.stage1_distill=0 --world.parauni.stage2_distill=0`.",
+        "`--world.parauni.stage1.condition_distill=0 --world.parauni.stage2.condition_distill=0`.",
         "* The ablation rows (last layer, all layers, without each zone, LIM without LayerNorm; 3 seeds), the "
         "reconstruction comparison and the layer analyses: `parauni reproduce` (resumable).",
         "",

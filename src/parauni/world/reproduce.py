@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from ..analysis.layers import analyze_layers
+from ..config import with_overrides
 from ..errors import ConfigError
 from ..eval.reconstruct import reconstruct_folder, side_by_side
 from ..models.parauni import ParaUni
@@ -42,7 +43,7 @@ from ..scoring.geneval_rules import GENEVAL_TAGS
 from ..training.trainer import train
 from .captions import WorldStream, make_eval_metadata
 from .config import STREAM_OFFSETS, WorldConfig
-from .demo import paraunigen, stage_train_config, world_teacher
+from .demo import paraunigen, world_teacher
 from .pretrain import WorldSource, world_model_config
 from .release import world_stage0
 from .reward_models import load_world_clip, world_rewards
@@ -60,7 +61,7 @@ class AblationRow:
     name: str
     label: str
     lim: dict = field(default_factory=dict)  # ModelConfig.lim overrides (layer rows)
-    rl: dict | None = None  # None: the Stage-II model is evaluated; else WorldRLConfig overrides
+    rl: tuple[str, ...] | None = None  # None: the Stage-II model is evaluated; else world.rl overrides
     paper: dict = field(default_factory=dict)  # GenEval: tag -> score and "overall"
     source: str = "ablation table"  # where in the paper ``paper``'s numbers are printed
 
@@ -116,21 +117,21 @@ ROWS: tuple[AblationRow, ...] = (
         None,
         _paper(0.98, 0.61, 0.75, 0.73),
     ),
-    AblationRow("rl_no_ldam", "all layers + Flow-GRPO without LDAM", rl={"ldam": False}, source=""),
+    AblationRow("rl_no_ldam", "all layers + Flow-GRPO without LDAM", rl=("ldam.enabled=false",), source=""),
     AblationRow(
         "ldam_no_grad_gate",
         "(6) LDAM without grad-norm gate",
-        rl={"ldam_grad_gate": False},
+        rl=("ldam.grad_gate=false",),
         paper=_paper(0.98, 0.90, 0.82, 0.86),
     ),
     AblationRow(
         "ldam_no_reward_gate",
         "(7) LDAM without reward-drop gate",
-        rl={"ldam_reward_gate": False},
+        rl=("ldam.reward_gate=false",),
         paper=_paper(0.98, 0.90, 0.81, 0.86),
     ),
     AblationRow(
-        "full", "ours: all layers + LIM + LDAM", rl={}, paper=PAPER_FULL, source="main and ablation tables"
+        "full", "ours: all layers + LIM + LDAM", rl=(), paper=PAPER_FULL, source="main and ablation tables"
     ),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
@@ -169,7 +170,7 @@ def _train_stages(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, u
             continue
         if model is None:
             model = ParaUni.from_config(_model_config(cfg, stage0, row, seed))
-        tc = dataclasses.replace(stage_train_config(cfg, stage), seed=seed * 1000 + stage)
+        tc = dataclasses.replace(cfg.parauni.stage(stage), seed=seed * 1000 + stage)
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"] + SEED_STRIDE * seed, cfg.image_size)
         result = train(model, source, tc, folder, resume=True, progress=progress, teacher=teacher)
         (folder / "done.json").write_text(json.dumps({"seconds": result.seconds, "loss": result.final_loss}))
@@ -217,11 +218,10 @@ def run_unit(
                 f"{row.name} starts from the all_layers Stage-II model of seed {seed}: {start}"
             )
         model = ParaUni.from_pretrained(start)
-        w = dataclasses.replace(cfg.rl, seed=seed, **row.rl)
+        rl = with_overrides(cfg.rl, [*row.rl, f"seed={seed}"], prefix="world.rl.")
         result = run_world_rl(
             model,
-            w,
-            cfg.image_size,
+            rl,
             stage0,
             unit / "stage3",
             progress=progress,
@@ -271,7 +271,7 @@ def estimate_seconds(
     if not pending:
         return 0.0
     model = ParaUni.from_config(world_model_config(cfg, stage0))
-    tc = dataclasses.replace(stage_train_config(cfg, 1), steps=3, warmup=1, save_every=0)
+    tc = dataclasses.replace(cfg.parauni.stage1, steps=3, warmup=1, save_every=0)
     source = WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size)
     scratch = out / "calibration"
     teacher = world_teacher(stage0)
@@ -284,12 +284,11 @@ def estimate_seconds(
     t = time.time()
     paraunigen(model)(["a photo of a red circle"] * n, 0)
     per_image = (time.time() - t) / n  # at e.steps sampling steps
-    p = cfg.parauni
-    sft = (p.stage1_steps + p.stage2_steps) * step
+    sft = (cfg.parauni.stage1.steps + cfg.parauni.stage2.steps) * step
     evaluation = cfg.eval.per_tag * len(GENEVAL_TAGS) * e.images_per_prompt * per_image
     r = cfg.rl
     rl_epoch = r.prompts_per_epoch * r.group_size * per_image * r.steps / max(1, e.steps) * 3
-    rl = (r.aesthetic_epochs + r.clip_epochs) * rl_epoch
+    rl = r.total_epochs * rl_epoch
     return sum((sft if row.rl is None else rl) + evaluation for row, _ in pending)
 
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..rl.config import RLConfig
 from ..rl.grpo import train_rl
 from ..rl.prompts import PromptItem
 from ..rl.rewards import CombinedReward
 from ..scoring.geneval_rules import GENEVAL_TAGS
 from .captions import metadata_for
-from .config import WorldRLConfig, world_rl_config
 from .reward_models import world_rewards
 
 
@@ -43,16 +43,15 @@ class WorldPromptSource:
 
 def run_world_rl(
     model,
-    w: WorldRLConfig,
-    image_size: int,
+    cfg: RLConfig,
     stage0: Path,
     out_dir: Path,
     progress: bool = True,
     resume: bool = False,
     log=print,
 ):
-    """Stage III of ``model`` (a world Stage-II ParaUni) with the world's rewards; returns the RLResult."""
-    cfg = world_rl_config(w, image_size)
+    """Stage III of ``model`` (a world Stage-II ParaUni) with the world's rewards (the world config's ``rl``,
+    :func:`parauni.world.config.world_rl_defaults`); returns the RLResult."""
     rewards = world_rewards(stage0)
     combined = CombinedReward(rewards, {name: 1.0 for name in rewards})
 
