@@ -18,8 +18,8 @@ from torch import nn
 
 from parauni.cli import main
 from parauni.config import ConfigError
-from parauni.world.config import WorldConfig
-from parauni.world.fit import FitSchedule, fit
+from parauni.world.config import FitConfig, WorldConfig
+from parauni.world.fit import fit
 from parauni.world.pretrain import Stage0Error, phase_metrics, pretrain
 from parauni.world.release import (
     MANIFEST,
@@ -32,7 +32,7 @@ from parauni.world.release import (
     world_stage0,
 )
 
-SCHEDULE = FitSchedule(steps=6, lr=1e-2, warmup=2, weight_decay=0.01, betas=(0.9, 0.95), grad_clip=1.0)
+SCHEDULE = FitConfig(steps=6, lr=1e-2, warmup=2, weight_decay=0.01, betas=[0.9, 0.95], grad_clip=1.0)
 
 
 class Interrupted(Exception):
@@ -72,8 +72,8 @@ SMALL = [
     "--world.vlm.layers=2",
     "--world.vlm.hidden=32",
     "--world.vlm.intermediate=64",
-    "--world.vlm.batch_size=4",
-    "--world.vlm.steps=40",
+    "--world.vlm.train.batch_size=4",
+    "--world.vlm.train.steps=40",
     "--world.save_every=4",
 ]
 
@@ -113,8 +113,8 @@ def test_a_folder_begun_with_another_config_is_refused(tmp_path):
     cfg = WorldConfig().quick()
     pretrain(cfg, tmp_path, phases=["ae"], progress=False, log=lambda *_: None)
     other = WorldConfig().quick()
-    other.ae.steps += 1
-    with pytest.raises(Stage0Error, match="ae.steps"):
+    other.ae.train.steps += 1
+    with pytest.raises(Stage0Error, match="ae.train.steps"):
         pretrain(other, tmp_path, phases=["ae"], progress=False, log=lambda *_: None)
     with pytest.raises(Stage0Error, match="unknown Stage-0 phases"):
         pretrain(cfg, tmp_path, phases=["dit"], progress=False, log=lambda *_: None)
@@ -162,7 +162,7 @@ def test_a_release_has_its_card_and_manifest_and_is_checked(quick_release, tmp_p
 
 def test_stage0_overrides_need_the_scratch_path(quick_release):
     with pytest.raises(ConfigError, match="--stage0 scratch"):
-        world_stage0(quick_release, ["--world.t2i.steps=5"], log=lambda *_: None)
+        world_stage0(quick_release, ["--world.t2i.train.steps=5"], log=lambda *_: None)
     cfg, folder = world_stage0(quick_release, ["--world.parauni.stage1.steps=5"], log=lambda *_: None)
     assert folder == quick_release and cfg.parauni.stage1.steps == 5
     assert cfg.vlm.layers == WorldConfig().quick().vlm.layers  # the release's own sizes
@@ -183,6 +183,28 @@ def test_the_shipped_release_loads_and_matches_its_hashes():
     assert t2i.fixed_length and t2i.max_length == cfg.t2i.text_tokens
     model = ParaUni.from_config(world_model_config(cfg, folder))
     assert model.vlm.num_layers == cfg.vlm.layers
+
+
+def test_the_shipped_flat_world_json_reads_as_the_recipe_in_train_sections(tmp_path):
+    """The shipped release's world.json predates the train sections: its flat keys (vlm.steps, t2i.text_lr,
+    reward.aesthetic_steps, ...) are moved into them, giving exactly the recipe's Stage-0 config, and a folder
+    begun with the flat keys can be resumed by the same recipe."""
+    from parauni.world.config import world_config
+    from parauni.world.pretrain import RECIPE, _claim_folder, stage0_config
+    from parauni.world.release import release_config
+
+    flat = json.loads((RELEASE_DIR / "world.json").read_text())
+    assert "steps" in flat["vlm"] and "aesthetic_steps" in flat["reward"]  # the old layout
+    shipped = world_config(base=release_config(RELEASE_DIR))
+    assert stage0_config(shipped) == stage0_config(world_config(list(RECIPE)))
+    assert shipped.reward.aesthetic_train.grad_clip == 0.0 and shipped.reward.aesthetic_train.betas == [
+        0.9,
+        0.98,
+    ]
+    (tmp_path / "world.json").write_text(json.dumps(flat))
+    _claim_folder(tmp_path, world_config(list(RECIPE)))  # resumes
+    with pytest.raises(Stage0Error, match="t2i.train.warmup"):
+        _claim_folder(tmp_path, world_config([*RECIPE, "t2i.train.warmup=7"]))
 
 
 def test_quick_demo_runs_on_the_shipped_release(tmp_path, monkeypatch):

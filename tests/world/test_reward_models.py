@@ -33,7 +33,7 @@ from parauni.world.reward_models import (
 @pytest.fixture(scope="module")
 def cfg() -> WorldConfig:
     c = WorldConfig().quick()
-    c.reward.aesthetic_steps, c.reward.aesthetic_batch_size = 40, 16
+    c.reward.aesthetic_train.steps, c.reward.aesthetic_train.batch_size = 40, 16
     return c
 
 

@@ -44,8 +44,8 @@ def test_stage0_writes_and_reuses_its_artefacts(stage0):
 def test_stage0_key_changes_with_what_it_trains():
     base = WorldConfig()
     assert stage0_key(base) == stage0_key(WorldConfig())
-    assert stage0_key(base) != stage0_key(world_config(["t2i.steps=7"]))
-    assert stage0_key(base) != stage0_key(world_config(["reward.steps=7"]))
+    assert stage0_key(base) != stage0_key(world_config(["t2i.train.steps=7"]))
+    assert stage0_key(base) != stage0_key(world_config(["reward.train.steps=7"]))
     assert stage0_key(base) == stage0_key(world_config(["parauni.stage1.steps=7", "rl.ldam.window=2"]))
 
 
@@ -96,7 +96,7 @@ def test_t2i_generates_the_requested_images(stage0):
 
 
 def test_world_config_overrides_are_checked():
-    assert world_config(["--world.t2i.steps=12"]).t2i.steps == 12
+    assert world_config(["--world.t2i.train.steps=12"]).t2i.train.steps == 12
     with pytest.raises(ValueError, match="world.t2i.bogus"):
         world_config(["t2i.bogus=1"])
     with pytest.raises(ValueError, match="image_size"):

@@ -61,7 +61,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="train and measure the whole pipeline on the embedded shapes world",
-        epilog="world overrides as --world.section.key=value, e.g. --world.t2i.steps=500",
+        epilog="world overrides as --world.section.key=value, e.g. --world.t2i.train.steps=500",
     )
     p.add_argument(
         "--out",
@@ -123,7 +123,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = worlds.add_parser(
         "pretrain",
         help="train the world's Stage-0 models by the long recipe (resumable: rerun the same command)",
-        epilog="world overrides as --world.section.key=value on top of the recipe, e.g. --world.t2i.steps=500",
+        epilog="world overrides as --world.section.key=value on top of the recipe, e.g. --world.t2i.train.steps=500",
     )
     p.add_argument("--out", required=True, help="the Stage-0 folder (a killed run resumes from it)")
     p.add_argument(

@@ -81,6 +81,48 @@ def world_stage_defaults(stage: int) -> TrainConfig:
 
 
 @dataclass
+class FitConfig:
+    """How one Stage-0 model is trained (:func:`parauni.world.fit.fit`): AdamW with weight decay on matrices only,
+    linear warm-up then cosine to 0, gradient-norm clipping."""
+
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (matrices only)"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"a Stage-0 train section's {name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0 or self.warmup < 0 or len(self.betas) != 2:
+            raise ConfigError(
+                f"a Stage-0 train section needs lr > 0, warmup >= 0 and two betas; got lr={self.lr}, "
+                f"warmup={self.warmup}, betas={self.betas}"
+            )
+
+
+def world_t2i_train_defaults() -> TrainConfig:
+    """The DiT stage of Stage 0 (the trainer's stage 0): SANA's recipe at the world's scale, logit-normal times."""
+    return TrainConfig(
+        stage=0,
+        steps=1200,
+        batch_size=64,
+        lr=2e-3,
+        warmup=50,
+        weight_decay=0.01,
+        timestep_sampling="logit_normal",
+        image_size=32,
+        save_every=100,
+        keep_last=1,
+        log_every=10,
+        seed=0,
+    )
+
+
+@dataclass
 class WorldVLMConfig:
     """The world's VLM: InternVL architecture (vision tower + Qwen2 decoder), Stage 0 captioning + text LM."""
 
@@ -94,13 +136,10 @@ class WorldVLMConfig:
     vision_heads: int = 2
     patch: int = field(default=4, metadata={"help": "vision patch size (pixel shuffle 0.5 follows)"})
     vocab_size: int = field(default=512, metadata={"help": "byte-level BPE vocabulary trained on the world"})
-    steps: int = 100
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 30
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (matrices only)"})
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    train: FitConfig = field(
+        default_factory=lambda: FitConfig(steps=100, warmup=30),
+        metadata={"help": "its pretraining: captioning world images and a language model on world captions"},
+    )
     restate: bool = field(
         default=False,
         metadata={
@@ -119,13 +158,10 @@ class WorldAEConfig:
     channels: list[int] = field(
         default_factory=lambda: [16, 32, 64], metadata={"help": "per stage; f = 2^(n-1)"}
     )
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 20
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    train: FitConfig = field(
+        default_factory=lambda: FitConfig(steps=400, weight_decay=0.0),
+        metadata={"help": "its training: reconstruction of world images"},
+    )
     latent_noise: float = field(
         default=0.1, metadata={"help": "noise added to latents in training (diffusability)"}
     )
@@ -140,15 +176,10 @@ class WorldT2IConfig:
         default=128, metadata={"help": "text encoder width = the DiT's caption_channels"}
     )
     text_heads: int = 4
-    text_steps: int = field(
-        default=100, metadata={"help": "language-model pretraining steps of the text encoder"}
+    text_train: FitConfig = field(
+        default_factory=FitConfig,
+        metadata={"help": "the text encoder's language-model pretraining on world captions"},
     )
-    text_batch_size: int = 64
-    text_lr: float = 2e-3
-    text_warmup: int = 20
-    text_weight_decay: float = 0.01
-    text_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    text_grad_clip: float = 1.0
     text_tokens: int = field(
         default=32,
         metadata={
@@ -171,14 +202,13 @@ class WorldT2IConfig:
         },
     )
     mlp_ratio: float = 2.5
-    steps: int = 1200
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 50
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the DiT stage"})
-    caption_dropout: float = field(default=0.1, metadata={"help": "unconditional captions (for CFG)"})
-    ema: float = field(default=0.0, metadata={"help": "EMA decay of the DiT's weights (0 = off)"})
-    timestep_sampling: str = "logit_normal"
+    train: TrainConfig = field(
+        default_factory=world_t2i_train_defaults,
+        metadata={
+            "help": "the DiT stage, run by the library's trainer as its stage 0; image_size, seed and save_every "
+            "follow world.image_size, world.seed and world.save_every unless given"
+        },
+    )
 
 
 @dataclass
@@ -241,13 +271,10 @@ class WorldRewardConfig:
     text_heads: int = 4
     max_text_length: int = field(default=64, metadata={"help": "CLIP text positions (world captions <= 43)"})
     projection_dim: int = 64
-    steps: int = field(default=300, metadata={"help": "contrastive training steps"})
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 20
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    grad_clip: float = 1.0
+    train: FitConfig = field(
+        default_factory=lambda: FitConfig(steps=300, lr=1e-3, weight_decay=0.1, betas=[0.9, 0.98]),
+        metadata={"help": "the CLIP's contrastive training on world captions"},
+    )
     hard_negatives: bool = field(
         default=True,
         metadata={
@@ -259,11 +286,10 @@ class WorldRewardConfig:
         metadata={"help": "hidden widths of the aesthetic MLP (LAION's: 1024-128-64-16)"},
     )
     aesthetic_dropout: float = 0.1
-    aesthetic_steps: int = 100
-    aesthetic_batch_size: int = 64
-    aesthetic_lr: float = 1e-3
-    aesthetic_warmup: int = 10
-    aesthetic_weight_decay: float = 0.01
+    aesthetic_train: FitConfig = field(
+        default_factory=lambda: FitConfig(steps=100, lr=1e-3, warmup=10, betas=[0.9, 0.98], grad_clip=0.0),
+        metadata={"help": "the aesthetic MLP's ranking training on the frozen CLIP's embeddings"},
+    )
 
 
 @dataclass
@@ -309,12 +335,17 @@ class WorldConfig:
                 f"{self.parauni.num_queries} (the DiT is pretrained on as many condition tokens as ParaUni gives), "
                 "or be 0 (masked captions)"
             )
-        for stage in (self.parauni.stage1, self.parauni.stage2):
-            if stage.image_size != self.image_size:
+        for key, train, stage in (
+            ("t2i.train", self.t2i.train, 0),
+            ("parauni.stage1", self.parauni.stage1, 1),
+            ("parauni.stage2", self.parauni.stage2, 2),
+        ):
+            if train.stage != stage:
+                raise ConfigError(f"world.{key}.stage={train.stage} must be {stage}")
+            if train.image_size != self.image_size:
                 raise ConfigError(
-                    f"world.parauni.stage{stage.stage}.image_size={stage.image_size} differs from world.image_size="
-                    f"{self.image_size}: the world draws its examples at world.image_size; leave the stage's "
-                    "image_size out (it follows world.image_size)"
+                    f"world.{key}.image_size={train.image_size} differs from world.image_size={self.image_size}: "
+                    "the world draws its examples at world.image_size; leave it out (it follows world.image_size)"
                 )
         if self.image_size % self.reward.patch:
             raise ConfigError(
@@ -324,11 +355,11 @@ class WorldConfig:
     def quick(self) -> WorldConfig:
         """A copy with every stage shortened to a few steps and smaller models (CI smoke runs)."""
         q = copy.deepcopy(self)
-        q.vlm.steps, q.vlm.warmup, q.vlm.batch_size = 4, 1, 8
+        q.vlm.train.steps, q.vlm.train.warmup, q.vlm.train.batch_size = 4, 1, 8
         q.vlm.hidden, q.vlm.intermediate, q.vlm.layers = 64, 128, 4
-        q.ae.steps, q.ae.batch_size = 3, 8
-        q.t2i.steps, q.t2i.warmup, q.t2i.batch_size = 4, 1, 8
-        q.t2i.text_steps, q.t2i.text_batch_size = 3, 8
+        q.ae.train.steps, q.ae.train.batch_size = 3, 8
+        q.t2i.train.steps, q.t2i.train.warmup, q.t2i.train.batch_size = 4, 1, 8
+        q.t2i.text_train.steps, q.t2i.text_train.batch_size = 3, 8
         q.t2i.dit_layers, q.t2i.text_layers, q.t2i.text_hidden = 2, 1, 64
         q.parauni.connector_intermediate = 128
         q.t2i.text_tokens = q.parauni.num_queries = 16
@@ -337,12 +368,86 @@ class WorldConfig:
         q.eval.per_tag, q.eval.images_per_prompt, q.eval.steps = 1, 2, 4
         q.reward.vision_hidden = q.reward.text_hidden = 32
         q.reward.vision_layers = q.reward.text_layers = 1
-        q.reward.steps, q.reward.warmup, q.reward.batch_size = 3, 1, 8
-        q.reward.aesthetic_steps, q.reward.aesthetic_batch_size = 3, 8
+        q.reward.train.steps, q.reward.train.warmup, q.reward.train.batch_size = 3, 1, 8
+        q.reward.aesthetic_train.steps, q.reward.aesthetic_train.batch_size = 3, 8
         for phase in q.rl.phases:
             phase.epochs = 1
         q.rl.prompts_per_epoch, q.rl.group_size, q.rl.steps, q.rl.micro_batch = 2, 2, 3, 4
         return q
+
+
+# Fields of the nested training configs that follow a world-level field unless given: (key, world field, offset).
+FOLLOWS: tuple[tuple[str, str, int], ...] = (
+    ("parauni.stage1.image_size", "image_size", 0),
+    ("parauni.stage1.seed", "seed", 1),
+    ("parauni.stage2.image_size", "image_size", 0),
+    ("parauni.stage2.seed", "seed", 2),
+    ("t2i.train.image_size", "image_size", 0),
+    ("t2i.train.seed", "seed", 0),
+    ("t2i.train.save_every", "save_every", 0),
+)
+# The flat Stage-0 keys of world.json before the train sections (releases up to 2026-12-02, e.g. the shipped
+# one): section -> {flat key: (train section, key in it)}.
+_FIT_KEYS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "betas", "grad_clip")
+FLAT_STAGE0_KEYS: dict[str, dict[str, tuple[str, str]]] = {
+    "vlm": {k: ("train", k) for k in _FIT_KEYS},
+    "ae": {k: ("train", k) for k in _FIT_KEYS},
+    "t2i": {
+        **{f"text_{k}": ("text_train", k) for k in _FIT_KEYS},
+        **{
+            k: ("train", k)
+            for k in ("steps", "batch_size", "lr", "warmup", "weight_decay", "caption_dropout", "ema")
+        },
+        "timestep_sampling": ("train", "timestep_sampling"),
+    },
+    "reward": {
+        **{k: ("train", k) for k in _FIT_KEYS},
+        **{
+            f"aesthetic_{k}": ("aesthetic_train", k)
+            for k in ("steps", "batch_size", "lr", "warmup", "weight_decay")
+        },
+    },
+}
+
+
+def nest_flat_stage0(data: dict) -> dict:
+    """``data`` (some world-config fields) with the flat Stage-0 keys of an earlier ``world.json`` moved into
+    their train sections (``vlm.steps`` -> ``vlm.train.steps``; the aesthetic MLP then shared the CLIP's betas
+    and did not clip its gradients). Nested data comes back unchanged."""
+    out = copy.deepcopy(data)
+    for section, moves in FLAT_STAGE0_KEYS.items():
+        node = out.get(section)
+        if not isinstance(node, dict) or not set(node) & set(moves):
+            continue
+        if section == "reward" and "aesthetic_steps" in node:
+            node.setdefault("aesthetic_grad_clip", 0.0)
+            moves = {**moves, "aesthetic_grad_clip": ("aesthetic_train", "grad_clip")}
+            if "betas" in node:
+                node.setdefault("aesthetic_betas", node["betas"])
+                moves["aesthetic_betas"] = ("aesthetic_train", "betas")
+        for flat, (train, key) in moves.items():
+            if flat in node:
+                node.setdefault(train, {})[key] = node.pop(flat)
+    return out
+
+
+def stage0_base(data: dict) -> dict:
+    """A Stage-0 folder's ``world.json`` as a ``base`` of :func:`world_config`: flat keys nested, the version
+    dropped, and as many queries as condition tokens its DiT was trained on."""
+    base = nest_flat_stage0(data)
+    base.pop("version", None)
+    if tokens := base.get("t2i", {}).get("text_tokens", 0):
+        base["parauni"] = {"num_queries": tokens}
+    return base
+
+
+def _merge(into: dict, new: dict) -> None:
+    """Deep-update the nested dict ``into`` with ``new`` (a section given in part keeps its other fields)."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def world_config(
@@ -353,19 +458,16 @@ def world_config(
     items = [o[2:] if o.startswith("--") else o for o in overrides or []]
     items = [o.removeprefix("world.") for o in items]
     data = dataclasses.asdict(WorldConfig())
-    for key, value in (base or {}).items():
-        if isinstance(value, dict):
-            data[key].update(value)
-        elif key in data:
-            data[key] = value
+    _merge(data, nest_flat_stage0(base or {}))
     data = apply_overrides(data, items, schema=WorldConfig)
     given = {item.split("=", 1)[0] for item in items}
-    for n in (1, 2):  # a stage's image size and seed follow the world's unless given
-        stage = data["parauni"][f"stage{n}"]
-        if f"parauni.stage{n}.image_size" not in given:
-            stage["image_size"] = data["image_size"]
-        if f"parauni.stage{n}.seed" not in given:
-            stage["seed"] = data["seed"] + n
+    for key, source, offset in FOLLOWS:
+        if key not in given:
+            section, name = key.rsplit(".", 1)
+            node = data
+            for part in section.split("."):
+                node = node[part]
+            node[name] = data[source] + offset
     cfg = from_dict(WorldConfig, data, prefix="world.")
     return cfg.quick() if quick else cfg
 

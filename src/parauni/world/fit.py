@@ -16,7 +16,6 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,25 +24,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..training.trainer import warmup_cosine
+from .config import FitConfig
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-@dataclass
-class FitSchedule:
-    """Optimiser and schedule of one Stage-0 model (the world config's fields of that model)."""
-
-    steps: int
-    lr: float
-    warmup: int
-    weight_decay: float
-    betas: tuple[float, float]
-    grad_clip: float  # 0 = off
-
-
-def adamw(module: nn.Module, s: FitSchedule) -> torch.optim.AdamW:
+def adamw(module: nn.Module, s: FitConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (none on biases, norms and other 1-D tensors)."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [
@@ -82,7 +70,7 @@ def fit(
     name: str,
     module: nn.Module,
     step_loss: Callable[[int], tuple[torch.Tensor, dict]],
-    schedule: FitSchedule,
+    schedule: FitConfig,
     work: str | Path,
     seed: int = 0,
     save_every: int = 100,

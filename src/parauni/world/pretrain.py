@@ -36,14 +36,13 @@ from ..errors import MissingFileError, ParaUniError
 from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
 from ..training.checkpoint import RAW_FILE
-from ..training.config import TrainConfig
 from ..training.trainer import train
 from ..utils.device import default_device
 from ..utils.images import pil_to_tensor
 from ..utils.run_files import CHECKPOINT_DIR, TRAIN_LOG
 from .captions import WorldStream, world_vocabulary
-from .config import STREAM_OFFSETS, WorldConfig
-from .fit import FitSchedule, fit
+from .config import STREAM_OFFSETS, WorldConfig, stage0_base, world_config
+from .fit import fit
 from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
 from .t2i import TextToImage
 
@@ -60,17 +59,17 @@ PHASES: tuple[str, ...] = ("vlm", "ae", "t2i", "rewards")
 # The long recipe of the shipped Stage 0 (`parauni world pretrain`): overrides of the world config's quick
 # defaults, chosen by the measurements in docs/world.md.
 RECIPE: tuple[str, ...] = (
-    "vlm.steps=1500",
-    "vlm.warmup=50",
+    "vlm.train.steps=1500",
+    "vlm.train.warmup=50",
     "vlm.restate=true",
-    "ae.steps=800",
-    "t2i.text_steps=300",
-    "t2i.steps=6000",
-    "t2i.warmup=100",
-    "t2i.ema=0.999",
-    "reward.steps=1500",
-    "reward.warmup=50",
-    "reward.aesthetic_steps=300",
+    "ae.train.steps=800",
+    "t2i.text_train.steps=300",
+    "t2i.train.steps=6000",
+    "t2i.train.warmup=100",
+    "t2i.train.ema=0.999",
+    "reward.train.steps=1500",
+    "reward.train.warmup=50",
+    "reward.aesthetic_train.steps=300",
 )
 
 
@@ -207,11 +206,6 @@ def vlm_loss(model, tokenizer, items: list[dict], restate: bool = False) -> tupl
     return loss, accuracy
 
 
-def vlm_schedule(cfg: WorldConfig) -> FitSchedule:
-    v = cfg.vlm
-    return FitSchedule(v.steps, v.lr, v.warmup, v.weight_decay, tuple(v.betas), v.grad_clip)
-
-
 @torch.no_grad()
 def caption_accuracy(model, tokenizer, items: list[dict]) -> float:
     """Next-token accuracy over the caption tokens of image -> caption rows only (teacher forcing)."""
@@ -233,13 +227,12 @@ def train_world_vlm(
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["vlm"], cfg.image_size)
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
-        loss, acc = vlm_loss(model, tokenizer, stream.batch(step * v.batch_size, v.batch_size), v.restate)
+        batch = stream.batch(step * v.train.batch_size, v.train.batch_size)
+        loss, acc = vlm_loss(model, tokenizer, batch, v.restate)
         return loss, {"accuracy": acc}
 
     work = work or _scratch_work("vlm")
-    result = fit(
-        "VLM", model, step_loss, vlm_schedule(cfg), work, cfg.seed, cfg.save_every, progress=progress
-    )
+    result = fit("VLM", model, step_loss, cfg.vlm.train, work, cfg.seed, cfg.save_every, progress=progress)
     heldout = WorldStream(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size).batch(0, 128)
     with torch.no_grad():
         loss, acc = vlm_loss(model, tokenizer, heldout, v.restate)
@@ -294,18 +287,17 @@ def train_world_autoencoder(
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x, _ = source.examples(list(range(step * a.batch_size, (step + 1) * a.batch_size)))
+        x, _ = source.examples(list(range(step * a.train.batch_size, (step + 1) * a.train.batch_size)))
         x = x.to(ae.device)
         z = ae.encode(x).latent
         z = z + a.latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen).to(z.device)
         return torch.nn.functional.mse_loss(ae.decode(z).sample, x), {}
 
-    schedule = FitSchedule(a.steps, a.lr, a.warmup, a.weight_decay, tuple(a.betas), a.grad_clip)
     result = fit(
         "autoencoder",
         ae,
         step_loss,
-        schedule,
+        a.train,
         work or _scratch_work("ae"),
         cfg.seed,
         cfg.save_every,
@@ -386,21 +378,20 @@ def train_text_encoder(
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["text"], cfg.image_size)
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
-        captions = [e["caption"] for e in stream.batch(step * t.text_batch_size, t.text_batch_size)]
+        captions = [
+            e["caption"] for e in stream.batch(step * t.text_train.batch_size, t.text_train.batch_size)
+        ]
         batch = t2i.encode_prompts(captions)
         hidden = encoder(**batch).last_hidden_state[:, :-1]  # (B, S - 1, C)
         logits = hidden @ encoder.get_input_embeddings().weight.T  # tied output layer
         labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)), {}
 
-    schedule = FitSchedule(
-        t.text_steps, t.text_lr, t.text_warmup, t.text_weight_decay, tuple(t.text_betas), t.text_grad_clip
-    )
     result = fit(
         "text encoder",
         encoder,
         step_loss,
-        schedule,
+        t.text_train,
         work or _scratch_work("text"),
         cfg.seed,
         cfg.save_every,
@@ -410,32 +401,14 @@ def train_text_encoder(
     return {**result, "final_loss": result["curve"][-1]["loss"] if result["curve"] else float("nan")}
 
 
-def t2i_train_config(cfg: WorldConfig) -> TrainConfig:
-    """The DiT stage of Stage 0 (the trainer's stage 0): the world config's T2I fields."""
-    t = cfg.t2i
-    return TrainConfig(
-        stage=0,
-        steps=t.steps,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        warmup=t.warmup,
-        weight_decay=t.weight_decay,
-        caption_dropout=t.caption_dropout,
-        timestep_sampling=t.timestep_sampling,
-        image_size=cfg.image_size,
-        ema=t.ema,
-        save_every=cfg.save_every,
-        keep_last=1,
-        log_every=10,
-        seed=cfg.seed,
-    )
-
-
 # ----------------------------------------------------------------------------------------------- Stage 0
 def stage0_config(cfg: WorldConfig) -> dict:
     """The part of the world config that determines Stage 0 (what ``world.json`` of a Stage-0 folder holds)."""
     keep = ("image_size", "seed", "vlm", "ae", "t2i", "reward")
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}
+    for bookkeeping in ("save_every", "keep_last", "log_every"):  # they change no weight
+        del data["t2i"]["train"][bookkeeping]
+    return data
 
 
 def stage0_key(cfg: WorldConfig) -> str:
@@ -450,7 +423,10 @@ def _claim_folder(folder: Path, cfg: WorldConfig) -> None:
     wanted = {"version": STAGE0_VERSION, **stage0_config(cfg)}
     path = folder / CONFIG_FILE
     if path.is_file():
-        found = json.loads(path.read_text())
+        found = json.loads(
+            path.read_text()
+        )  # an earlier folder's flat keys are nested, today's fixed values added
+        found = {"version": found.get("version"), **stage0_config(world_config(base=stage0_base(found)))}
         if found != wanted:
             diff = [
                 k
@@ -534,7 +510,7 @@ def _phase_t2i(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -
     text = train_text_encoder(t2i, cfg, progress, folder / WORK_DIR / "text_encoder")
     source = WorldSource(cfg.seed + STREAM_OFFSETS["t2i"], cfg.image_size)
     t0 = time.time()
-    result = train(t2i, source, t2i_train_config(cfg), folder / "t2i", resume=True, progress=progress)
+    result = train(t2i, source, cfg.t2i.train, folder / "t2i", resume=True, progress=progress)
     log_rows = [json.loads(line) for line in (folder / "t2i" / TRAIN_LOG).read_text().splitlines()]
     m = {
         "final_loss": result.final_loss,

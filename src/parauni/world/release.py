@@ -27,7 +27,7 @@ from ..models.parauni import ParaUni
 from ..training.checkpoint import RAW_FILE
 from ..utils.device import default_device
 from .captions import make_eval_metadata
-from .config import WorldConfig, default_cache_dir, world_config
+from .config import WorldConfig, default_cache_dir, stage0_base, world_config
 from .pretrain import (
     CONFIG_FILE,
     DONE_FILE,
@@ -134,9 +134,7 @@ def resolve_stage0(spec: str | Path) -> Path:
 
 def release_config(folder: Path) -> dict:
     """The Stage-0 part of the world config a release was trained with (its ``world.json``)."""
-    data = json.loads((folder / CONFIG_FILE).read_text())
-    data.pop("version", None)
-    return data
+    return stage0_base(json.loads((folder / CONFIG_FILE).read_text()))
 
 
 STAGE0_SECTIONS = ("image_size", "seed", "vlm", "ae", "t2i", "reward")
@@ -172,10 +170,6 @@ def world_stage0(
             "them here, or `parauni world pretrain` for a release of your own"
         )
     base = release_config(folder)
-    if tokens := base.get("t2i", {}).get("text_tokens", 0):
-        base["parauni"] = {
-            "num_queries": tokens
-        }  # as many queries as condition tokens the DiT was trained on
     if quick:  # the quick stages, on the release's Stage-0 models
         stages = dataclasses.asdict(world_config(overrides, quick=True))
         base = {k: v for k, v in stages.items() if k not in STAGE0_SECTIONS} | base
@@ -286,7 +280,8 @@ def evaluate_stage0(cfg: WorldConfig, folder: Path, progress: bool = True, log=p
         return {"overall": r["overall"], "tags": r["tags"]}
 
     t2i = TextToImage.from_pretrained(folder / "t2i").eval().to(default_device())
-    scores = {"ema" if cfg.t2i.ema > 0 else "final": shapeseval(t2i, "EMA" if cfg.t2i.ema > 0 else "final")}
+    ema = cfg.t2i.train.ema > 0
+    scores = {"ema" if ema else "final": shapeseval(t2i, "EMA" if ema else "final")}
     raw = folder / "t2i" / RAW_FILE
     if raw.is_file():
         from safetensors.torch import load_file
@@ -361,9 +356,9 @@ def write_card(folder: Path, cfg: WorldConfig, metrics: dict, evaluation: dict, 
         f"* command: `{info['command']}`",
         f"* recipe (overrides of the world config's defaults): `{' '.join(RECIPE)}`",
         f"* commit {info['commit']}, {info['date']}, torch {info['torch']}, on {info['device']}",
-        f"* steps: VLM {cfg.vlm.steps}, autoencoder {cfg.ae.steps}, text encoder {cfg.t2i.text_steps}, DiT "
-        f"{cfg.t2i.steps} (batch {cfg.t2i.batch_size}, EMA {cfg.t2i.ema}), CLIP {cfg.reward.steps}, aesthetic "
-        f"{cfg.reward.aesthetic_steps}",
+        f"* steps: VLM {cfg.vlm.train.steps}, autoencoder {cfg.ae.train.steps}, text encoder "
+        f"{cfg.t2i.text_train.steps}, DiT {cfg.t2i.train.steps} (batch {cfg.t2i.train.batch_size}, EMA "
+        f"{cfg.t2i.train.ema}), CLIP {cfg.reward.train.steps}, aesthetic {cfg.reward.aesthetic_train.steps}",
         "* wall time per model (s): "
         + ", ".join(f"{p} {s:.0f}" for p, s in seconds.items())
         + f"; total {sum(seconds.values()):.0f}",

@@ -48,7 +48,7 @@ from .captions import (
 )
 from .config import STREAM_OFFSETS, WorldConfig
 from .detector import ShapesDetector
-from .fit import FitSchedule, fit
+from .fit import fit
 from .scene import COLORS, SHAPES
 
 CLIP_DIR = "clip"
@@ -185,18 +185,6 @@ def clip_loss(
     return loss, accuracy
 
 
-def clip_schedule(cfg: WorldConfig) -> FitSchedule:
-    r = cfg.reward
-    return FitSchedule(r.steps, r.lr, r.warmup, r.weight_decay, tuple(r.betas), r.grad_clip)
-
-
-def aesthetic_schedule(cfg: WorldConfig) -> FitSchedule:
-    r = cfg.reward
-    return FitSchedule(
-        r.aesthetic_steps, r.aesthetic_lr, r.aesthetic_warmup, r.aesthetic_weight_decay, tuple(r.betas), 0.0
-    )
-
-
 def train_world_clip(
     clip, tokenizer, cfg: WorldConfig, progress: bool = True, work: str | Path | None = None
 ) -> dict:
@@ -209,7 +197,7 @@ def train_world_clip(
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         rng = np.random.default_rng([cfg.seed, step]) if r.hard_negatives else None
-        loss, acc = clip_loss(embedder, stream.batch(step * r.batch_size, r.batch_size), rng)
+        loss, acc = clip_loss(embedder, stream.batch(step * r.train.batch_size, r.train.batch_size), rng)
         return loss, {"accuracy": acc}
 
     def cap_temperature() -> None:
@@ -221,7 +209,7 @@ def train_world_clip(
         "world CLIP",
         clip,
         step_loss,
-        clip_schedule(cfg),
+        r.train,
         work,
         cfg.seed,
         cfg.save_every,
@@ -352,7 +340,7 @@ def train_world_aesthetic(
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        images = _images(stream.batch(step * r.aesthetic_batch_size, r.aesthetic_batch_size))
+        images = _images(stream.batch(step * r.aesthetic_train.batch_size, r.aesthetic_train.batch_size))
         better, worse = _ranking_pairs(images, gen)
         with torch.no_grad():
             e_better, e_worse = embedder.embed_images(better), embedder.embed_images(worse)  # (B, D)
@@ -364,7 +352,7 @@ def train_world_aesthetic(
         "world aesthetic",
         mlp,
         step_loss,
-        aesthetic_schedule(cfg),
+        r.aesthetic_train,
         work,
         cfg.seed,
         cfg.save_every,
