@@ -35,6 +35,17 @@ STREAM_OFFSETS: dict[str, int] = {
 }
 
 
+def transformer_sizes(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str, int]:
+    """The size keys that the Hugging Face configs of the world's transformers share (its VLM's two towers,
+    the DiT's text encoder, both CLIP towers)."""
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate,
+    }
+
+
 def world_rl_defaults() -> RLConfig:
     """Stage III on the world: the paper's curriculum (aesthetic on the middle zone, then CLIP with ShapesEval
     partial credit on the deep zone) at a CPU's scale, a rank-8 LoRA on the DiT and LDAM's looser world gates

@@ -41,7 +41,7 @@ from ..utils.device import default_device
 from ..utils.images import pil_to_tensor
 from ..utils.run_files import CHECKPOINT_DIR, TRAIN_LOG
 from .captions import WorldStream, world_vocabulary
-from .config import STREAM_OFFSETS, WorldConfig, stage0_base, world_config
+from .config import STREAM_OFFSETS, WorldConfig, stage0_base, transformer_sizes, world_config
 from .fit import fit
 from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
 from .t2i import TextToImage
@@ -109,10 +109,7 @@ def world_vlm(cfg: WorldConfig, tokenizer):
     grid = size // v.patch
     config = InternVLConfig(
         vision_config=dict(
-            hidden_size=v.vision_hidden,
-            num_hidden_layers=v.vision_layers,
-            num_attention_heads=v.vision_heads,
-            intermediate_size=2 * v.vision_hidden,
+            **transformer_sizes(v.vision_hidden, v.vision_layers, v.vision_heads, 2 * v.vision_hidden),
             image_size=[size, size],
             patch_size=[v.patch, v.patch],
             use_qk_norm=False,
@@ -123,10 +120,7 @@ def world_vlm(cfg: WorldConfig, tokenizer):
         text_config=dict(
             model_type="qwen2",
             vocab_size=len(tokenizer),
-            hidden_size=v.hidden,
-            intermediate_size=v.intermediate,
-            num_hidden_layers=v.layers,
-            num_attention_heads=v.heads,
+            **transformer_sizes(v.hidden, v.layers, v.heads, v.intermediate),
             num_key_value_heads=v.kv_heads,
             max_position_embeddings=512,
             tie_word_embeddings=True,
@@ -323,10 +317,7 @@ def world_t2i(cfg: WorldConfig, tokenizer, vae=None) -> TextToImage:
     t = cfg.t2i
     text_config = Gemma2Config(
         vocab_size=len(tokenizer),
-        hidden_size=t.text_hidden,
-        intermediate_size=2 * t.text_hidden,
-        num_hidden_layers=t.text_layers,
-        num_attention_heads=t.text_heads,
+        **transformer_sizes(t.text_hidden, t.text_layers, t.text_heads, 2 * t.text_hidden),
         num_key_value_heads=t.text_heads,
         head_dim=t.text_hidden // t.text_heads,
         query_pre_attn_scalar=t.text_hidden // t.text_heads,

@@ -46,7 +46,7 @@ from .captions import (
     single_object_row,
     two_object_row,
 )
-from .config import STREAM_OFFSETS, WorldConfig
+from .config import STREAM_OFFSETS, WorldConfig, transformer_sizes
 from .detector import ShapesDetector
 from .fit import fit
 from .scene import COLORS, SHAPES
@@ -83,10 +83,7 @@ def world_clip(cfg: WorldConfig, tokenizer):
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=r.text_hidden,
-            intermediate_size=4 * r.text_hidden,
-            num_hidden_layers=r.text_layers,
-            num_attention_heads=r.text_heads,
+            **transformer_sizes(r.text_hidden, r.text_layers, r.text_heads, 4 * r.text_hidden),
             max_position_embeddings=r.max_text_length,
             projection_dim=r.projection_dim,
             pad_token_id=eos,
@@ -94,10 +91,7 @@ def world_clip(cfg: WorldConfig, tokenizer):
             eos_token_id=eos,
         ),
         vision_config=dict(
-            hidden_size=r.vision_hidden,
-            intermediate_size=4 * r.vision_hidden,
-            num_hidden_layers=r.vision_layers,
-            num_attention_heads=r.vision_heads,
+            **transformer_sizes(r.vision_hidden, r.vision_layers, r.vision_heads, 4 * r.vision_hidden),
             image_size=cfg.image_size,
             patch_size=r.patch,
             projection_dim=r.projection_dim,
