@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from parauni.eval.dpg import (
     split_grid,
     tile_grid,
 )
+from parauni.pipeline import GenerationOptions
 from parauni.scoring.clip import RewardModelError
 
 # The official prompts live in ../shared beside the repository (never copied into it).
@@ -232,8 +234,11 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 def test_generation_layout_and_resume(tiny_model, tmp_path):
     out = tmp_path / "dpg"
-    kwargs = dict(seed=3, batch_size=8, steps=1, progress=False)
-    assert generate_dpg(tiny_model, PROMPTS[:2], out, **kwargs) == {"generated": 2, "skipped": 0}
+    options = GenerationOptions(seed=3, batch_size=8, steps=1)
+    assert generate_dpg(tiny_model, PROMPTS[:2], out, options=options, progress=False) == {
+        "generated": 2,
+        "skipped": 0,
+    }
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     with Image.open(out / "a.png") as img:
         assert img.format == "PNG" and img.size == (128, 128)  # 2 x 2 tiles of the tiny preset's 64 px
@@ -243,7 +248,7 @@ def test_generation_layout_and_resume(tiny_model, tmp_path):
     before = _mtimes(out)
     original = np.asarray(Image.open(out / "b.png"))
     (out / "b.png").unlink()
-    assert generate_dpg(tiny_model, PROMPTS, out, **{**kwargs, "batch_size": 4}) == {
+    assert generate_dpg(tiny_model, PROMPTS, out, options=replace(options, batch_size=4), progress=False) == {
         "generated": 2,
         "skipped": 1,
     }

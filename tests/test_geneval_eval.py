@@ -17,6 +17,7 @@ from parauni.eval.geneval import (
     generate_geneval,
     score_geneval,
 )
+from parauni.pipeline import GenerationOptions
 from parauni.scoring.geneval_rules import GENEVAL_TAGS
 from parauni.world.captions import (
     color_attr_row,
@@ -53,7 +54,12 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 def _generate(model, out, batch_size=4, rows=ROWS):
     return generate_geneval(
-        model, rows, out, images_per_prompt=2, seed=5, batch_size=batch_size, steps=1, progress=False
+        model,
+        rows,
+        out,
+        images_per_prompt=2,
+        options=GenerationOptions(seed=5, batch_size=batch_size, steps=1),
+        progress=False,
     )
 
 

@@ -18,6 +18,7 @@ from parauni.analysis.layers import (
     zone_sensitivity,
 )
 from parauni.cli import main
+from parauni.pipeline import GenerationOptions
 from parauni.rl.rewards import Reward
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -67,7 +68,7 @@ def test_kept_layers_scale_rejects_empty_and_out_of_range():
 
 def test_per_layer_scores_and_zone_sensitivity_shapes(tiny_model):
     rewards = {"brightness": Brightness()}
-    kw = dict(seed=0, steps=1, cfg=1.0, batch_size=2)
+    kw = dict(options=GenerationOptions(seed=0, steps=1, cfg=1.0, batch_size=2))
     scores = per_layer_scores(tiny_model, PROMPTS, None, rewards, **kw)
     n = len(tiny_model.lim.layers)
     assert list(scores) == ["brightness"] and len(scores["brightness"]) == n

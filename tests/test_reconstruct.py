@@ -22,6 +22,7 @@ from parauni.eval.reconstruct import (
     side_by_side,
     ssim,
 )
+from parauni.pipeline import GenerationOptions
 from parauni.scoring.clip import CLIPEmbedder
 
 C1 = (0.01 * 2) ** 2
@@ -140,7 +141,12 @@ def _read_png(path: Path) -> torch.Tensor:
 def test_reconstruct_folder_writes_pngs_and_metrics_and_skips_unreadable_files(tmp_path, tiny_model, clip):
     images = _image_folder(tmp_path / "in")
     result = reconstruct_folder(
-        tiny_model, images, tmp_path / "out", steps=2, batch_size=2, clip=clip, progress=False
+        tiny_model,
+        images,
+        tmp_path / "out",
+        options=GenerationOptions(steps=2, batch_size=2),
+        clip=clip,
+        progress=False,
     )
     assert result.files == ["img0.png", "img1.png", "img2.png"]
     assert [s["file"] for s in result.skipped] == ["corrupt.png"] and "corrupt" in result.skipped[0]["error"]
@@ -160,7 +166,8 @@ def test_reconstruct_folder_writes_pngs_and_metrics_and_skips_unreadable_files(t
             np.mean([r[key] for r in metrics["per_image"]]), rel=1e-6
         )
     # Reconstruction is reproducible from the seed.
-    again = reconstruct_folder(tiny_model, images, tmp_path / "again", steps=2, batch_size=3, progress=False)
+    options = GenerationOptions(steps=2, batch_size=3)
+    again = reconstruct_folder(tiny_model, images, tmp_path / "again", options=options, progress=False)
     torch.testing.assert_close(again.outputs, result.outputs, atol=2 / 255, rtol=0)
     assert "clip_similarity" not in again.metrics["mean"]
 

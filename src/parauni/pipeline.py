@@ -8,8 +8,10 @@ Each image's noise depends only on ``seed + index``, so results do not depend on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -87,6 +89,33 @@ def check_cfg(cfg: float) -> float:
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
         raise ConfigError(f"cfg={cfg!r} must be a finite number >= 0 (1 turns guidance off)")
     return float(cfg)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The sampling options a batch job (a benchmark, an analysis, a reconstruction) passes on to every
+    :func:`generate` call it makes; the ``parauni`` commands build them once from their flags. None: the
+    model's ``sampling`` config. :func:`generate` checks the values."""
+
+    seed: int = field(default=0, metadata={"help": "noise seed of the job's first image (image i: seed + i)"})
+    batch_size: int = field(default=4, metadata={"help": "images per model call"})
+    steps: int | None = field(default=None, metadata={"help": "denoising steps (None: the model's)"})
+    cfg: float | None = field(
+        default=None, metadata={"help": "classifier-free guidance scale (None: the model's)"}
+    )
+    height: int | None = field(default=None, metadata={"help": "image height in pixels (None: the model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width in pixels (None: the model's)"})
+
+    def kwargs(self) -> dict[str, int | float | None]:
+        """These options as keyword arguments of :func:`generate`."""
+        return dataclasses.asdict(self)
+
+    def sized(self, sampling) -> GenerationOptions:
+        """These options with a height / width left None taken from `sampling` (a model's
+        :class:`~parauni.config.SamplingConfig`), for a job that needs the size before it generates."""
+        height = sampling.height if self.height is None else self.height
+        width = sampling.width if self.width is None else self.width
+        return dataclasses.replace(self, height=height, width=width)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch
 
 from ..models.lim import ZONES, zone_layers
 from ..models.parauni import ParaUni
-from ..pipeline import generate
+from ..pipeline import GenerationOptions, generate
 from ..utils.plotting import pyplot
 
 # reward(images (N, 3, H, W) in [-1, 1], prompts, metadata) -> N floats (parauni.rl.rewards.Reward)
@@ -66,25 +66,12 @@ def _generate_and_score(
     metadata: Sequence[dict | None] | None,
     rewards: Mapping[str, RewardFn],
     scale: torch.Tensor | None,
-    *,
-    seed: int,
-    steps: int | None,
-    cfg: float | None,
-    batch_size: int,
+    options: GenerationOptions,
     progress: bool,
 ) -> dict[str, float]:
     """Mean score per reward of one image per prompt, generated with the per-layer `scale` (None: all)."""
     scale_fn = None if scale is None else (lambda per_layer: scale.to(per_layer))
-    images = generate(
-        model,
-        prompts,
-        steps=steps,
-        cfg=cfg,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        scale_fn=scale_fn,
-    )
+    images = generate(model, prompts, **options.kwargs(), progress=progress, scale_fn=scale_fn)
     return {name: float(np.mean(reward(images, prompts, metadata))) for name, reward in rewards.items()}
 
 
@@ -94,31 +81,20 @@ def per_layer_scores(
     metadata: Sequence[dict | None] | None,
     rewards: Mapping[str, RewardFn],
     *,
-    seed: int = 0,
-    steps: int | None = None,
-    cfg: float | None = None,
-    batch_size: int = 4,
+    options: GenerationOptions | None = None,
     progress: bool = False,
 ) -> dict[str, list[float]]:
     """Paper fig. 2: {reward: [mean score when conditioned on selected layer i alone, for each i]}.
 
-    Entry i belongs to VLM layer ``model.lim.layers[i]``; every layer uses the same noise seeds.
+    Entry i belongs to VLM layer ``model.lim.layers[i]``; every layer uses the same noise seeds. `options`:
+    how the images are generated (default: ``GenerationOptions()``).
     """
+    options = options or GenerationOptions()
     n = len(model.lim.layers)
     scores: dict[str, list[float]] = {name: [] for name in rewards}
     for i in range(n):
-        means = _generate_and_score(
-            model,
-            prompts,
-            metadata,
-            rewards,
-            kept_layers_scale(n, [i]),
-            seed=seed,
-            steps=steps,
-            cfg=cfg,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        scale = kept_layers_scale(n, [i])
+        means = _generate_and_score(model, prompts, metadata, rewards, scale, options, progress)
         for name, value in means.items():
             scores[name].append(value)
     return scores
@@ -131,10 +107,7 @@ def zone_sensitivity(
     rewards: Mapping[str, RewardFn],
     zones: Mapping[str, Sequence[int]] | None = None,
     *,
-    seed: int = 0,
-    steps: int | None = None,
-    cfg: float | None = None,
-    batch_size: int = 4,
+    options: GenerationOptions | None = None,
     progress: bool = False,
 ) -> dict:
     """Paper fig. 5: each reward with all selected layers, and with one zone removed (renormalised).
@@ -142,6 +115,7 @@ def zone_sensitivity(
     Args:
         zones: name -> VLM layer indices (default: `default_zones`). A zone that would remove every selected
             layer is reported under ``skipped`` instead of generated.
+        options: how the images are generated (default: ``GenerationOptions()``); the same for every zone.
 
     Returns:
         {"all": {reward: mean}, "removed": {zone: {reward: mean}}, "drop": {zone: {reward: all - removed}},
@@ -149,8 +123,8 @@ def zone_sensitivity(
     """
     zones = default_zones(model) if zones is None else zones
     n = len(model.lim.layers)
-    kwargs = dict(seed=seed, steps=steps, cfg=cfg, batch_size=batch_size, progress=progress)
-    full = _generate_and_score(model, prompts, metadata, rewards, None, **kwargs)
+    options = options or GenerationOptions()
+    full = _generate_and_score(model, prompts, metadata, rewards, None, options, progress)
     removed, drop, skipped = {}, {}, {}
     for name, layers in zones.items():
         dropped = set(_positions(model, layers))
@@ -158,9 +132,8 @@ def zone_sensitivity(
         if not kept:
             skipped[name] = f"removing layers {list(layers)} leaves no selected layer"
             continue
-        removed[name] = _generate_and_score(
-            model, prompts, metadata, rewards, kept_layers_scale(n, kept), **kwargs
-        )
+        scale = kept_layers_scale(n, kept)
+        removed[name] = _generate_and_score(model, prompts, metadata, rewards, scale, options, progress)
         drop[name] = {r: full[r] - removed[name][r] for r in rewards}
     return {
         "all": full,
@@ -309,24 +282,26 @@ def analyze_layers(
     out: str | Path,
     *,
     n_zones: int = 3,
-    seed: int = 0,
-    steps: int | None = None,
-    cfg: float | None = None,
-    batch_size: int = 4,
+    options: GenerationOptions | None = None,
     progress: bool = False,
 ) -> dict:
-    """All three analyses; writes ``analysis.json`` and the figures to `out` and returns the numbers."""
+    """All three analyses; writes ``analysis.json`` and the figures to `out` and returns the numbers.
+
+    `options`: how the images of `per_layer_scores` and `zone_sensitivity` are generated (default:
+    ``GenerationOptions()``); its batch size is also `layer_similarity`'s.
+    """
     if not rewards:
         raise ValueError("the layer analysis needs at least one reward")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(seed=seed, steps=steps, cfg=cfg, batch_size=batch_size, progress=progress)
-    sim = layer_similarity(model, prompts, batch_size=batch_size)
+    options = options or GenerationOptions()
+    kwargs = dict(options=options, progress=progress)
+    sim = layer_similarity(model, prompts, batch_size=options.batch_size)
     result = {
         "num_prompts": len(prompts),
-        "seed": seed,
-        "steps": steps,
-        "cfg": cfg,
+        "seed": options.seed,
+        "steps": options.steps,
+        "cfg": options.cfg,
         "selected_layers": list(model.lim.layers),
         "per_layer": per_layer_scores(model, prompts, metadata, rewards, **kwargs),
         "similarity": {

@@ -13,8 +13,8 @@ from .common import (
     add_quiet,
     add_sampling_args,
     add_world_stage0_args,
-    check_limit,
-    check_sampling_args,
+    first_n,
+    sampling_options,
 )
 
 
@@ -41,10 +41,8 @@ def _analysis_prompts(args: argparse.Namespace) -> tuple[list[str], list[dict] |
         prompts = [r["prompt"] for r in metadata]
     else:
         raise ConfigError("give --prompts FILE (or --world for the shapes world's evaluation prompts)")
-    check_limit(args.limit)
-    if args.limit is not None:
-        prompts = prompts[: args.limit]
-        metadata = None if metadata is None else metadata[: args.limit]
+    prompts = first_n(prompts, args.limit)
+    metadata = None if metadata is None else first_n(metadata, args.limit)
     if not prompts:
         raise ConfigError(f"--prompts {args.prompts} holds no prompts")
     return prompts, metadata
@@ -58,7 +56,7 @@ def cmd_analyze_layers(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(
             "give exactly one reward source: --world (the shapes world's rewards) or --clip PATH_OR_ID"
         )
-    check_sampling_args(args)
+    options = sampling_options(args)
     check_output_dir(args.out, overwrite=args.overwrite)
     if args.cache and not args.world:
         raise ConfigError("--cache is the shapes world's Stage-0 cache; it needs --world")
@@ -78,16 +76,7 @@ def cmd_analyze_layers(args: argparse.Namespace, overrides: list[str]) -> int:
     for reward in rewards.values():
         reward.to(model.device)
     result = analyze_layers(
-        model,
-        prompts,
-        metadata,
-        rewards,
-        args.out,
-        seed=args.seed,
-        steps=args.steps,
-        cfg=args.cfg,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
+        model, prompts, metadata, rewards, args.out, options=options, progress=not args.quiet
     )
     print(format_tables(result))
     print(f"numbers in {Path(args.out) / 'analysis.json'}; figures " + ", ".join(result["figures"].values()))

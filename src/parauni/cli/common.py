@@ -14,11 +14,15 @@ import os
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ModelConfig, field_type
 from ..errors import ConfigError
 from ..utils.files import OutputPathError, check_output_dir
 from ..utils.run_files import CHECKPOINT_DIR, CONFIG_FILE, RL_LOG, TRAIN_LOG, WEIGHTS_FILE
+
+if TYPE_CHECKING:
+    from ..pipeline import GenerationOptions
 
 OVERRIDE_HELP = "config overrides as --section.key=value (e.g. --lim.layers=last --sampling.steps=10)"
 OVERWRITE_RUN_HELP = "start over in an --out that holds a run (its checkpoints/ are deleted first)"
@@ -77,7 +81,17 @@ def no_overrides(overrides: list[str], command: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- checks
-def check_sampling_args(args: argparse.Namespace) -> None:
+def sampling_options(args: argparse.Namespace) -> GenerationOptions:
+    """The library's :class:`~parauni.pipeline.GenerationOptions` of --seed, --batch-size, --steps, --cfg
+    (and --height / --width where the command has them), checked first: `_check_sampling_args`."""
+    from ..pipeline import GenerationOptions  # torch: see the module's docstring
+
+    _check_sampling_args(args)
+    names = [f.name for f in dataclasses.fields(GenerationOptions)]
+    return GenerationOptions(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
     """--steps, --cfg, --seed, --batch-size (and --height / --width where the command has them), before any
     work: one-line errors naming the value and the allowed range."""
     from ..pipeline import check_cfg  # torch: see the module's docstring
@@ -98,10 +112,11 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seed {args.seed} must be >= 0")
 
 
-def check_limit(limit: int | None) -> None:
-    """``--limit N`` must be at least 1."""
+def first_n(items: list, limit: int | None) -> list:
+    """The first ``--limit N`` of `items` (all of them without --limit); N must be at least 1."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} must be >= 1")
+    return items if limit is None else items[:limit]
 
 
 def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:

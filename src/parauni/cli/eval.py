@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -15,9 +16,9 @@ from .common import (
     add_quiet,
     add_sampling_args,
     add_score_args,
-    check_limit,
-    check_sampling_args,
+    first_n,
     no_overrides,
+    sampling_options,
 )
 
 
@@ -52,7 +53,7 @@ def cmd_eval_geneval(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(
             "--no-score skips scoring; drop --detector / --detections / --detector-model / --clip"
         )
-    check_sampling_args(args)
+    options = sampling_options(args)
     check_output_dir(args.out, resumable=True)  # a rerun completes the prompts not yet generated
     # Load the detector before spending time on generation (its errors come first).
     detector = None if args.no_score else _detector(args)
@@ -60,20 +61,14 @@ def cmd_eval_geneval(args: argparse.Namespace, overrides: list[str]) -> int:
     if not metadata.is_file():
         raise ConfigError(f"--metadata {metadata} does not exist; give GenEval's evaluation_metadata.jsonl")
     read_lines(metadata, "--metadata")  # a line that is not UTF-8 is named before the rows are parsed
-    rows = read_metadata(metadata)
-    check_limit(args.limit)
-    if args.limit is not None:
-        rows = rows[: args.limit]
+    rows = first_n(read_metadata(metadata), args.limit)
     model = ParaUni.load(args.model, overrides)
     counts = generate_geneval(
         model,
         rows,
         args.out,
         images_per_prompt=args.images_per_prompt,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        cfg=args.cfg,
+        options=options,
         progress=not args.quiet,
     )
     print(
@@ -123,32 +118,17 @@ def cmd_eval_dpg(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..eval.dpg import RESULTS_FILE, generate_dpg, read_dpg_prompts
     from ..models.parauni import ParaUni
 
-    check_sampling_args(args)
+    options = sampling_options(args)
     check_output_dir(args.out, resumable=True)  # a rerun completes the grids not yet generated
     if args.no_score and (args.csv or args.vqa):
         raise ConfigError("--no-score skips scoring; drop --csv / --vqa")
     # Check the scoring inputs before spending time on generation.
     items, vqa_source = (None, None) if args.no_score else _dpg_questions(args)
-    prompts = read_dpg_prompts(args.prompts)
-    check_limit(args.limit)
-    if args.limit is not None:
-        prompts = prompts[: args.limit]
-    s = ParaUni.load_config(args.model, overrides).sampling
-    height, width = args.height or s.height, args.width or s.width
+    prompts = first_n(read_dpg_prompts(args.prompts), args.limit)
+    options = options.sized(ParaUni.load_config(args.model, overrides).sampling)
     model = ParaUni.load(args.model, overrides)
-    model.check_size(height, width)
-    counts = generate_dpg(
-        model,
-        prompts,
-        args.out,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        cfg=args.cfg,
-        height=height,
-        width=width,
-        progress=not args.quiet,
-    )
+    model.check_size(options.height, options.width)
+    counts = generate_dpg(model, prompts, args.out, options=options, progress=not args.quiet)
     del model  # free the generator before the VQA model loads
     print(
         f"DPG-Bench: {counts['generated']} grid(s) generated, {counts['skipped']} already there, in {args.out}"
@@ -179,7 +159,8 @@ def cmd_eval_reconstruct(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..models.parauni import ParaUni
     from ..scoring.clip import CLIPEmbedder
 
-    check_sampling_args(args)
+    options = sampling_options(args)
+    options = replace(options, height=args.image_size, width=args.image_size)  # None: each model's size
     check_output_dir(args.out, overwrite=args.overwrite)
     images = Path(args.images)
     if not images.is_dir():
@@ -193,16 +174,7 @@ def cmd_eval_reconstruct(args: argparse.Namespace, overrides: list[str]) -> int:
     for name, source in zip(_model_names(args.model), args.model, strict=True):
         model = ParaUni.load(source, overrides)
         result = reconstruct_folder(
-            model,
-            images,
-            out / name,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            steps=args.steps,
-            cfg=args.cfg,
-            clip=clip,
-            progress=not args.quiet,
+            model, images, out / name, options=options, clip=clip, progress=not args.quiet
         )
         columns.setdefault("input", result.inputs)
         columns[name] = result.outputs

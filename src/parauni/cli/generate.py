@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..utils.files import OutputPathError, check_output_dir, check_output_file, read_lines
-from .common import OVERRIDE_HELP, add_model_arg, add_quiet, add_sampling_args, check_sampling_args
+from .common import OVERRIDE_HELP, add_model_arg, add_quiet, add_sampling_args, sampling_options
 
 
 def _fmt(n: int) -> str:
@@ -164,26 +164,15 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError("nothing to generate: give --prompt TEXT, --prompts-file FILE or --image IN")
     if args.image is not None and prompts:
         raise ConfigError("--image (image-to-image) and --prompt / --prompts-file exclude each other")
-    check_sampling_args(args)
+    options = sampling_options(args)
     files = None if args.image is None else _image_files(args.image)
     paths = output_paths(args.out, len(files) if files else len(prompts), args.overwrite)
-    s = ParaUni.load_config(args.model, overrides).sampling
-    height, width = args.height or s.height, args.width or s.width
-    images = None if files is None else _read_images(files, height, width)
+    options = options.sized(ParaUni.load_config(args.model, overrides).sampling)
+    images = None if files is None else _read_images(files, options.height, options.width)
     model = ParaUni.load(args.model, overrides)
-    model.check_size(height, width)
+    model.check_size(options.height, options.width)
     pixels = generate(
-        model,
-        prompts or None,
-        images,
-        steps=args.steps,
-        cfg=args.cfg,
-        sampler=args.sampler,
-        seed=args.seed,
-        height=height,
-        width=width,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
+        model, prompts or None, images, **options.kwargs(), sampler=args.sampler, progress=not args.quiet
     )
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for x, p in zip(pixels, paths, strict=True):

@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from parauni.eval.geneval import generate_pending, write_atomic, write_results
+from parauni.pipeline import GenerationOptions
 from parauni.scoring.clip import RewardModelError, load_reward_weights
 from parauni.utils.device import default_device
 from parauni.utils.loading import checked_source
@@ -215,19 +216,15 @@ def generate_dpg(
     prompts: list[dict[str, str]],
     out_dir: str | Path,
     *,
-    seed: int = 0,
-    batch_size: int = 4,
-    steps: int | None = None,
-    cfg: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
+    options: GenerationOptions | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
     """Generate four images per prompt row (`read_dpg_prompts`) as ``out_dir/<item_id>.png`` 2x2 grids.
 
-    Image j of prompt i (its index in `prompts`) uses noise seed ``seed + i * 4 + j``, so the grids do not
-    depend on `batch_size` or on what a resumed run still had to do. A grid is written through a temporary
-    file, so an existing ``<item_id>.png`` is complete and is skipped.
+    `options`: seed, batch size, steps, CFG and the size of each image (default: ``GenerationOptions()``).
+    Image j of prompt i (its index in `prompts`) uses noise seed ``options.seed + i * 4 + j``, so the grids
+    do not depend on the batch size or on what a resumed run still had to do. A grid is written through a
+    temporary file, so an existing ``<item_id>.png`` is complete and is skipped.
 
     Returns {"generated": grids generated, "skipped": grids already there}.
     """
@@ -247,12 +244,7 @@ def generate_dpg(
         lambda i: grid_path(i).is_file(),
         write,
         images_per_prompt=IMAGES_PER_PROMPT,
-        seed=seed,
-        batch_size=batch_size,
-        steps=steps,
-        cfg=cfg,
-        height=height,
-        width=width,
+        options=options,
         progress=progress,
         desc="DPG-Bench",
     )

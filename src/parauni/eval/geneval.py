@@ -28,7 +28,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, MissingFileError
-from ..pipeline import generate
+from ..pipeline import GenerationOptions, generate
 from ..scoring.clip import CLIP_L14
 from ..scoring.geneval_rules import (
     GENEVAL_COLORS,
@@ -146,44 +146,33 @@ def generate_pending(
     write: Callable[[int, list], None],
     *,
     images_per_prompt: int,
-    seed: int = 0,
-    batch_size: int = 4,
-    steps: int | None = None,
-    cfg: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
+    options: GenerationOptions | None = None,
     progress: bool = True,
     desc: str = "generating",
 ) -> dict[str, int]:
     """Generate `images_per_prompt` images for every prompt i with ``not done(i)``; ``write(i, images)``
     stores them (a list of PIL images). The resumable loop of the benchmark layouts (GenEval, DPG-Bench).
 
-    Image j of prompt i uses noise seed ``seed + i * images_per_prompt + j``, so the images do not depend on
-    `batch_size` or on which prompts a resumed run still had to do. Several prompts share one ``generate``
-    call when a batch holds more than one prompt's images.
+    `options` (default: ``GenerationOptions()``) are passed on to every ``generate`` call. Image j of prompt
+    i uses noise seed ``options.seed + i * images_per_prompt + j``, so the images do not depend on
+    ``options.batch_size`` or on which prompts a resumed run still had to do. Several prompts share one
+    ``generate`` call when a batch holds more than one prompt's images.
 
     Returns {"generated": prompts generated, "skipped": prompts already done}.
     """
+    options = options or GenerationOptions()
     if images_per_prompt < 1:
         raise ConfigError(f"images_per_prompt={images_per_prompt} must be >= 1")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    if options.batch_size < 1:
+        raise ConfigError(f"batch_size={options.batch_size} must be >= 1")
     pending = [i for i in range(len(prompts)) if not done(i)]
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     bar.update(len(prompts) - len(pending))
-    for run in _pending_runs(pending, max(1, batch_size // images_per_prompt)):
+    for run in _pending_runs(pending, max(1, options.batch_size // images_per_prompt)):
         texts = [prompts[i] for i in run for _ in range(images_per_prompt)]
-        pixels = generate(
-            model,
-            texts,
-            steps=steps,
-            cfg=cfg,
-            seed=seed + run[0] * images_per_prompt,
-            height=height,
-            width=width,
-            batch_size=batch_size,
-            progress=False,
-        )  # (len(run) * images_per_prompt, 3, H, W)
+        first = replace(options, seed=options.seed + run[0] * images_per_prompt)
+        # (len(run) * images_per_prompt, 3, H, W)
+        pixels = generate(model, texts, **first.kwargs(), progress=False)
         for k, i in enumerate(run):
             write(i, [tensor_to_pil(x) for x in pixels[k * images_per_prompt : (k + 1) * images_per_prompt]])
             bar.update(1)
@@ -200,18 +189,16 @@ def generate_geneval(
     out_dir: str | Path,
     *,
     images_per_prompt: int = 4,
-    seed: int = 0,
-    batch_size: int = 4,
-    steps: int | None = None,
-    cfg: float | None = None,
+    options: GenerationOptions | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
     """Generate `images_per_prompt` images per metadata row into GenEval's layout under `out_dir`.
 
-    Image j of prompt i uses noise seed ``seed + i * images_per_prompt + j``, so the images do not depend
-    on `batch_size` or on which prompts a resumed run still had to do. A prompt folder whose metadata.jsonl
-    and all samples exist is skipped; samples are written first and metadata.jsonl last (each through a
-    temporary file), so a crash leaves the prompt incomplete and the next run redoes it.
+    `options`: seed, batch size, steps, CFG and size of the generation (default: ``GenerationOptions()``).
+    Image j of prompt i uses noise seed ``options.seed + i * images_per_prompt + j``, so the images do not
+    depend on the batch size or on which prompts a resumed run still had to do. A prompt folder whose
+    metadata.jsonl and all samples exist is skipped; samples are written first and metadata.jsonl last (each
+    through a temporary file), so a crash leaves the prompt incomplete and the next run redoes it.
 
     Returns {"generated": prompts generated, "skipped": prompts already complete}.
     """
@@ -234,10 +221,7 @@ def generate_geneval(
         lambda i: _is_complete(prompt_dir(out_dir, i), metadata_rows[i], images_per_prompt),
         write,
         images_per_prompt=images_per_prompt,
-        seed=seed,
-        batch_size=batch_size,
-        steps=steps,
-        cfg=cfg,
+        options=options,
         progress=progress,
         desc="GenEval",
     )

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.parauni import ParaUni
-from ..pipeline import generate
+from ..pipeline import GenerationOptions, generate
 from ..scoring.clip import CLIPEmbedder
 from ..training.data import IMAGE_SUFFIXES
 from ..utils.images import (
@@ -179,37 +179,27 @@ def reconstruct_folder(
     images_dir: str | Path,
     out_dir: str | Path,
     *,
-    image_size: int | None = None,
-    batch_size: int = 4,
-    seed: int = 0,
-    steps: int | None = None,
-    cfg: float | None = None,
+    options: GenerationOptions | None = None,
     clip: CLIPEmbedder | None = None,
     progress: bool = True,
 ) -> Reconstruction:
     """Reconstruct every image of `images_dir` with `model` and score the reconstructions.
 
-    Steps: (1) read the folder at the model's sampling size (or `image_size` square), skipping unreadable
-    files; (2) `generate` with ``images=`` (the "Keep the image as it is." prompt), image i with noise seed
-    ``seed + i``; (3) write ``out_dir/<stem>.png``; (4) PSNR, SSIM and, with `clip`, CLIP similarity of each
+    `options`: seed, batch size, steps, CFG and image size (default: ``GenerationOptions()``; a size left
+    None is the model's sampling size).
+
+    Steps: (1) read the folder at that height x width, skipping unreadable files; (2) `generate` with
+    ``images=`` (the "Keep the image as it is." prompt), image i with noise seed ``options.seed + i``;
+    (3) write ``out_dir/<stem>.png``; (4) PSNR, SSIM and, with `clip`, CLIP similarity of each
     reconstruction (as written: rounded to uint8) against its resized input; (5) ``out_dir/metrics.json``
     with the per-image values, their means and the skipped files.
     """
     s = model.config.sampling
-    height, width = (s.height, s.width) if image_size is None else (image_size, image_size)
+    options = (options or GenerationOptions()).sized(s)
+    height, width = options.height, options.width
     model.check_size(height, width)
     files, inputs, skipped = read_image_folder(images_dir, height, width)
-    outputs = generate(
-        model,
-        images=inputs,
-        steps=steps,
-        cfg=cfg,
-        seed=seed,
-        height=height,
-        width=width,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    outputs = generate(model, images=inputs, **options.kwargs(), progress=progress)
     # Score what is written: the uint8 rounding of the reconstruction (the inputs are uint8 already).
     outputs = torch.stack([pil_to_tensor(img) for img in tensor_to_uint8(outputs)])
     out_dir = Path(out_dir)
@@ -230,9 +220,9 @@ def reconstruct_folder(
         "num_images": len(files),
         "height": height,
         "width": width,
-        "steps": s.steps if steps is None else steps,
-        "cfg": s.cfg if cfg is None else cfg,
-        "seed": seed,
+        "steps": s.steps if options.steps is None else options.steps,
+        "cfg": s.cfg if options.cfg is None else options.cfg,
+        "seed": options.seed,
         "mean": {k: _json_number(v.double().mean().item()) for k, v in scores.items()},
         "per_image": per_image,
         "skipped": skipped,
