@@ -10,6 +10,7 @@ import torch
 from fp32 import assert_close_up_to_order
 
 from parauni.analysis.layers import (
+    LayerProbe,
     default_zones,
     kept_layers_scale,
     layer_similarity,
@@ -68,20 +69,21 @@ def test_kept_layers_scale_rejects_empty_and_out_of_range():
 
 def test_per_layer_scores_and_zone_sensitivity_shapes(tiny_model):
     rewards = {"brightness": Brightness()}
-    kw = dict(options=GenerationOptions(seed=0, steps=1, cfg=1.0, batch_size=2))
-    scores = per_layer_scores(tiny_model, PROMPTS, None, rewards, **kw)
+    options = GenerationOptions(seed=0, steps=1, cfg=1.0, batch_size=2)
+    probe = LayerProbe(tiny_model, PROMPTS, None, rewards, options)
+    scores = per_layer_scores(probe)
     n = len(tiny_model.lim.layers)
     assert list(scores) == ["brightness"] and len(scores["brightness"]) == n
     assert all(np.isfinite(scores["brightness"]))
 
-    zr = zone_sensitivity(tiny_model, PROMPTS, None, rewards, **kw)
+    zr = zone_sensitivity(probe)
     assert set(zr["removed"]) | set(zr["skipped"]) == {"shallow", "middle", "deep"}
     for zone, drop in zr["drop"].items():
         assert drop["brightness"] == pytest.approx(
             zr["all"]["brightness"] - zr["removed"][zone]["brightness"]
         )
     # A "zone" holding no selected layer removes nothing: the same images as all layers.
-    same = zone_sensitivity(tiny_model, PROMPTS, None, rewards, zones={"none": []}, **kw)
+    same = zone_sensitivity(probe, zones={"none": []})
     assert same["drop"]["none"]["brightness"] == pytest.approx(0.0, abs=1e-6)
 
 

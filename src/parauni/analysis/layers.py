@@ -1,5 +1,6 @@
 """Layer analysis of the VLM's query features (paper section 3.1, figures 2, 4, 5; README.md, "Evaluate").
 
+* `LayerProbe`: the model, prompts, rewards and generation options the scored analyses share.
 * `per_layer_scores` (fig. 2): condition the DiT on ONE selected layer's ``c_i`` and score the images with
   each reward, layer by layer (the paper's CLIP score rises with depth).
 * `layer_similarity` / `suggest_zones` (fig. 4): the inter-layer cosine similarity of the query states and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,71 +62,63 @@ def default_zones(model: ParaUni) -> dict[str, list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def _generate_and_score(
-    model: ParaUni,
-    prompts: list[str],
-    metadata: Sequence[dict | None] | None,
-    rewards: Mapping[str, RewardFn],
-    scale: torch.Tensor | None,
-    options: GenerationOptions,
-    progress: bool,
-) -> dict[str, float]:
-    """Mean score per reward of one image per prompt, generated with the per-layer `scale` (None: all)."""
-    scale_fn = None if scale is None else (lambda per_layer: scale.to(per_layer))
-    images = generate(model, prompts, **options.kwargs(), progress=progress, scale_fn=scale_fn)
-    return {name: float(np.mean(reward(images, prompts, metadata))) for name, reward in rewards.items()}
+@dataclass(frozen=True)
+class LayerProbe:
+    """What the scored analyses generate and score: one image per prompt of `prompts` from `model` with
+    `options` (default: ``GenerationOptions()``), each reward's mean over them.
+
+    `metadata`: the prompts' GenEval rows (one per prompt) for the rewards that need them, or None. Every
+    call of `mean_scores` uses the same noise seeds, so the scores differ only by the layers kept.
+    """
+
+    model: ParaUni
+    prompts: list[str]
+    metadata: Sequence[dict | None] | None
+    rewards: Mapping[str, RewardFn]
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    progress: bool = False
+
+    def mean_scores(self, scale: torch.Tensor | None = None) -> dict[str, float]:
+        """{reward: mean score} of images generated with the LIM's per-layer `scale` (1, L_sel, 1, 1)
+        (`kept_layers_scale`; None: all selected layers)."""
+        scale_fn = None if scale is None else (lambda per_layer: scale.to(per_layer))
+        images = generate(
+            self.model, self.prompts, **self.options.kwargs(), progress=self.progress, scale_fn=scale_fn
+        )
+        return {
+            name: float(np.mean(reward(images, self.prompts, self.metadata)))
+            for name, reward in self.rewards.items()
+        }
 
 
-def per_layer_scores(
-    model: ParaUni,
-    prompts: list[str],
-    metadata: Sequence[dict | None] | None,
-    rewards: Mapping[str, RewardFn],
-    *,
-    options: GenerationOptions | None = None,
-    progress: bool = False,
-) -> dict[str, list[float]]:
+def per_layer_scores(probe: LayerProbe) -> dict[str, list[float]]:
     """Paper fig. 2: {reward: [mean score when conditioned on selected layer i alone, for each i]}.
 
-    Entry i belongs to VLM layer ``model.lim.layers[i]``; every layer uses the same noise seeds. `options`:
-    how the images are generated (default: ``GenerationOptions()``).
+    Entry i belongs to VLM layer ``probe.model.lim.layers[i]``.
     """
-    options = options or GenerationOptions()
-    n = len(model.lim.layers)
-    scores: dict[str, list[float]] = {name: [] for name in rewards}
+    n = len(probe.model.lim.layers)
+    scores: dict[str, list[float]] = {name: [] for name in probe.rewards}
     for i in range(n):
-        scale = kept_layers_scale(n, [i])
-        means = _generate_and_score(model, prompts, metadata, rewards, scale, options, progress)
-        for name, value in means.items():
+        for name, value in probe.mean_scores(kept_layers_scale(n, [i])).items():
             scores[name].append(value)
     return scores
 
 
-def zone_sensitivity(
-    model: ParaUni,
-    prompts: list[str],
-    metadata: Sequence[dict | None] | None,
-    rewards: Mapping[str, RewardFn],
-    zones: Mapping[str, Sequence[int]] | None = None,
-    *,
-    options: GenerationOptions | None = None,
-    progress: bool = False,
-) -> dict:
+def zone_sensitivity(probe: LayerProbe, zones: Mapping[str, Sequence[int]] | None = None) -> dict:
     """Paper fig. 5: each reward with all selected layers, and with one zone removed (renormalised).
 
     Args:
         zones: name -> VLM layer indices (default: `default_zones`). A zone that would remove every selected
             layer is reported under ``skipped`` instead of generated.
-        options: how the images are generated (default: ``GenerationOptions()``); the same for every zone.
 
     Returns:
         {"all": {reward: mean}, "removed": {zone: {reward: mean}}, "drop": {zone: {reward: all - removed}},
         "zones": {zone: VLM layers}, "skipped": {zone: reason}}; a positive drop means removal hurts.
     """
+    model = probe.model
     zones = default_zones(model) if zones is None else zones
     n = len(model.lim.layers)
-    options = options or GenerationOptions()
-    full = _generate_and_score(model, prompts, metadata, rewards, None, options, progress)
+    full = probe.mean_scores()
     removed, drop, skipped = {}, {}, {}
     for name, layers in zones.items():
         dropped = set(_positions(model, layers))
@@ -132,9 +126,8 @@ def zone_sensitivity(
         if not kept:
             skipped[name] = f"removing layers {list(layers)} leaves no selected layer"
             continue
-        scale = kept_layers_scale(n, kept)
-        removed[name] = _generate_and_score(model, prompts, metadata, rewards, scale, options, progress)
-        drop[name] = {r: full[r] - removed[name][r] for r in rewards}
+        removed[name] = probe.mean_scores(kept_layers_scale(n, kept))
+        drop[name] = {r: full[r] - removed[name][r] for r in probe.rewards}
     return {
         "all": full,
         "removed": removed,
@@ -295,7 +288,7 @@ def analyze_layers(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = options or GenerationOptions()
-    kwargs = dict(options=options, progress=progress)
+    probe = LayerProbe(model, prompts, metadata, rewards, options, progress)
     sim = layer_similarity(model, prompts, batch_size=options.batch_size)
     result = {
         "num_prompts": len(prompts),
@@ -303,14 +296,14 @@ def analyze_layers(
         "steps": options.steps,
         "cfg": options.cfg,
         "selected_layers": list(model.lim.layers),
-        "per_layer": per_layer_scores(model, prompts, metadata, rewards, **kwargs),
+        "per_layer": per_layer_scores(probe),
         "similarity": {
             "matrix": sim.tolist(),
             "suggested_zones": [
                 {"first": z.start, "last": z.stop - 1} for z in suggest_zones(sim, min(n_zones, len(sim)))
             ],
         },
-        "zone_removal": zone_sensitivity(model, prompts, metadata, rewards, **kwargs),
+        "zone_removal": zone_sensitivity(probe),
     }
     figures = plot_layer_analysis(result, out)
     result["figures"] = {k: str(v) for k, v in figures.items()}
