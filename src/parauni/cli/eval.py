@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -256,44 +257,48 @@ def _add_dpg_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="device of the VQA model (default: cuda if available, else cpu)")
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register this family's commands on the ``parauni`` sub-command parser."""
-    p = sub.add_parser(
-        "eval", help="benchmarks: GenEval and DPG-Bench generation and scoring, reconstruction"
-    )
-    evals = p.add_subparsers(dest="eval_command", required=True)
-    p = evals.add_parser(
-        "geneval",
-        help="GenEval images in the official layout (resumable), then their scores",
-        epilog=OVERRIDE_HELP,
-    )
+@dataclass(frozen=True)
+class _Benchmark:
+    """A benchmark's two commands: NAME generates (resumably) and then scores, NAME-score scores an existing
+    folder; both take the scorer's flags. `BENCHMARKS` lists one a row, its fields in this order."""
+
+    name: str
+    help: str
+    add_inputs: Callable[[argparse.ArgumentParser], None]  # the generation's flags after --model
+    run: Callable[[argparse.Namespace, list[str]], int]
+    score_help: str
+    images_help: str  # --images of NAME-score
+    results_help: str  # --out of NAME-score
+    add_scorer: Callable[[argparse.ArgumentParser], None]
+    score: Callable[[argparse.Namespace, list[str]], int]
+
+
+def _add_benchmark(evals: argparse._SubParsersAction, bench: _Benchmark) -> None:
+    """Register `bench`'s two commands."""
+    p = evals.add_parser(bench.name, help=bench.help, epilog=OVERRIDE_HELP)
     add_model_arg(p)
+    bench.add_inputs(p)
+    add_benchmark_args(p)
+    bench.add_scorer(p)
+    add_quiet(p)
+    p.set_defaults(fn=bench.run)
+
+    p = evals.add_parser(f"{bench.name}-score", help=bench.score_help)
+    add_score_args(p, bench.images_help, bench.results_help)
+    bench.add_scorer(p)
+    p.set_defaults(fn=bench.score)
+
+
+def _add_geneval_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", required=True, help="GenEval's evaluation_metadata.jsonl (or one like it)")
     p.add_argument(
         "--out", required=True, help="output folder: 00000/metadata.jsonl, 00000/samples/0000.png, ..."
     )
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
     add_sampling_args(p, "image j of prompt i uses seed + i * images-per-prompt + j")
-    add_benchmark_args(p)
-    _add_detector_args(p)
-    add_quiet(p)
-    p.set_defaults(fn=cmd_eval_geneval)
 
-    p = evals.add_parser("geneval-score", help="score an existing GenEval image folder")
-    add_score_args(
-        p,
-        "a GenEval output folder (00000/metadata.jsonl, ...)",
-        "per-image results JSONL; summary.json is written beside it",
-    )
-    _add_detector_args(p)
-    p.set_defaults(fn=cmd_eval_geneval_score)
 
-    p = evals.add_parser(
-        "dpg",
-        help="DPG-Bench 2x2 grids <item_id>.png (resumable), then their VQA scores",
-        epilog=OVERRIDE_HELP,
-    )
-    add_model_arg(p)
+def _add_dpg_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help='DPG-Bench prompts: a JSONL of {"item_id", "prompt"}')
     p.add_argument(
         "--out", required=True, help="output folder: <item_id>.png grids, results.jsonl, summary.json"
@@ -301,19 +306,42 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_sampling_args(p, "image j of prompt i uses seed + i * 4 + j")
     p.add_argument("--height", type=int, help="height of each of the 4 images (default: the model's)")
     p.add_argument("--width", type=int, help="width of each of the 4 images (default: the model's)")
-    add_benchmark_args(p)
-    _add_dpg_score_args(p)
-    add_quiet(p)
-    p.set_defaults(fn=cmd_eval_dpg)
 
-    p = evals.add_parser("dpg-score", help="score an existing DPG-Bench folder of <item_id>.png grids")
-    add_score_args(
-        p,
+
+BENCHMARKS = (
+    _Benchmark(
+        "geneval",
+        "GenEval images in the official layout (resumable), then their scores",
+        _add_geneval_inputs,
+        cmd_eval_geneval,
+        "score an existing GenEval image folder",
+        "a GenEval output folder (00000/metadata.jsonl, ...)",
+        "per-image results JSONL; summary.json is written beside it",
+        _add_detector_args,
+        cmd_eval_geneval_score,
+    ),
+    _Benchmark(
+        "dpg",
+        "DPG-Bench 2x2 grids <item_id>.png (resumable), then their VQA scores",
+        _add_dpg_inputs,
+        cmd_eval_dpg,
+        "score an existing DPG-Bench folder of <item_id>.png grids",
         "a folder of <item_id>.png 2x2 grids",
         "per-prompt results JSONL; summary.json is written beside it",
+        _add_dpg_score_args,
+        cmd_eval_dpg_score,
+    ),
+)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register this family's commands on the ``parauni`` sub-command parser."""
+    p = sub.add_parser(
+        "eval", help="benchmarks: GenEval and DPG-Bench generation and scoring, reconstruction"
     )
-    _add_dpg_score_args(p)
-    p.set_defaults(fn=cmd_eval_dpg_score)
+    evals = p.add_subparsers(dest="eval_command", required=True)
+    for bench in BENCHMARKS:
+        _add_benchmark(evals, bench)
 
     p = evals.add_parser(
         "reconstruct",
