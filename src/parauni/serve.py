@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .models.parauni import ParaUni
+    from .pipeline import GenerationOptions
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,28 @@ def check_size(model: ParaUni, height: object, width: object, settings: ServeSet
     return sides[0], sides[1]
 
 
+def checked_options(
+    model: ParaUni,
+    settings: ServeSettings,
+    steps: object,
+    cfg: object,
+    seed: object,
+    height: object,
+    width: object,
+    batch: object = 1,
+) -> GenerationOptions:
+    """A request's sampling values, each checked in this order (a ServeError naming the value and, where
+    one applies, the limit's flag), as the options of its one ``generate`` call of ``batch`` images."""
+    from .pipeline import GenerationOptions
+
+    steps = check_int("steps", steps, 1, settings.max_steps, "--max-steps")
+    cfg = check_cfg(cfg)
+    seed = check_int("seed", seed, 0, MAX_SEED)
+    batch = check_int("batch", batch, 1, settings.max_batch, "--max-batch")
+    height, width = check_size(model, height, width, settings)
+    return GenerationOptions(seed=seed, batch_size=batch, steps=steps, cfg=cfg, height=height, width=width)
+
+
 def estimate_seconds(
     one_step: float, model: ParaUni, steps: int, height: int, width: int, images: int
 ) -> float:
@@ -273,24 +296,10 @@ def text_to_image(
     from .utils.images import tensor_to_pil
 
     prompt = check_prompt(prompt, settings)
-    steps = check_int("steps", steps, 1, settings.max_steps, "--max-steps")
-    cfg = check_cfg(cfg)
-    seed = check_int("seed", seed, 0, MAX_SEED)
-    batch = check_int("batch", batch, 1, settings.max_batch, "--max-batch")
-    height, width = check_size(model, height, width, settings)
-    pixels = generate(
-        model,
-        [prompt] * batch,
-        steps=steps,
-        cfg=cfg,
-        seed=seed,
-        height=height,
-        width=width,
-        batch_size=batch,
-        progress=False,
-        scale_fn=last_layer_scale_fn(model) if last_layer_only else None,
-        cancel=cancel,
-    )
+    options = checked_options(model, settings, steps, cfg, seed, height, width, batch)
+    scale_fn = last_layer_scale_fn(model) if last_layer_only else None
+    prompts = [prompt] * options.batch_size
+    pixels = generate(model, prompts, **options.kwargs(), progress=False, scale_fn=scale_fn, cancel=cancel)
     return [tensor_to_pil(x) for x in pixels]
 
 
@@ -310,21 +319,10 @@ def reconstruct(
     from .pipeline import generate
     from .utils.images import pil_to_tensor, resize_center_crop, tensor_to_pil
 
-    steps = check_int("steps", steps, 1, settings.max_steps, "--max-steps")
-    cfg = check_cfg(cfg)
-    seed = check_int("seed", seed, 0, MAX_SEED)
-    height, width = check_size(model, height, width, settings)
-    image = resize_center_crop(read_upload(upload, settings), height, width)
+    options = checked_options(model, settings, steps, cfg, seed, height, width)
+    image = resize_center_crop(read_upload(upload, settings), options.height, options.width)
     pixels = generate(
-        model,
-        images=pil_to_tensor(image)[None],
-        steps=steps,
-        cfg=cfg,
-        seed=seed,
-        height=height,
-        width=width,
-        progress=False,
-        cancel=cancel,
+        model, images=pil_to_tensor(image)[None], **options.kwargs(), progress=False, cancel=cancel
     )
     return image, tensor_to_pil(pixels[0])
 
