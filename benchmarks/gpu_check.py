@@ -36,6 +36,10 @@ per check, ``ok`` or ``failed: <why>``, and exits 1 if any failed.
 Every measured run follows a run that is not timed (the warm-up; for sampling, reconstruction and Stage III
 it is the FLOP-counted run). ``--checks stage2 rl`` reruns a subset; ``--json OUT`` saves every figure.
 
+Why one file of about 900 lines: it is a script a GPU user copies onto a lent machine and runs once, so
+every check, its timing and its FLOP count stand together; each check is its own function of about 50 lines
+calling the library, and the CPU form of the same file is what ``tests/test_gpu_check.py`` runs.
+
 Precision (``--dtype auto``): on CUDA, bf16 as the paper preset runs (VLM, DiT and VAE weights in bf16, the
 queries and LIM in fp32, training and RL under accelerate's bf16 autocast); on the CPU, fp32 throughout.
 

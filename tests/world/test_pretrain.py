@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,14 +59,31 @@ def test_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     whole = _fit_run(tmp_path / "whole")
     with pytest.raises(Interrupted):
         _fit_run(tmp_path / "cut", stop_at=3)  # dies after the checkpoint of step 2
-    assert json.loads((tmp_path / "cut" / "state.json").read_text())["step"] == 2
+    ckpts = tmp_path / "cut" / "checkpoints"
+    assert [c.name for c in ckpts.iterdir()] == ["step_0000002"]  # the library's checkpoint layout
+    assert json.loads((ckpts / "step_0000002" / "state.json").read_text())["step"] == 2
+    # a kill while the next checkpoint was being written leaves its temporary folder: removed, not read
+    (ckpts / ".tmp_step_0000004").mkdir()
     resumed = _fit_run(tmp_path / "cut")
     for name, value in whole.items():
         assert torch.equal(value, resumed[name]), name
-    # a kill between renaming the old checkpoint away and the new one in leaves only ".old": still resumable
-    (tmp_path / "cut").rename(tmp_path / "cut.old")
-    again = _fit_run(tmp_path / "cut")
-    assert all(torch.equal(whole[n], again[n]) for n in whole)
+
+
+def test_fit_passes_over_a_damaged_checkpoint_naming_its_file(tmp_path, capsys):
+    whole = _fit_run(tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        _fit_run(tmp_path / "cut", stop_at=5)  # checkpoints after steps 2 and 4; keeps the newest
+    ckpts = tmp_path / "cut" / "checkpoints"
+    shutil.copytree(ckpts / "step_0000004", ckpts / "step_0000002")  # an older intact one, renumbered
+    state = json.loads((ckpts / "step_0000002" / "state.json").read_text())
+    assert state["step"] == 4
+    with open(ckpts / "step_0000004" / "model.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"damaged!")
+    resumed = _fit_run(tmp_path / "cut")
+    said = capsys.readouterr()
+    assert "checkpoint step_0000004 is damaged" in said.out + said.err
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
 
 
 SMALL = [
@@ -93,9 +111,9 @@ def test_pretrain_killed_at_any_point_resumes_to_the_same_models(tmp_path):
     proc = subprocess.Popen(
         _pretrain_cmd(tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    state = tmp_path / "cut" / ".work" / "vlm" / "state.json"
+    checkpoints = tmp_path / "cut" / ".work" / "vlm" / "checkpoints"
     deadline = time.time() + 120
-    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+    while not any(checkpoints.glob("step_*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before its first checkpoint; make it longer"
     proc.send_signal(signal.SIGKILL)

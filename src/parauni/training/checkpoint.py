@@ -48,6 +48,21 @@ RAW_FILE = (
 NAME_DIGITS = {"step": 7, "epoch": 6}  # step_0000042, epoch_000007: names sort in the order they were written
 
 
+class SingleProcess:
+    """What the functions here use of an ``accelerate.Accelerator``, for a loop that runs in one process without
+    one (the shapes world's Stage-0 fits)."""
+
+    is_main_process = True
+    num_processes = 1
+    process_index = 0
+
+    def wait_for_everyone(self) -> None:
+        """Nothing to wait for."""
+
+    def print(self, *args) -> None:
+        print(*args)
+
+
 def rng_file(rank: int) -> str:
     """The file of process ``rank``'s RNG state in a checkpoint."""
     return f"rng_{rank}.pt"

@@ -3,7 +3,9 @@
 The loop is the same for all of them; what differs is the loss of a step, which a model's module passes in:
 
     for each step: lr = warm-up then cosine;  loss, metrics = step_loss(step);  backward;  clip the gradient
-    norm;  AdamW step;  after_step();  every ``save_every`` steps and at the end: an atomic checkpoint.
+    norm;  AdamW step;  after_step();  every ``save_every`` steps and at the end: an atomic checkpoint
+    (``work/checkpoints/step_<N>``, written and verified by :mod:`parauni.training.checkpoint`, as every
+    training loop of the library is).
 
 Every random draw of a step comes from generators seeded by ``(seed, step)`` (``step_loss`` builds its own;
 the loop seeds torch's global generator, which dropout uses, the same way), so a run killed at any point and
@@ -13,7 +15,7 @@ resumed from its last checkpoint ends with the same weights as one that was neve
 from __future__ import annotations
 
 import json
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +25,19 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..training.checkpoint import (
+    STATE_FILE,
+    SingleProcess,
+    atomic_checkpoint,
+    checkpoint_name,
+    intact_checkpoint,
+    remove_partial_checkpoints,
+)
+from ..training.distributed import OPTIMIZER_FILE
 from ..training.trainer import warmup_cosine
+from ..utils.files import read_json
+from ..utils.run_files import CHECKPOINT_DIR, WEIGHTS_FILE
 from .config import FitConfig
-
-STATE_FILE = "state.json"
-WEIGHTS_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 def adamw(module: nn.Module, s: FitConfig) -> torch.optim.AdamW:
@@ -42,28 +51,27 @@ def adamw(module: nn.Module, s: FitConfig) -> torch.optim.AdamW:
 
 
 def _save(work: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Write the checkpoint into ``work`` atomically (a temporary folder renamed over the old one)."""
-    tmp = work.with_name(work.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(module, str(tmp / WEIGHTS_FILE))  # handles tied weights
-    torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    old = work.with_name(work.name + ".old")
-    if work.exists():
-        work.rename(old)
-    tmp.rename(work)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write ``work/checkpoints/step_<N>`` atomically (:func:`parauni.training.checkpoint.atomic_checkpoint`,
+    with its manifest), keeping only the newest."""
+    name = checkpoint_name("step", state["step"])
+    with atomic_checkpoint(work / CHECKPOINT_DIR, name, SingleProcess(), keep_last=1) as tmp:
+        save_model(module, str(tmp / WEIGHTS_FILE))  # handles tied weights
+        torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state))
 
 
-def _load(work: Path, module: nn.Module, opt: torch.optim.Optimizer) -> dict | None:
-    """Restore the checkpoint in ``work`` (or the one a killed save left as ``.old``); None if there is none."""
-    for folder in (work, work.with_name(work.name + ".old")):
-        if (folder / STATE_FILE).is_file():
-            load_model(module, str(folder / WEIGHTS_FILE))
-            opt.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
-            return json.loads((folder / STATE_FILE).read_text())
-    return None
+def _load(
+    work: Path, module: nn.Module, opt: torch.optim.Optimizer, say: Callable[[str], None]
+) -> dict | None:
+    """Restore the newest intact checkpoint in ``work`` (a damaged one is named and passed over); None if there
+    is none."""
+    remove_partial_checkpoints(work / CHECKPOINT_DIR)
+    ckpt = intact_checkpoint(work, "step", say)
+    if ckpt is None:
+        return None
+    load_model(module, str(ckpt / WEIGHTS_FILE))
+    opt.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True))
+    return read_json(ckpt / STATE_FILE, "checkpoint state")
 
 
 def fit(
@@ -71,21 +79,21 @@ def fit(
     module: nn.Module,
     step_loss: Callable[[int], tuple[torch.Tensor, dict]],
     schedule: FitConfig,
-    work: str | Path,
+    work: str | Path | None,
     seed: int = 0,
     save_every: int = 100,
     after_step: Callable[[], None] | None = None,
     progress: bool = True,
 ) -> dict:
     """Train ``module`` for ``schedule.steps`` steps of ``step_loss(step) -> (loss, metrics)``, resuming from
-    the checkpoint in ``work`` if there is one.
+    the checkpoint in ``work`` if there is one (None: a new temporary folder, nothing to resume).
 
     Returns ``{"curve": [{"step", "loss", **metrics}, ...], "seconds": training seconds over all runs}``; the
     module is left in eval mode with the final weights.
     """
-    work = Path(work)
+    work = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix="parauni-fit-"))
     opt = adamw(module, schedule)
-    state = _load(work, module, opt) or {"step": 0, "curve": [], "seconds": 0.0}
+    state = _load(work, module, opt, tqdm.write) or {"step": 0, "curve": [], "seconds": 0.0}
     module.train()
     t0, start = time.time(), state["step"]
     bar = tqdm(total=schedule.steps, initial=start, desc=f"stage 0: {name}", disable=not progress)

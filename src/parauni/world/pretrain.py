@@ -12,7 +12,7 @@
 (:mod:`parauni.world.release`); ``parauni demo --stage0 scratch`` runs it with the world config's quick defaults,
 cached under a key of the config.
 
-Why one module of about 700 lines: it is one recipe read top to bottom, each model's builder beside its
+Why one module of about 650 lines: it is one recipe read top to bottom, each model's builder beside its
 training loop and its phase (tokenizer, VLM, autoencoder, text-to-image, rewards), then the resumable folder
 that holds them; the reward models, the fit loop and the text-to-image model already live apart
 (``reward_models.py``, ``fit.py``, ``t2i.py``).
@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -225,7 +224,6 @@ def train_world_vlm(
         loss, acc = vlm_loss(model, tokenizer, batch, v.restate)
         return loss, {"accuracy": acc}
 
-    work = work or _scratch_work("vlm")
     result = fit("VLM", model, step_loss, cfg.vlm.train, work, cfg.seed, cfg.save_every, progress=progress)
     heldout = WorldStream(cfg.seed + STREAM_OFFSETS["heldout"], cfg.image_size).batch(0, 128)
     with torch.no_grad():
@@ -236,10 +234,6 @@ def train_world_vlm(
         "heldout_token_accuracy": float(acc),
         "heldout_caption_accuracy": caption_accuracy(model, tokenizer, heldout),
     }
-
-
-def _scratch_work(name: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"parauni-{name}-"))
 
 
 # ----------------------------------------------------------------------------------------------- the autoencoder
@@ -292,7 +286,7 @@ def train_world_autoencoder(
         ae,
         step_loss,
         a.train,
-        work or _scratch_work("ae"),
+        work,
         cfg.seed,
         cfg.save_every,
         progress=progress,
@@ -383,7 +377,7 @@ def train_text_encoder(
         encoder,
         step_loss,
         t.text_train,
-        work or _scratch_work("text"),
+        work,
         cfg.seed,
         cfg.save_every,
         progress=progress,

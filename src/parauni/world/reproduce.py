@@ -20,6 +20,10 @@ Each (row, seed) unit writes ``runs/<row>/seed<k>/result.json`` when it is compl
 checkpoints, so an interrupted run continues where it stopped when started again with the same arguments.
 The numbers are findings, whichever way they go: on a world this small, differences between rows can be
 smaller than the spread over seeds.
+
+Why one module of about 500 lines: the rows, one unit's training, the duration estimate and the table all
+read the same row definitions and unit folders; the training, evaluation and analyses themselves are the
+library's (``trainer``, ``shapeseval``, ``analysis.layers``, ``eval.reconstruct``).
 """
 
 from __future__ import annotations

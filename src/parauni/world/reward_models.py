@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +197,6 @@ def train_world_clip(
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))  # CLIP's temperature cap
 
-    work = work or Path(tempfile.mkdtemp(prefix="parauni-clip-"))
     result = fit(
         "world CLIP",
         clip,
@@ -341,7 +339,6 @@ def train_world_aesthetic(
         margin = mlp(e_better) - mlp(e_worse)  # (B,)
         return F.softplus(-margin).mean(), {"accuracy": (margin > 0).float().mean()}
 
-    work = work or Path(tempfile.mkdtemp(prefix="parauni-aesthetic-"))
     result = fit(
         "world aesthetic",
         mlp,
