@@ -180,10 +180,14 @@ def test_cli_rl_runs_with_a_local_clip_and_names_missing_rewards(clip_dir, tmp_p
         "--rl.height=32",
         "--rl.width=32",
     ]
-    rc = main(common + ["--out", str(tmp_path / "run"), f"--rewards.clip={clip_dir}", phases, *small])
+    one_epoch = "--rl.phases.0.epochs=1"  # a list item by its position, after the list itself
+    rc = main(
+        common + ["--out", str(tmp_path / "run"), f"--rewards.clip={clip_dir}", phases, one_epoch, *small]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "clip: first epoch" in out and (tmp_path / "run" / "model.safetensors").is_file()
+    assert len((tmp_path / "run" / "rl_log.jsonl").read_text().splitlines()) == 1
     # a phase that uses a reward nobody configured is refused with the names
     bad = "--rl.phases=[{name: p, rewards: {pickscore: 1.0}, epochs: 1, zone: middle, beta: 0.01}]"
     rc = main(common + ["--out", str(tmp_path / "bad"), f"--rewards.clip={clip_dir}", bad, *small])
