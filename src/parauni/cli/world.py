@@ -61,8 +61,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="train and measure the whole pipeline on the embedded shapes world",
-        epilog="world overrides as --world.section.key=value, e.g. --world.parauni.stage1.steps=2000 or, with "
-        "--stage0 scratch, --world.t2i.train.steps=500 (docs/configuration.md lists them)",
+        epilog="world overrides as --world.section.key=value, e.g. --world.parauni.stage1.steps=2000",
     )
     p.add_argument(
         "--out",
