@@ -81,7 +81,7 @@ from bench_throughput import peak_mib, reset_peak  # noqa: E402
 from parauni.config import ModelConfig, load_model_config  # noqa: E402
 from parauni.eval.reconstruct import psnr  # noqa: E402
 from parauni.models.parauni import ParaUni  # noqa: E402
-from parauni.pipeline import generate  # noqa: E402
+from parauni.pipeline import GenerationOptions, generate  # noqa: E402
 from parauni.rl.config import PhaseConfig, RLConfig  # noqa: E402
 from parauni.rl.grpo import train_rl  # noqa: E402
 from parauni.rl.prompts import PromptSource  # noqa: E402
@@ -436,18 +436,9 @@ def check_sampling(s: Setting, model: ParaUni) -> dict:
     """20-step DPM-Solver++ sampling with CFG at the preset's resolution (``parauni.pipeline.generate``)."""
     sm = model.config.sampling
     n = s.sample_batch
+    options = sample_options(model, n)
     images, seconds, flops, peak = timed_generation(
-        s,
-        lambda: generate(
-            model,
-            captions(n),
-            steps=SAMPLE_STEPS,
-            cfg=SAMPLE_CFG,
-            height=sm.height,
-            width=sm.width,
-            batch_size=n,
-            progress=False,
-        ),
+        s, lambda: generate(model, captions(n), **options.kwargs(), progress=False)
     )
     if not torch.isfinite(images).all():
         raise RuntimeError("the generated images hold NaN or inf")
@@ -467,23 +458,22 @@ def check_sampling(s: Setting, model: ParaUni) -> dict:
     }
 
 
+def sample_options(model: ParaUni, n: int) -> GenerationOptions:
+    """The sampling and reconstruction checks' settings: 20 steps, CFG 4.5, the model's size, batches of ``n``."""
+    sm = model.config.sampling
+    return GenerationOptions(
+        batch_size=n, steps=SAMPLE_STEPS, cfg=SAMPLE_CFG, height=sm.height, width=sm.width
+    )
+
+
 def check_reconstruction(s: Setting, model: ParaUni) -> dict:
     """Image-to-image (the input through the VLM's vision encoder, 20 steps with CFG) and the DC-AE encoder."""
     sm = model.config.sampling
     n = s.sample_batch
     pixels = input_image(n, sm.height)
+    options = sample_options(model, n)
     recon, seconds, flops, peak = timed_generation(
-        s,
-        lambda: generate(
-            model,
-            images=pixels,
-            steps=SAMPLE_STEPS,
-            cfg=SAMPLE_CFG,
-            height=sm.height,
-            width=sm.width,
-            batch_size=n,
-            progress=False,
-        ),
+        s, lambda: generate(model, images=pixels, **options.kwargs(), progress=False)
     )
     with torch.no_grad():
         encode = lambda: model.encode_images(pixels.to(s.device))  # noqa: E731
