@@ -110,6 +110,11 @@ def _default(value) -> str:
     return f"`{text}`".replace("|", "\\|")
 
 
+def _summary(cls: type) -> str:
+    """The first paragraph of ``cls``'s docstring, on one line."""
+    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def _rows(cls: type, prefix: str, instance: object | None = None) -> list[str]:
     """The table rows of ``cls``'s fields; a nested section shows the defaults its parent gives it (e.g.
     ``rl.trainable`` is a ``TrainableConfig`` whose RL defaults differ from the class's own)."""
@@ -129,8 +134,8 @@ def _rows(cls: type, prefix: str, instance: object | None = None) -> list[str]:
         kind = str(f.type).replace("|", "\\|")
         rows.append(f"| `{prefix}{f.name}` | `{kind}` | {_default(default)} | {help_text} |")
     for key, f, sub in sections:
-        doc = " ".join((type(sub).__doc__ or "").split()) if key != f.name else ""
-        doc = doc or f.metadata.get("help") or ((type(sub).__doc__ or "").strip().splitlines() or [""])[0]
+        # a section is described by its field's help, else (and a list item always) by its class's summary
+        doc = (f.metadata.get("help") if key == f.name else None) or _summary(type(sub))
         rows.append(f"| **`{prefix}{key}.*`** | section | | {doc.replace('|', chr(92) + '|')} |")
         rows += _rows(type(sub), f"{prefix}{key}.", sub)
     return rows
