@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from parauni.cli import main
-from parauni.diffusion.flow import condition_match_loss
-from parauni.errors import TrainingDiverged
+from parauni.diffusion.flow import assign_teacher_tokens, condition_match_loss
+from parauni.errors import ConfigError, TrainingDiverged
 from parauni.models.parauni import ParaUni
 from parauni.training.checkpoint import RAW_FILE, intact_checkpoint
 from parauni.training.config import TrainConfig, stage_config
@@ -366,3 +366,60 @@ def test_condition_distill_pulls_the_condition_to_the_teacher(make_tiny, tmp_pat
     pulled, _ = _tiny_run(make_tiny, tmp_path, steps=8, lr=3e-3, condition_distill=10.0, teacher=teacher)
     assert len(seen) == 8 and all(len(c) == 4 for c in seen)  # one call per step, dropped captions as None
     assert gap(pulled) < 0.7 * gap(plain), (gap(pulled), gap(plain))
+
+
+def test_assignment_match_ignores_the_order_of_the_teachers_tokens():
+    """``distill_match=assignment``: the DiT reads its condition as a set, so a reordered teacher costs nothing."""
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(3, 5, 4, generator=g)
+    order = torch.stack([torch.randperm(5, generator=g) for _ in range(3)])
+    states = cond.gather(1, order[..., None].expand(3, 5, 4))  # the same tokens, each caption reordered
+    mask = torch.ones(3, 5)
+    assert float(condition_match_loss(cond, states, mask)) > 0.5
+    assert float(condition_match_loss(cond, states, mask, match="assignment")) == pytest.approx(0.0, abs=1e-6)
+    aligned, kept = assign_teacher_tokens(cond, states, mask)
+    assert torch.equal(aligned, cond) and torch.equal(kept, mask)
+    # padding tokens are never assigned; condition tokens beyond the real ones stay free (mask 0)
+    mask[0, 3:] = 0
+    aligned, kept = assign_teacher_tokens(cond, states, mask)
+    assert kept[0].sum() == 3 and kept[1:].sum() == 10
+    assert set(aligned[0][kept[0].bool()].flatten().tolist()) == set(states[0, :3].flatten().tolist())
+    with pytest.raises(ConfigError, match="unknown condition match 'nearest'"):
+        condition_match_loss(cond, states, mask, match="nearest")
+
+
+def test_flow_weight_and_distill_match_are_checked():
+    with pytest.raises(ConfigError, match="flow_weight=-1"):
+        TrainConfig(flow_weight=-1)
+    with pytest.raises(ConfigError, match="nothing to learn"):
+        TrainConfig(flow_weight=0)  # no condition_distill
+    with pytest.raises(ConfigError, match="nothing to learn"):
+        TrainConfig(stage=2, flow_weight=0, condition_distill=1.0)
+    with pytest.raises(ConfigError, match="distill_match"):
+        TrainConfig(distill_match="nearest")
+    assert TrainConfig(flow_weight=0, condition_distill=1.0).flow_weight == 0
+
+
+def test_distillation_alone_never_runs_the_dit(make_tiny, tmp_path):
+    """``flow_weight=0``: Stage I learns from the teacher only and skips the DiT's forward and backward."""
+    model = make_tiny()
+    width = model.dit.config.caption_channels
+    calls = []
+    real = model.velocity
+    model.velocity = lambda *a: calls.append(1) or real(*a)
+
+    def teacher(captions):
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(len(captions), 3, width, generator=g), torch.ones(len(captions), 3)
+
+    _, result = _tiny_run(
+        make_tiny,
+        tmp_path,
+        steps=3,
+        model=model,
+        teacher=teacher,
+        flow_weight=0.0,
+        condition_distill=1.0,
+        distill_match="assignment",
+    )
+    assert calls == [] and math.isfinite(result.final_loss)

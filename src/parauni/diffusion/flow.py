@@ -71,11 +71,47 @@ def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> to
     return F.mse_loss(v_pred.float(), velocity_target(x0, noise).float())
 
 
-def condition_match_loss(cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """How far a condition's first tokens are from a teacher's text states (fp32): MSE + centred error.
+def assign_teacher_tokens(
+    cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's real teacher tokens reordered to the condition tokens they are matched to, one to one.
 
-    Position j of the condition is matched to the teacher's token j, for the tokens the mask keeps; the
-    condition's positions past the teacher's length are free. cond: (B, Q, C); states: (B, S, C) (the
+    The matching minimises the total squared distance (the Hungarian method on the detached distances;
+    scipy's ``linear_sum_assignment``). A SANA DiT's cross-attention has no positions, so the order of the
+    condition tokens carries nothing, and a fixed "query j = teacher token j" asks one query to hold the
+    colour word of one caption and the shape word of another.
+
+    cond: (B, Q, C); states: (B, S, C); mask: (B, S), 1 = a real token. Returns (states (B, Q, C), mask
+    (B, Q)): row i holds the teacher token matched to condition token i (zeros and mask 0 where none is).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    b, q, c = cond.shape
+    cost = torch.cdist(cond.detach().float(), states.detach().float()).pow(2).cpu()  # (B, Q, S)
+    keep = mask.detach().bool().cpu()
+    index = torch.zeros(b, q, dtype=torch.long)
+    assigned = torch.zeros(b, q, dtype=torch.bool)
+    for k in range(b):
+        real = keep[k].nonzero().squeeze(1)  # (S_real,)
+        rows, cols = linear_sum_assignment(cost[k][:, real].numpy())
+        index[k, torch.as_tensor(rows)] = real[torch.as_tensor(cols)]
+        assigned[k, torch.as_tensor(rows)] = True
+    index, assigned = index.to(states.device), assigned.to(states.device)
+    aligned = states.gather(1, index[..., None].expand(b, q, states.shape[-1])) * assigned[..., None]
+    return aligned, assigned.to(mask.dtype)
+
+
+CONDITION_MATCHES = ("position", "assignment")
+
+
+def condition_match_loss(
+    cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, match: str = "position"
+) -> torch.Tensor:
+    """How far a condition's tokens are from a teacher's text states (fp32): MSE + centred error.
+
+    ``match="position"``: position j of the condition is matched to the teacher's token j, for the tokens the
+    mask keeps; the condition's positions past the teacher's length are free. ``"assignment"``: each
+    example's teacher tokens are first reordered to the condition tokens by :func:`assign_teacher_tokens`. cond: (B, Q, C); states: (B, S, C) (the
     text encoder a DiT was pretrained with, on the same captions); mask: (B, S), 1 = a real token.
 
     The loss is the mean squared error plus the relative squared error of the batch-centred parts: at each
@@ -91,6 +127,10 @@ def condition_match_loss(cond: torch.Tensor, states: torch.Tensor, mask: torch.T
             f"condition {tuple(cond.shape)} and teacher states {tuple(states.shape)} must share the batch "
             "and channel sizes (the teacher must be the text encoder whose width the DiT's cross-attention takes)"
         )
+    if match == "assignment":
+        states, mask = assign_teacher_tokens(cond, states, mask)
+    elif match != "position":
+        raise ConfigError(f"unknown condition match {match!r}; choose one of {list(CONDITION_MATCHES)}")
     n = min(cond.shape[1], states.shape[1])
     keep = mask[:, :n, None].to(torch.float32)  # (B, n, 1)
     student, teacher = cond[:, :n].float(), states[:, :n].float()

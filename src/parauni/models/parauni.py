@@ -268,17 +268,21 @@ class ParaUni(nn.Module):
         noise: torch.Tensor,
         teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
         teacher_weight: float = 0.0,
+        flow_weight: float = 1.0,
+        match: str = "position",
     ) -> torch.Tensor:
-        """The flow-matching training loss for clean inputs x0 (B, C, h, w) at times t (B,).
+        """The training loss for clean inputs x0 (B, C, h, w) at times t (B,): ``flow_weight`` x the flow loss.
 
         ``teacher``: optional (states (B, S, C), mask (B, S)) of the DiT's own pretraining text encoder on
-        the same captions; ``teacher_weight`` times :func:`condition_match_loss` is then added (see
-        ``train.condition_distill``).
+        the same captions; ``teacher_weight`` times :func:`condition_match_loss` (tokens matched by ``match``)
+        is then added (see ``train.condition_distill``). With ``flow_weight=0`` the DiT is not run at all.
         """
         cond = self.condition(batch)
-        loss = flow_loss(self.velocity(interpolate(x0, noise, t), t, cond), x0, noise)
+        loss = cond.new_zeros((), dtype=torch.float32)
+        if flow_weight > 0:
+            loss = flow_weight * flow_loss(self.velocity(interpolate(x0, noise, t), t, cond), x0, noise)
         if teacher is not None and teacher_weight > 0:
-            loss = loss + teacher_weight * condition_match_loss(cond, *teacher)
+            loss = loss + teacher_weight * condition_match_loss(cond, *teacher, match=match)
         return loss
 
     # ---------------------------------------------------------------------------------------- training

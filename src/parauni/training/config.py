@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, check_choice, from_dict
-from ..diffusion.flow import TIMESTEP_SAMPLING
+from ..diffusion.flow import CONDITION_MATCHES, TIMESTEP_SAMPLING
 
 # The paper's recipe per stage; a TrainConfig starts from these and takes overrides.
 STAGE_DEFAULTS: dict[int, dict] = {
@@ -61,6 +61,21 @@ class TrainConfig:
             "(parauni.diffusion.flow.condition_match_loss; 0 = the paper's flow loss alone; needs a teacher)"
         },
     )
+    distill_match: str = field(
+        default="position",
+        metadata={
+            "help": "how condition tokens meet the teacher's in condition_distill: 'position' (token j to the "
+            "teacher's token j) or 'assignment' (each caption's teacher tokens reordered to the condition tokens "
+            "by the one-to-one matching of least squared distance; the DiT's cross-attention has no positions)"
+        },
+    )
+    flow_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight of the paper's flow-matching loss (1 = the paper); 0 = condition distillation alone, "
+            "which skips the DiT in the step (Stage I only; needs condition_distill > 0)"
+        },
+    )
     image_size: int = field(
         default=1024, metadata={"help": "training images are resized and centre-cropped to this"}
     )
@@ -87,6 +102,14 @@ class TrainConfig:
             raise ConfigError(f"train.ema={self.ema} must be in [0, 1) (0 = off; 0.999 is usual)")
         if self.condition_distill < 0:
             raise ConfigError(f"train.condition_distill={self.condition_distill} must be >= 0 (0 = off)")
+        check_choice("train.distill_match", self.distill_match, CONDITION_MATCHES)
+        if self.flow_weight < 0:
+            raise ConfigError(f"train.flow_weight={self.flow_weight} must be >= 0 (1 = the paper's loss)")
+        if self.flow_weight == 0 and (self.stage != 1 or self.condition_distill == 0):
+            raise ConfigError(
+                f"train.flow_weight=0 leaves stage {self.stage} with condition_distill={self.condition_distill} "
+                "nothing to learn from: it is for Stage I with condition_distill > 0; set train.flow_weight=1"
+            )
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas={self.betas} must be two numbers")
         if self.batch_size % self.grad_accum:

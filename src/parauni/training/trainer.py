@@ -263,10 +263,13 @@ def train(
             drop, t, noise = example_draws(cfg, positions, tuple(x0.shape[1:]))
             kept = [None if d else c for c, d in zip(captions, drop, strict=True)]
             batch = model.encode_prompts(kept)
-            extra = ()
+            extra = ()  # the loss's optional terms: ParaUni.forward's teacher, weights and token match
             if cfg.condition_distill > 0:
                 with torch.no_grad():
-                    extra = (tuple(x.to(model.device) for x in teacher(kept)), cfg.condition_distill)
+                    states = tuple(x.to(model.device) for x in teacher(kept))
+                extra = (states, cfg.condition_distill, cfg.flow_weight, cfg.distill_match)
+            elif cfg.flow_weight != 1.0:
+                extra = (None, 0.0, cfg.flow_weight)
             with acc.accumulate(wrapped):
                 loss = wrapped(batch, x0.to(model.device), t.to(model.device), noise.to(model.device), *extra)
                 finite = finite and bool(torch.isfinite(loss))

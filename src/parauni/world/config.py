@@ -230,6 +230,10 @@ class WorldParaUniConfig:
     connector_layers: int = 2
     connector_heads: int = 4
     connector_intermediate: int = 384
+    use_layernorm: bool = field(
+        default=True,
+        metadata={"help": "the LIM's shared LayerNorm before the mean (the paper's architecture)"},
+    )
     stage1: TrainConfig = field(
         default_factory=lambda: world_stage_defaults(1),
         metadata={

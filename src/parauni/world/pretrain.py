@@ -625,6 +625,7 @@ def world_model_config(cfg: WorldConfig, stage0: Path) -> ModelConfig:
                 "connector_layers": p.connector_layers,
                 "connector_heads": p.connector_heads,
                 "connector_intermediate": p.connector_intermediate,
+                "use_layernorm": p.use_layernorm,
             },
             "dit": {
                 "path": str(Path(stage0, "t2i", "transformer").resolve()),
