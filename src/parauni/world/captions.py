@@ -391,3 +391,16 @@ def read_metadata(path: str | Path) -> list[dict]:
             raise DataError(f"{path}, line {line_number}: bad metadata row: {err}") from err
         rows.append(row)
     return rows
+
+
+def swapped_color_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` colour-attribution prompts in GenEval's phrasing and the same prompts with the two colours
+    exchanged ("a red circle and a blue square" / "a blue circle and a red square"): the pairs of
+    :func:`parauni.analysis.binding.binding_profile`."""
+    rng = np.random.default_rng(seed)
+    prompts, swapped = [], []
+    for _ in range(n):
+        (s1, s2), (c1, c2) = _distinct(rng, SHAPES), _distinct(rng, tuple(COLORS))
+        prompts.append(color_attr_row(s1, c1, s2, c2)["prompt"])
+        swapped.append(color_attr_row(s1, c2, s2, c1)["prompt"])
+    return prompts, swapped

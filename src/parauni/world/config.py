@@ -72,8 +72,10 @@ def world_rl_defaults() -> RLConfig:
 
 def world_stage_defaults(stage: int) -> TrainConfig:
     """Stage I or II on the world: the paper's recipe (AdamW 0.9/0.95, wd 0.05, warm-up + cosine, clip 1.0,
-    10% caption dropout) at the world's scale, with logit-normal times as in Stage 0 and condition distillation
-    against the Stage-0 DiT's own text encoder (not in the paper; docs/world.md)."""
+    10% caption dropout) at the world's scale, with logit-normal times as in Stage 0, and condition distillation
+    against the Stage-0 DiT's own text encoder with its tokens matched one to one (not in the paper;
+    docs/world.md). Stage I learns from the distillation alone (``flow_weight=0``: the DiT is frozen there and
+    the flow loss added nothing measurable); ``flow_weight=1 distill_match=position`` is the earlier recipe."""
     steps, lr, warmup = (1200, 3e-3, 20) if stage == 1 else (150, 1e-4, 10)
     return TrainConfig(
         stage=stage,
@@ -83,6 +85,8 @@ def world_stage_defaults(stage: int) -> TrainConfig:
         warmup=warmup,
         timestep_sampling="logit_normal",
         condition_distill=1.0,
+        distill_match="assignment",
+        flow_weight=0.0 if stage == 1 else 1.0,
         image_size=32,
         save_every=steps // 4,
         keep_last=1,
@@ -231,17 +235,19 @@ class WorldParaUniConfig:
     connector_heads: int = 4
     connector_intermediate: int = 384
     use_layernorm: bool = field(
-        default=True,
-        metadata={"help": "the LIM's shared LayerNorm before the mean (the paper's architecture)"},
+        default=False,
+        metadata={
+            "help": "the LIM's shared LayerNorm before the mean, which the paper has; off on the world because "
+            "it makes every layer carry the whole condition and Stage I scored far lower with it (docs/world.md); "
+            "true = the paper's LIM"
+        },
     )
     stage1: TrainConfig = field(
         default_factory=lambda: world_stage_defaults(1),
         metadata={
-            "help": "Stage I (queries + LIM). On the shipped Stage 0, 1200 steps at batch 16 and lr 3e-3 scored 0.433 "
-            "on ShapesEval, 600 at batch 32 and lr 1e-3 0.281; batch 16 learnt faster per CPU-second than 32. "
-            "condition_distill (1.0) also pulls the condition to the Stage-0 DiT's own text-encoder states (not in "
-            "the paper; 0 = the flow loss alone, which collapses here). image_size follows world.image_size and "
-            "seed world.seed + 1 unless given (docs/world.md)"
+            "help": "Stage I (queries + LIM): condition distillation towards the Stage-0 DiT's own text encoder, "
+            "tokens matched one to one, without the flow loss (not in the paper; flow_weight=1 restores it). "
+            "image_size follows world.image_size and seed world.seed + 1 unless given (docs/world.md)"
         },
     )
     stage2: TrainConfig = field(

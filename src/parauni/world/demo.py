@@ -51,7 +51,7 @@ def paraunigen(model: ParaUni):
 
 
 # Cost ratios measured on the demo's own runs (2-core AMD EPYC, docs/world.md): a Stage-II step against a
-# Stage-I step, an RL epoch against generating its rollouts (prompts x group at rl.steps) with the sampler.
+# step of queries + LIM under the same loss, an RL epoch against generating its rollouts (prompts x group at rl.steps) with the sampler.
 STAGE2_STEP_RATIO = 1.2
 RL_EPOCH_RATIO = 3.0
 
@@ -71,14 +71,20 @@ def estimate_seconds(
         x0 = model.encode_images(images.to(model.device))
         t, noise = torch.rand(len(x0), device=x0.device), torch.randn_like(x0)
         batch = model.encode_prompts(captions)
-        times = []
-        # the first call pays one-off costs (allocation, kernel choice): the second is timed
-        for _ in range(2):
-            start = time.time()
-            model(batch, x0, t, noise, teacher(captions), s1.condition_distill).backward()
-            times.append(time.time() - start)
-            model.zero_grad(set_to_none=True)
-        train_step = times[-1]
+
+        def timed_step(stage) -> float:
+            """Seconds of one training step under ``stage``'s loss (the first call pays one-off costs)."""
+            times = []
+            for _ in range(2):
+                start = time.time()
+                args = (teacher(captions), stage.condition_distill, stage.flow_weight, stage.distill_match)
+                model(batch, x0, t, noise, *args).backward()
+                times.append(time.time() - start)
+                model.zero_grad(set_to_none=True)
+            return times[-1]
+
+        train_step = timed_step(s1)
+        flow_step = train_step if s2.flow_weight == s1.flow_weight else timed_step(s2)
         n, times = 16, []
         for _ in range(2):
             start = time.time()
@@ -89,7 +95,7 @@ def estimate_seconds(
     rl_epochs = r.total_epochs if 3 in stages else 0
     out = {
         "stage1": s1.steps * train_step if 1 in stages else 0.0,
-        "stage2": s2.steps * train_step * STAGE2_STEP_RATIO * s2.batch_size / s1.batch_size
+        "stage2": s2.steps * flow_step * STAGE2_STEP_RATIO * s2.batch_size / s1.batch_size
         if 2 in stages
         else 0.0,
         "stage3_rl": rl_epochs

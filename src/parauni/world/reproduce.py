@@ -159,9 +159,14 @@ def _unit_dir(out: Path, row: str, seed: int) -> Path:
     return out / "runs" / row / f"seed{seed}"
 
 
+# Every row is the paper's LIM (with its LayerNorm) unless the row says otherwise, whatever the world's
+# default (world.parauni.use_layernorm, off for the demo): the table compares the paper's own rows.
+PAPER_LIM = {"use_layernorm": True}
+
+
 def _model_config(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int):
     base = world_model_config(cfg, stage0)
-    return dataclasses.replace(base, seed=seed, lim=dataclasses.replace(base.lim, **row.lim))
+    return dataclasses.replace(base, seed=seed, lim=dataclasses.replace(base.lim, **{**PAPER_LIM, **row.lim}))
 
 
 def _train_stages(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, unit: Path, progress: bool):
