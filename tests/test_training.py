@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from parauni.cli import main
-from parauni.diffusion.flow import assign_teacher_tokens, condition_match_loss
+from parauni.diffusion.flow import Distillation, assign_teacher_tokens, condition_match_loss, pair_loss
 from parauni.errors import ConfigError, TrainingDiverged
 from parauni.models.parauni import ParaUni
 from parauni.training.checkpoint import RAW_FILE, intact_checkpoint
@@ -423,3 +423,55 @@ def test_distillation_alone_never_runs_the_dit(make_tiny, tmp_path):
         distill_match="assignment",
     )
     assert calls == [] and math.isfinite(result.final_loss)
+
+
+def test_pair_loss_asks_the_condition_to_see_a_swap_as_the_teacher_does():
+    g = torch.Generator().manual_seed(0)
+    states, mask = torch.randn(4, 3, 5, generator=g), torch.ones(4, 3)
+    pairs = torch.tensor([[0, 2], [1, 3]])
+    blind = states.clone()
+    blind[2], blind[3] = states[0], states[1]  # the twins' conditions equal their originals'
+    assert float(pair_loss(blind, states, mask, pairs)) == pytest.approx(1.0)
+    assert float(pair_loss(states + 0.3, states, mask, pairs)) == pytest.approx(0.0, abs=1e-6)
+    plain = Distillation(states, mask, 2.0, "assignment").loss(blind)
+    twins = Distillation(states, mask, 2.0, "assignment", pairs, 0.5).loss(blind)
+    assert float(twins) > float(plain)
+    assert float(Distillation(states, mask, 2.0, "position", pairs, 0.5).loss(states)) == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def test_distill_twins_is_checked_and_needs_a_source_with_twins(make_tiny, tmp_path):
+    with pytest.raises(ConfigError, match="distill_twins=-1"):
+        TrainConfig(distill_twins=-1, condition_distill=1.0)
+    with pytest.raises(ConfigError, match="only with condition_distill > 0"):
+        TrainConfig(distill_twins=1.0)
+    with pytest.raises(ConfigError, match="needs a data source with twin"):
+        _tiny_run(
+            make_tiny, tmp_path, steps=1, condition_distill=1.0, distill_twins=1.0, teacher=lambda c: None
+        )
+
+
+def test_distill_twins_join_the_step_and_reach_the_teacher(make_tiny, tmp_path, monkeypatch):
+    """With ``distill_twins`` each caption's twin (when the source has one) is distilled beside it."""
+    monkeypatch.setattr(
+        FolderSource, "twin", staticmethod(lambda c: c.replace("number", "No.")), raising=False
+    )
+    width = make_tiny().dit.config.caption_channels
+    seen = []
+
+    def teacher(captions):
+        seen.append(list(captions))
+        return torch.randn(len(captions), 3, width), torch.ones(len(captions), 3)
+
+    _, result = _tiny_run(
+        make_tiny,
+        tmp_path,
+        steps=2,
+        teacher=teacher,
+        condition_distill=1.0,
+        distill_twins=1.0,
+        caption_dropout=0.0,
+    )
+    assert math.isfinite(result.final_loss)
+    assert all(len(c) == 8 and c[4:] == [x.replace("number", "No.") for x in c[:4]] for c in seen)

@@ -375,3 +375,24 @@ def test_read_metadata_names_the_bad_line(tmp_path):
     path.write_text(f"{good}\nnot json\n")
     with pytest.raises(ValueError, match="line 2"):
         read_metadata(path)
+
+
+def test_binding_twins_exchange_colours_or_turn_a_relation_round():
+    from parauni.world.captions import WorldStream, binding_twin
+
+    assert (
+        binding_twin("a photo of a brown triangle and a white circle")
+        == "a photo of a white triangle and a brown circle"
+    )
+    assert (
+        binding_twin("a photo of a red circle left of a blue square")
+        == "a photo of a blue circle left of a red square"
+    )
+    assert binding_twin("a photo of a circle right of a cross") == "a photo of a circle left of a cross"
+    assert binding_twin("a photo of a triangle above a cross") == "a photo of a triangle below a cross"
+    for plain in ("a photo of a circle", "a photo of a green cross", "a photo of two red circles"):
+        assert binding_twin(plain) is None
+    dense = [e["caption"] for e in WorldStream(3, 32).batch(0, 200) if e["caption"].count(" a ") >= 3]
+    for caption in dense:
+        twin = binding_twin(caption)
+        assert twin is None or (twin != caption and sorted(twin.split()) == sorted(caption.split()))

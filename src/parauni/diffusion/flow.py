@@ -10,6 +10,8 @@ and nowhere else.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -144,3 +146,50 @@ def condition_match_loss(
     spread = teacher_dev.pow(2).sum()
     centred = (student_dev - teacher_dev).pow(2).sum() / spread.clamp_min(1e-12)
     return mse + torch.where(spread > 1e-12, centred, torch.zeros_like(centred))  # no host sync
+
+
+def pair_loss(
+    cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, pairs: torch.Tensor
+) -> torch.Tensor:
+    """How differently two captions' conditions differ from how their teacher states differ (fp32).
+
+    For each pair (a, b) of rows (captions that name the same things bound differently, "a red circle and a
+    blue square" / "a blue circle and a red square"), the relative squared error of the condition's difference
+    against the teacher's, over the tokens real in both: 1 for a condition that does not see the swap, 0 for
+    one that moves as the teacher does. cond: (B, Q, C); states: (B, Q, C) and mask (B, Q), already aligned to
+    the condition's tokens; pairs: (P, 2) row indices.
+    """
+    a, b = pairs[:, 0], pairs[:, 1]
+    keep = (mask[a] * mask[b])[..., None].float()  # (P, Q, 1)
+    dc, dt = (cond[a] - cond[b]).float(), (states[a] - states[b]).float()
+    return ((dc - dt).pow(2) * keep).sum() / (dt.pow(2) * keep).sum().clamp_min(1e-12)
+
+
+@dataclass
+class Distillation:
+    """The condition-distillation term of a training loss (``train.condition_distill``) for one batch.
+
+    ``states`` (B, S, C) and ``mask`` (B, S) are the teacher's on the batch's captions; ``pairs`` (P, 2) are rows
+    whose captions differ only in their binding (``train.distill_twins``).
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    weight: float
+    match: str = "position"
+    pairs: torch.Tensor | None = None
+    pair_weight: float = 0.0
+
+    def loss(self, cond: torch.Tensor) -> torch.Tensor:
+        """``weight`` x (:func:`condition_match_loss` + ``pair_weight`` x :func:`pair_loss`). cond: (B, Q, C)."""
+        if self.pairs is None or self.pair_weight == 0:
+            return self.weight * condition_match_loss(cond, self.states, self.mask, match=self.match)
+        states, mask = self.states, self.mask
+        if self.match == "assignment":
+            states, mask = assign_teacher_tokens(cond, states, mask)
+        else:
+            n = min(cond.shape[1], states.shape[1])
+            states = F.pad(states[:, :n], (0, 0, 0, cond.shape[1] - n))
+            mask = F.pad(mask[:, :n], (0, cond.shape[1] - n))
+        matched = condition_match_loss(cond, states, mask)
+        return self.weight * (matched + self.pair_weight * pair_loss(cond, states, mask, self.pairs))

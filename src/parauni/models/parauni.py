@@ -30,7 +30,7 @@ from ..config import (
     load_yaml,
     save_yaml,
 )
-from ..diffusion.flow import condition_match_loss, dit_timestep, flow_loss, interpolate
+from ..diffusion.flow import Distillation, dit_timestep, flow_loss, interpolate
 from ..errors import CheckpointError, ConfigError
 from ..utils.device import default_device
 from ..utils.files import save_safetensors
@@ -266,23 +266,23 @@ class ParaUni(nn.Module):
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
-        teacher_weight: float = 0.0,
+        distill: Distillation | None = None,
         flow_weight: float = 1.0,
-        match: str = "position",
     ) -> torch.Tensor:
         """The training loss for clean inputs x0 (B, C, h, w) at times t (B,): ``flow_weight`` x the flow loss.
 
-        ``teacher``: optional (states (B, S, C), mask (B, S)) of the DiT's own pretraining text encoder on
-        the same captions; ``teacher_weight`` times :func:`condition_match_loss` (tokens matched by ``match``)
-        is then added (see ``train.condition_distill``). With ``flow_weight=0`` the DiT is not run at all.
+        ``distill``: the condition-distillation term against the DiT's own pretraining text encoder on the
+        same captions (``train.condition_distill``); its captions may extend the batch past the B images (the
+        binding twins of ``train.distill_twins``), whose rows take no part in the flow loss. With
+        ``flow_weight=0`` the DiT is not run at all.
         """
-        cond = self.condition(batch)
+        cond = self.condition(batch)  # (B', Q, C), B' >= B
         loss = cond.new_zeros((), dtype=torch.float32)
         if flow_weight > 0:
-            loss = flow_weight * flow_loss(self.velocity(interpolate(x0, noise, t), t, cond), x0, noise)
-        if teacher is not None and teacher_weight > 0:
-            loss = loss + teacher_weight * condition_match_loss(cond, *teacher, match=match)
+            n = x0.shape[0]
+            loss = flow_weight * flow_loss(self.velocity(interpolate(x0, noise, t), t, cond[:n]), x0, noise)
+        if distill is not None and distill.weight > 0:
+            loss = loss + distill.loss(cond)
         return loss
 
     # ---------------------------------------------------------------------------------------- training

@@ -69,6 +69,15 @@ class TrainConfig:
             "by the one-to-one matching of least squared distance; the DiT's cross-attention has no positions)"
         },
     )
+    distill_twins: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of a condition_distill term on binding twins: each caption the data source can "
+            "rewrite with its bindings exchanged ('a red circle and a blue square' -> 'a blue circle and a red "
+            "square') joins the step, and the condition's difference between the two is pulled to the teacher's "
+            "(0 = off; needs a source with twin(), as the shapes world's)"
+        },
+    )
     flow_weight: float = field(
         default=1.0,
         metadata={
@@ -103,6 +112,10 @@ class TrainConfig:
         if self.condition_distill < 0:
             raise ConfigError(f"train.condition_distill={self.condition_distill} must be >= 0 (0 = off)")
         check_choice("train.distill_match", self.distill_match, CONDITION_MATCHES)
+        if self.distill_twins < 0 or (self.distill_twins > 0 and self.condition_distill == 0):
+            raise ConfigError(
+                f"train.distill_twins={self.distill_twins} must be >= 0, and > 0 only with condition_distill > 0"
+            )
         if self.flow_weight < 0:
             raise ConfigError(f"train.flow_weight={self.flow_weight} must be >= 0 (1 = the paper's loss)")
         if self.flow_weight == 0 and (self.stage != 1 or self.condition_distill == 0):

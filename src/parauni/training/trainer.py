@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TrainableConfig, save_yaml
-from ..diffusion.flow import sample_timesteps
+from ..diffusion.flow import Distillation, sample_timesteps
 from ..errors import ConfigError, TrainingDiverged
 from ..models.parauni import ParaUni
 from ..utils.files import save_safetensors
@@ -116,6 +116,25 @@ def example_draws(
     return drop, t, noise
 
 
+def distillation(
+    cfg: TrainConfig, teacher: Teacher, captions: list[str | None], twin, device: torch.device
+) -> tuple[Distillation, list[str | None]]:
+    """The step's condition-distillation term, and its captions: the batch's, then (with
+    ``cfg.distill_twins``) the binding twin of every caption that has one, ``twin(caption) -> str | None``."""
+    pairs = None
+    if cfg.distill_twins > 0:
+        twins = [(i, twin(c)) for i, c in enumerate(captions) if c is not None]
+        twins = [(i, w) for i, w in twins if w is not None]
+        pairs = torch.tensor([[i, len(captions) + k] for k, (i, _) in enumerate(twins)], dtype=torch.long)
+        captions = [*captions, *(w for _, w in twins)]
+        pairs = pairs.view(-1, 2).to(device)
+    with torch.no_grad():
+        states, mask = (x.to(device) for x in teacher(captions))
+    return Distillation(
+        states, mask, cfg.condition_distill, cfg.distill_match, pairs, cfg.distill_twins
+    ), captions
+
+
 # ------------------------------------------------------------------------------------------- distribution
 def enable_activation_checkpointing(model) -> None:
     """Recompute activations in the backward pass instead of keeping them: the DiT's transformer blocks
@@ -186,6 +205,11 @@ def train(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
     )
     check_backend(acc, "parauni train", model)
+    if cfg.distill_twins > 0 and not callable(getattr(source, "twin", None)):
+        raise ConfigError(
+            f"train.distill_twins={cfg.distill_twins} needs a data source with twin(caption) -> caption "
+            f"(the shapes world's has one; {type(source).__name__} has none): set train.distill_twins=0"
+        )
     if cfg.condition_distill > 0 and teacher is None:
         raise ConfigError(
             f"train.condition_distill={cfg.condition_distill} needs a teacher text encoder: pass "
@@ -262,16 +286,17 @@ def train(
                 x0 = inputs if source.encoded else model.encode_images(inputs.to(model.device))
             drop, t, noise = example_draws(cfg, positions, tuple(x0.shape[1:]))
             kept = [None if d else c for c, d in zip(captions, drop, strict=True)]
-            batch = model.encode_prompts(kept)
-            extra = ()  # the loss's optional terms: ParaUni.forward's teacher, weights and token match
+            distill = None
             if cfg.condition_distill > 0:
-                with torch.no_grad():
-                    states = tuple(x.to(model.device) for x in teacher(kept))
-                extra = (states, cfg.condition_distill, cfg.flow_weight, cfg.distill_match)
-            elif cfg.flow_weight != 1.0:
-                extra = (None, 0.0, cfg.flow_weight)
+                distill, kept = distillation(cfg, teacher, kept, getattr(source, "twin", None), model.device)
+            batch = model.encode_prompts(kept)
             with acc.accumulate(wrapped):
-                loss = wrapped(batch, x0.to(model.device), t.to(model.device), noise.to(model.device), *extra)
+                inputs = (batch, x0.to(model.device), t.to(model.device), noise.to(model.device))
+                loss = (
+                    wrapped(*inputs, distill, cfg.flow_weight)
+                    if distill is not None or cfg.flow_weight != 1
+                    else wrapped(*inputs)
+                )
                 finite = finite and bool(torch.isfinite(loss))
                 # backward even for a non-finite loss: every DDP process must join the gradient all-reduce,
                 # and the decision below to skip the step is taken by all of them together

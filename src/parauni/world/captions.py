@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -404,3 +405,24 @@ def swapped_color_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
         prompts.append(color_attr_row(s1, c1, s2, c2)["prompt"])
         swapped.append(color_attr_row(s1, c2, s2, c1)["prompt"])
     return prompts, swapped
+
+
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def binding_twin(caption: str) -> str | None:
+    """``caption`` with its bindings exchanged, naming the same things: the first two different colours
+    swapped ("a red circle and a blue square" -> "a blue circle and a red square"), else a relation turned
+    round ("a circle left of a square" -> "a circle right of a square"); None when it has neither."""
+    words = re.findall(r"[a-z]+(?: of)?|[^a-z]+", caption)
+    colours = [i for i, w in enumerate(words) if w in COLORS]
+    other = next((j for j in colours if words[j] != words[colours[0]]), None) if colours else None
+    if other is not None:
+        first = colours[0]
+        words[first], words[other] = words[other], words[first]
+        return "".join(words)
+    for i, w in enumerate(words):
+        if w in _OPPOSITE:
+            words[i] = _OPPOSITE[w]
+            return "".join(words)
+    return None

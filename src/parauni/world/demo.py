@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..models.parauni import ParaUni
 from ..pipeline import generate
 from ..rl.plots import phase_gains, plot_reward_curves, read_log, reward_names, trigger_summary
-from ..training.trainer import stage_trainable, train
+from ..training.trainer import distillation, stage_trainable, train
 from ..utils.device import default_device
 from ..utils.images import tensor_to_uint8
 from ..utils.run_files import RL_LOG
@@ -70,15 +70,14 @@ def estimate_seconds(
         images, captions = source.examples(list(range(s1.batch_size)))
         x0 = model.encode_images(images.to(model.device))
         t, noise = torch.rand(len(x0), device=x0.device), torch.randn_like(x0)
-        batch = model.encode_prompts(captions)
 
         def timed_step(stage) -> float:
             """Seconds of one training step under ``stage``'s loss (the first call pays one-off costs)."""
             times = []
             for _ in range(2):
                 start = time.time()
-                args = (teacher(captions), stage.condition_distill, stage.flow_weight, stage.distill_match)
-                model(batch, x0, t, noise, *args).backward()
+                distill, texts = distillation(stage, teacher, captions, source.twin, model.device)
+                model(model.encode_prompts(texts), x0, t, noise, distill, stage.flow_weight).backward()
                 times.append(time.time() - start)
                 model.zero_grad(set_to_none=True)
             return times[-1]

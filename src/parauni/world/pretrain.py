@@ -39,7 +39,7 @@ from ..training.trainer import train
 from ..utils.device import default_device
 from ..utils.images import pil_to_tensor
 from ..utils.run_files import CHECKPOINT_DIR, TRAIN_LOG
-from .captions import WorldStream, world_vocabulary
+from .captions import WorldStream, binding_twin, world_vocabulary
 from .config import STREAM_OFFSETS, WorldConfig, stage0_base, transformer_sizes, world_config
 from .fit import fit
 from .reward_models import save_world_reward_models, train_world_aesthetic, train_world_clip, world_clip
@@ -87,6 +87,11 @@ class WorldSource:
     def examples(self, indices: list[int], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
         items = [self.stream.example(i) for i in indices]
         return torch.stack([pil_to_tensor(e["image"]) for e in items]), [e["caption"] for e in items]
+
+    @staticmethod
+    def twin(caption: str) -> str | None:
+        """The caption with its bindings exchanged, or None (``train.distill_twins``; :func:`binding_twin`)."""
+        return binding_twin(caption)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
