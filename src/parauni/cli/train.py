@@ -31,7 +31,7 @@ def model_image_size(config) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..config import apply_overrides
     from ..models.parauni import ParaUni
-    from ..training.checkpoint import resume_step, trim_train_log
+    from ..training.checkpoint import resume_step
     from ..training.config import stage_config
     from ..training.latents import LatentShardSource, check_latents_fit, encoder_key
     from ..training.sources import DataOptions, data_kind, training_source
@@ -79,8 +79,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         + (f"; left out {uncaptioned} image(s) without a caption" if uncaptioned else "")
         + f"; training at {train_cfg.image_size} px"
     )
-    if args.resume:
-        trim_train_log(args.out, start)
     before = len(source.skipped)
     captions = getattr(source, "captions", None)  # the teacher standardises over them
     teacher = (
