@@ -1,0 +1,148 @@
+"""A run folder you can trust (issue 27): a resume refuses a changed run, a finished run is not shortened, an
+--overwrite leaves nothing of the old run, no non-finite image is written, every field is checked where it is
+parsed, model folders stand alone or say what they need."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_own_data import _digits_folder
+
+from parauni.cli import main
+
+RUN = ["--train.batch_size=4", "--train.warmup=1", "--train.log_every=1", "--train.save_every=2", "--quiet"]
+
+
+def _train(data: Path, out: Path, *extra: str, model: str = "tiny", stage: int = 1) -> int:
+    argv = ["train", "--stage", str(stage), "--data", str(data), "--model", model, "--out", str(out)]
+    return main([*argv, *RUN, *extra])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """Data and a finished 5-step Stage-I run (checkpoints at steps 2 and 4)."""
+    root = tmp_path_factory.mktemp("finished")
+    data = _digits_folder(root / "data")
+    assert _train(data, root / "run", "--train.steps=5") == 0
+    return data, root / "run"
+
+
+def _killed_copy(run: Path, to: Path) -> Path:
+    """``run`` as if killed after its step-4 checkpoint (no model written yet)."""
+    import shutil
+
+    shutil.copytree(run, to)
+    for name in ("model.safetensors", "config.yaml", "run.json"):
+        (to / name).unlink()
+    return to
+
+
+# ------------------------------------------------------------------------------- item 1: resume checks the run
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ("--seed=5", "seed was 0, now 5"),
+        ("--lim.num_queries=4", "lim.num_queries was 8, now 4"),
+        ("--train.batch_size=8", "train.batch_size was 4, now 8"),
+        ("--train.seed=3", "train.seed was 0, now 3"),
+        ("--train.weight_decay=0.1", "train.weight_decay was 0.05, now 0.1"),
+        ("data", "data.captions_sha256 was"),
+    ],
+)
+def test_a_resume_refuses_a_changed_model_data_or_optimizer(finished, tmp_path, capsys, change, says):
+    data, run = finished
+    killed = _killed_copy(run, tmp_path / "killed")
+    if change == "data":
+        other = _digits_folder(tmp_path / "other")
+        (other / "03.txt").write_text("another caption")
+        data, change = other, "--train.steps=5"
+    capsys.readouterr()
+    assert _train(data, killed, "--train.steps=5", change, "--resume") == 2
+    err = _error(capsys)
+    assert says in err and "--overwrite or another --out" in err
+    assert not (killed / "model.safetensors").exists()
+
+
+def test_a_resume_may_change_the_length_and_the_log_interval(finished, tmp_path, capsys):
+    data, run = finished
+    killed = _killed_copy(run, tmp_path / "killed")
+    assert _train(data, killed, "--train.steps=6", "--train.log_every=2", "--resume") == 0
+    assert "steps 4-6 of 6" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- item 3: a finished run is not shortened
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_resuming_a_finished_run_with_no_more_steps_is_refused(finished, tmp_path, capsys, steps):
+    data, run = finished
+    import shutil
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    model, log = (copy / "model.safetensors").read_bytes(), (copy / "train_log.jsonl").read_text()
+    capsys.readouterr()
+    assert _train(data, copy, f"--train.steps={steps}", "--resume") == 2
+    assert "finished at step 5" in _error(capsys)
+    assert (copy / "model.safetensors").read_bytes() == model
+    assert (copy / "train_log.jsonl").read_text() == log
+
+
+# ------------------------------------------------------------ item 5: --overwrite leaves nothing of the old run
+class Killed(Exception):
+    """Stands for a SIGKILL of the new run, after --overwrite was handled and before it saved anything."""
+
+
+def test_a_killed_overwrite_leaves_no_old_model(tmp_path, capsys, monkeypatch):
+    data = _digits_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert _train(data, run, "--train.steps=3", "--train.ema=0.5") == 0
+    assert (run / "raw_trainable.safetensors").is_file() and (run / "model.safetensors").is_file()
+    (run / "notes.txt").write_text("the user's own file")
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr("parauni.training.trainer.train", killed)
+    with pytest.raises(Killed):
+        _train(data, run, "--train.steps=3", "--overwrite")
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(run), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "config.yaml" in _error(capsys)
+    assert _train(data, run, "--train.steps=3", "--overwrite") == 0  # an EMA run overwritten without EMA
+    assert not (run / "raw_trainable.safetensors").exists()
+
+
+# ------------------------------------------------------------------ item 4: no non-finite image is written
+def test_a_non_finite_sample_is_an_error_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    argv = [
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "a red circle",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--quiet",
+    ]
+    assert main([*argv, "--cfg", "1e30"]) == 2
+    err = _error(capsys)
+    assert "not finite" in err and "cfg=1e+30" in err and "--cfg" in err
+    assert not out.exists()
+
+
+def test_the_run_record_holds_no_absolute_path(finished):
+    _, run = finished
+    record = json.loads((run / "run.json").read_text())
+    assert record["steps"] == 5 and record["command"].startswith(("parauni ", "pytest ", "__main__.py "))
+    assert str(run.parent) not in (run / "run.json").read_text()
