@@ -146,3 +146,61 @@ def test_the_run_record_holds_no_absolute_path(finished):
     record = json.loads((run / "run.json").read_text())
     assert record["steps"] == 5 and record["command"].startswith(("parauni ", "pytest ", "__main__.py "))
     assert str(run.parent) not in (run / "run.json").read_text()
+
+
+# ------------------------------------------------------------- item 7: every field checked where it is parsed
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("--train.seed=-1", "train.seed=-1 must be an integer from 0 to"),
+        ("--train.seed=100000000000000000000000", "must be an integer from 0 to 4294967295"),
+        ("--train.save_every=-1", "train.save_every=-1 must be >= 0"),
+        ("--train.keep_last=-2", "train.keep_last=-2 must be >= 0"),
+        ("--train.warmup=-5", "train.warmup=-5 must be >= 0"),
+        ("--train.weight_decay=-0.1", "train.weight_decay=-0.1 must be >= 0"),
+    ],
+)
+def test_bad_training_settings_are_one_line_before_any_work(tmp_path, capsys, setting, says):
+    data = _digits_folder(tmp_path / "data")
+    assert _train(data, tmp_path / "run", "--train.steps=2", setting) == 2
+    assert says in _error(capsys)
+    assert not (tmp_path / "run").exists()  # nothing half-made that would need --overwrite
+
+
+def test_a_huge_generate_seed_and_a_non_text_prompt_are_one_line(tmp_path, capsys):
+    argv = ["generate", "--model", "tiny", "--out", str(tmp_path / "o") + "/", "--steps", "2", "--quiet"]
+    assert main([*argv, "--prompt", "a", "--seed", "99999999999999999999999"]) == 2
+    assert "--seed 99999999999999999999999 must be an integer from 0 to" in _error(capsys)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n{"prompt": 5}\n')
+    assert main([*argv, "--prompts-file", str(prompts)]) == 2
+    assert f"{prompts}:2: 'prompt' is 5, not text" in _error(capsys)
+
+
+def test_world_pretrain_into_a_file_is_one_line(tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("x")
+    assert main(["world", "pretrain", "--out", str(out)]) == 2
+    assert "is an existing file, not a folder" in _error(capsys)
+
+
+@pytest.mark.parametrize("text", ["{bad json", "{}", '{"files": {"a": 1}}'])
+def test_a_broken_stage0_manifest_names_the_file(tmp_path, text):
+    from parauni.world.release import ReleaseError, verify_release
+
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ReleaseError, match="is not a Stage-0 release manifest"):
+        verify_release(tmp_path)
+
+
+def test_a_truncated_checkpoint_without_manifest_falls_back_naming_the_file(finished, tmp_path, capsys):
+    data, run = finished
+    killed = _killed_copy(run, tmp_path / "killed")
+    newest = killed / "checkpoints" / "step_0000004"
+    (newest / "manifest.json").unlink()  # as written before checkpoints had manifests
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    assert _train(data, killed, "--train.steps=5", "--resume") == 0
+    out = capsys.readouterr().out
+    assert f"{weights} cannot be read (truncated or damaged" in out and "at step 2" in out
