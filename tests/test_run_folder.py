@@ -204,3 +204,57 @@ def test_a_truncated_checkpoint_without_manifest_falls_back_naming_the_file(fini
     assert _train(data, killed, "--train.steps=5", "--resume") == 0
     out = capsys.readouterr().out
     assert f"{weights} cannot be read (truncated or damaged" in out and "at step 2" in out
+
+
+# ---------------------------------------------------- item 2: a model folder stands alone or says what it needs
+def test_a_stage2_folder_pins_its_base_and_can_stand_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = _digits_folder(Path("data"))
+    assert _train(data, Path("runs/base"), "--train.steps=2") == 0
+    assert _train(data, Path("runs/s2"), "--train.steps=2", model="runs/base", stage=2) == 0
+    assert (
+        _train(data, Path("runs/alone"), "--train.steps=2", "--self-contained", model="runs/base", stage=2)
+        == 0
+    )
+    saved = [
+        p for p in Path("runs").rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".md", ".jsonl")
+    ]
+    assert not [p for p in saved if str(tmp_path) in p.read_text()]  # no absolute path of this machine
+    card = Path("runs/s2/README.md").read_text()
+    assert "# ParaUni Stage 2 model" in card and "`../base/vlm`" in card and "| steps | 2 |" in card
+    generate = ["generate", "--prompt", "a red circle", "--steps", "2", "--quiet", "--out"]
+    assert main([*generate, "before.png", "--model", "runs/s2"]) == 0
+    capsys.readouterr()
+    assert _train(data, Path("runs/base"), "--train.steps=2", "--overwrite", "--seed=7") == 0
+    assert main([*generate, "after.png", "--model", "runs/s2"]) == 2
+    assert "runs/s2/../base/vlm/model.safetensors has changed since" in _error(capsys)
+    Path("runs/base").rename("moved")
+    assert main([*generate, "after.png", "--model", "runs/s2"]) == 2
+    assert "config.json is missing" in _error(capsys)
+    assert main([*generate, "alone.png", "--model", "runs/alone"]) == 0  # copied in: stands alone
+
+
+# -------------------------------------------- item 6: a damaged model folder is one line before anything is built
+@pytest.mark.parametrize(("damage", "says"), [("vlm/config.json", "vlm/config.json (the vlm's config) is missing"),
+                                              ("vlm", "its vlm folder"), ("vae/diffusion_pytorch_model.safetensors",
+                                              "holds no weights file")])  # fmt: skip
+def test_a_missing_part_of_a_model_folder_is_named_before_any_build(
+    finished, tmp_path, capsys, monkeypatch, damage, says
+):
+    import shutil
+
+    from parauni.models.parauni import ParaUni
+
+    _, run = finished
+    folder = shutil.copytree(run, tmp_path / "model")
+    target = folder / damage
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the folder was checked")
+
+    monkeypatch.setattr(ParaUni, "from_config", refuse)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    err = _error(capsys)
+    assert says in err and "hf download" not in err

@@ -33,11 +33,11 @@ from ..config import (
 from ..diffusion.flow import condition_match_loss, dit_timestep, flow_loss, interpolate
 from ..errors import CheckpointError, ConfigError
 from ..utils.device import default_device
-from ..utils.files import save_safetensors
+from ..utils.files import drop_machine_paths, save_safetensors
 from ..utils.run_files import CONFIG_FILE, WEIGHTS_FILE
 from .components import load_dit, load_vae, load_vlm, portable_path, resolve_path, save_vlm
 from .lim import LayerIntegrationModule, select_layers
-from .references import check_references, record_references
+from .references import check_parts, check_references, record_references
 from .vlm import PromptBatch, VLMBackbone
 
 
@@ -378,6 +378,7 @@ class ParaUni(nn.Module):
         tensors = {k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}
         save_safetensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt", "parauni": "1"})
         save_yaml(config, folder / CONFIG_FILE)
+        drop_machine_paths(folder)
         record_references(config, folder)
         return folder
 
@@ -433,6 +434,7 @@ class ParaUni(nn.Module):
         check_references(folder)
         data = apply_overrides(load_yaml(folder / CONFIG_FILE), overrides or [], schema=ModelConfig)
         config = from_dict(ModelConfig, data)
+        check_parts(folder, config)
         try:
             state = load_file(str(folder / WEIGHTS_FILE))
         except Exception as err:  # safetensors raises its own error type for truncated / corrupt files

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..utils.run_files import COMPONENTS_FILE, CONFIG_FILE
+from .components import ComponentLoadError
 
 PARTS = ("vlm", "dit", "vae")
 COPY_NAMES = {"vlm": "vlm", "dit": "transformer", "vae": "vae"}  # where copy_in puts each part
@@ -113,6 +114,41 @@ def check_references(folder: Path) -> None:
                     f"{folder} needs its {name} at {path} (relative to it) as it was trained with: {target} has "
                     f"changed since (sha256 {file_sha256(target)[:12]}, recorded {sha[:12]}); {fix}"
                 )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _means_local(path: str) -> bool:
+    """Whether a component path in a model folder's config names a folder (never a Hub id): the names
+    ``save_pretrained`` copies parts to, a relative path (``./``, ``../``) or an absolute one."""
+    return path in COPY_NAMES.values() or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def check_parts(folder: Path, config) -> None:
+    """Every frozen part the model folder's ``config`` keeps on disk must be there with its ``config.json`` and
+    a weights file, checked before anything is built (a missing config would make Hugging Face build the
+    default, full-size architecture); raises ComponentLoadError naming the missing folder or file."""
+    for name in PARTS:
+        part = getattr(config, name)
+        if not part.path or not _means_local(part.path) or getattr(part, "kind", None) == "none":
+            continue
+        where = Path(part.path).expanduser()
+        where = where if where.is_absolute() else folder / where
+        where = where / part.subfolder if getattr(part, "subfolder", None) else where
+        if not where.is_dir():
+            raise ComponentLoadError(
+                f"{folder} is incomplete: its {name} folder {where} does not exist (config.yaml: {name}.path="
+                f"{part.path}); restore it, or copy the model folder again whole"
+            )
+        if not (where / "config.json").is_file():
+            raise ComponentLoadError(
+                f"{folder} is incomplete: {where / 'config.json'} (the {name}'s config) is missing"
+            )
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in where.iterdir()):
+            raise ComponentLoadError(
+                f"{folder} is incomplete: {where} holds no weights file (*.safetensors) of the {name}"
+            )
 
 
 def copy_in(folder: Path) -> list[str]:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from ..config import to_dict
 from ..errors import ConfigError
-from ..models.references import PARTS, folder_hashes, part_folder
+from ..models.references import PARTS, folder_hashes, outside, part_folder
 from ..utils.files import read_json
-from ..utils.run_files import RUN_RECORD, WEIGHTS_FILE
+from ..utils.run_files import CONFIG_FILE, MODEL_CARD, RUN_RECORD, WEIGHTS_FILE
 from .checkpoint import STATE_FILE
 
 # TrainConfig fields a resume may change: the length of the run and the learning-rate schedule (the schedule
@@ -158,10 +158,67 @@ def check_resume_steps(folder: Path, start: int, steps: int) -> None:
 
 
 def write_run_record(folder: Path, record: dict) -> None:
-    """``folder/run.json``: what the finished run was (stage, steps, final loss, data, command)."""
+    """``folder/run.json``: what the finished run was (stage, steps, final loss, data, command), and the model
+    card made from it (:func:`write_model_card`)."""
     tmp = Path(folder) / f".{RUN_RECORD}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(Path(folder) / RUN_RECORD)
+    write_model_card(folder)
+
+
+def _part_rows(folder: Path) -> list[str]:
+    """The model card's rows of the frozen parts ``folder/config.yaml`` names: each file with its sha256."""
+    from ..config import ModelConfig, from_dict, load_yaml
+
+    if not (folder / CONFIG_FILE).is_file():
+        return []
+    config = from_dict(ModelConfig, load_yaml(folder / CONFIG_FILE))
+    rows = []
+    for name in PARTS:
+        part = getattr(config, name)
+        where = part_folder(part, folder)
+        if where is None:
+            source = f"Hugging Face `{part.path}`" if part.path else "built from the config's arch (seeded)"
+            rows.append(f"| {name} | {source} | | |")
+            continue
+        place = (
+            "in this folder"
+            if not outside(where, folder)
+            else "outside this folder, pinned in components.json"
+        )
+        for rel, sha in folder_hashes(where).items():
+            rows.append(f"| {name} | `{part.path}` ({place}) | {rel} | {sha} |")
+    return rows
+
+
+def write_model_card(folder: Path) -> None:
+    """``folder/README.md``: the model card of a trained folder (stage, steps, final loss, data, the command
+    that made it, and the base models with the sha256 of their files), from ``run.json``."""
+    folder = Path(folder)
+    record = json.loads((folder / RUN_RECORD).read_text())
+    settings = record.get("settings", {})
+    data = f"{settings.get('data.pairs', '?')} image-caption pairs (captions sha256 {settings.get('data.captions_sha256', '?')})"
+    lines = [
+        f"# ParaUni Stage {record['stage']} model",
+        "",
+        f"Made by `{record['command']}`; load it with `parauni generate --model <this folder>`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| stage | {record['stage']} |",
+        f"| steps | {record['steps']} |",
+        f"| final loss | {record['final_loss']:.4f} |",
+        f"| data | {data} |",
+        "",
+        "## Base models",
+        "",
+        "| part | source | file | sha256 |",
+        "|---|---|---|---|",
+        *_part_rows(folder),
+        "",
+        "Every training setting is in run.json (`settings`) and train_config.yaml.",
+    ]
+    (folder / MODEL_CARD).write_text("\n".join(lines) + "\n")
 
 
 def check_resume(ckpt: Path, fingerprint: dict[str, object], steps: int, folder: Path, say=print) -> None:
