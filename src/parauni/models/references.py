@@ -1,5 +1,4 @@
-"""The frozen parts a model folder refers to outside itself, pinned by sha256 (docs/configuration.md, "What a
-run folder promises").
+"""The frozen parts a model folder refers to outside itself, pinned by sha256 (docs/run-folders.md).
 
 A model folder's ``config.yaml`` names each frozen component (VLM, DiT, VAE) by Hugging Face id, or by a path
 relative to the folder; for every such path that lies outside the folder, ``components.json`` records the
