@@ -1,4 +1,4 @@
-"""What a run folder promises (docs/configuration.md, "What a run folder promises").
+"""What a run folder promises (docs/run-folders.md).
 
 ``--resume`` continues the same run, or refuses: every checkpoint's ``state.json`` records the run's
 fingerprint (:func:`run_fingerprint`: the model config, the training settings that shape the weights, the
