@@ -36,6 +36,7 @@ from parauni.rl.grpo import train_rl  # noqa: E402
 from parauni.rl.ldam import LDAMConfig  # noqa: E402
 from parauni.rl.prompts import PromptSource  # noqa: E402
 from parauni.training.config import stage_config  # noqa: E402
+from parauni.training.distributed import shut_down_processes  # noqa: E402
 from parauni.training.trainer import train  # noqa: E402
 
 CAPTIONS = ["a red circle", "two blue squares", "a green cross left of a yellow triangle", "a photo of a cat"]
@@ -175,6 +176,8 @@ def main() -> None:
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     torch.set_num_threads(1)
     (run_train if args.what == "train" else run_rl)(args)
+    shut_down_processes()  # before exit: a group left to the interpreter's teardown can abort a process
+    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":

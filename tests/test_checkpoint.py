@@ -98,8 +98,8 @@ def test_round_trip_with_components_loaded_by_path(saved_components_config, tmp_
     model = ParaUni.from_config(saved_components_config())
     _perturb(model)
     folder = model.save_pretrained(tmp_path / "ckpt")
-    # frozen components are referred to by path, not copied
-    assert {p.name for p in folder.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE}
+    # frozen components are referred to by path, not copied, and pinned by their files' sha256
+    assert {p.name for p in folder.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, "components.json"}
     _assert_same_model(model, ParaUni.from_pretrained(folder))
 
 

@@ -72,7 +72,7 @@ def _train(data: Path, out: Path, *extra: str) -> int:
 
 
 # ------------------------------------------------------------------------------------- item 2: folders travel
-def test_paths_are_absolute_or_folder_relative(tmp_path, monkeypatch):
+def test_paths_are_folder_relative(tmp_path, monkeypatch):
     (tmp_path / "lm").mkdir()
     monkeypatch.chdir(tmp_path)
     assert resolve_path("lm", None) == str(tmp_path / "lm")  # cwd-relative becomes absolute
@@ -80,7 +80,7 @@ def test_paths_are_absolute_or_folder_relative(tmp_path, monkeypatch):
     assert portable_path(str(tmp_path / "run" / "vlm"), tmp_path / "run") == str(tmp_path / "run" / "vlm")
     (tmp_path / "run" / "vlm").mkdir(parents=True)
     assert portable_path(str(tmp_path / "run" / "vlm"), tmp_path / "run") == "vlm"
-    assert portable_path("lm", tmp_path / "run") == str(tmp_path / "lm")
+    assert portable_path("lm", tmp_path / "run") == "../lm"  # outside: relative too, pinned by sha256
 
 
 def test_stage2_folder_loads_from_any_cwd_and_after_moving(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_stage2_folder_loads_from_any_cwd_and_after_moving(tmp_path, monkeypatch
     s1 = ParaUni.from_pretrained("runs/s1")
     s1.save_pretrained("runs/s2")
     cfg = yaml.safe_load((tmp_path / "runs/s2/config.yaml").read_text())
-    assert cfg["vlm"]["path"] == str(tmp_path / "runs/s1/vlm")  # outside the folder: absolute
+    assert cfg["vlm"]["path"] == "../s1/vlm"  # outside the folder: relative, and its files' sha256 recorded
     assert yaml.safe_load((first / "config.yaml").read_text())["vlm"]["path"] == "vlm"  # inside: relative
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -271,6 +271,25 @@ def test_a_set_cancel_event_stops_the_generation(tiny_model):
         text_to_image(tiny_model, "a red circle", batch=1, cancel=gate.cancel, **SAMPLING)
 
 
+def test_a_stop_cancels_only_the_callers_own_generation(tiny_model):
+    """Issue 27, item 8: the Stop of another browser session (another Gradio session hash) leaves the running
+    generation alone; the Stop of the session that started it cancels it."""
+    from types import SimpleNamespace
+
+    from parauni.serve import _stop_own
+
+    gate = Gate(ServeSettings())
+    gate.admit(tiny_model, 2, 64, 64, images=1, session="mine")
+    stop = _stop_own(gate)
+    stop(SimpleNamespace(session_hash="someone else"))
+    stop(None)
+    assert not gate.cancel.is_set() and gate.owner == "mine"
+    stop(SimpleNamespace(session_hash="mine"))
+    assert gate.cancel.is_set()
+    with pytest.raises(GenerationCancelled):
+        text_to_image(tiny_model, "a red circle", batch=1, cancel=gate.cancel, **SAMPLING)
+
+
 def test_the_app_refuses_an_oversized_request(tiny_model, tmp_path):
     """A 1024x1024 request to a model trained at 64 px, sent over HTTP, is refused in the status box."""
     pytest.importorskip("gradio", reason="parauni serve needs Gradio: pip install -e '.[serve]'")

@@ -84,6 +84,28 @@ def check_memory(model: ParaUni, height: int, width: int, batch: int, cfg: float
     )
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
+
+def check_seed(seed: int, n: int = 1, flag: str = "seed") -> int:
+    """``seed`` when the seeds ``seed .. seed + n - 1`` of ``n`` images are integers in [0, MAX_SEED]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed + max(n, 1) - 1 > MAX_SEED:
+        raise ConfigError(
+            f"{flag} {seed!r} must be an integer from 0 to {MAX_SEED - max(n, 1) + 1} (image i uses seed + i)"
+        )
+    return seed
+
+
+def check_finite_samples(x: torch.Tensor, what: str, cfg: float, first: int) -> None:
+    """Refuse samples that are not finite (an image of them would be black or noise, silently)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = sorted({first + int(i) for i in (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()})
+        raise ConfigError(
+            f"the {what} of image(s) {bad[:8]} are not finite (NaN or inf) at cfg={cfg:g}: nothing was written; "
+            "lower the guidance scale (--cfg; 1 to 10 is usual, parauni serve allows at most 20)"
+        )
+
+
 def check_cfg(cfg: float) -> float:
     """The guidance scale as a float; ValueError for NaN, infinities and negative values."""
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
@@ -176,25 +198,31 @@ def generate(
         n = len(images)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    check_seed(seed, n)
     shape = model.latent_shape(height, width)
     check_memory(model, height, width, min(batch_size, n), cfg)
     model.eval()
     velocity = model.velocity if cancel is None else _cancellable(model.velocity, cancel)
     outputs = []
     bar = tqdm(total=n, desc="generating", unit="img", disable=not progress)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        if images is None:
-            batch = model.encode_prompts(list(prompts[start:stop]))
-        else:
-            batch = model.encode_prompts([None] * (stop - start), images=images[start:stop])
-        cond = model.condition(batch, scale_fn)
-        uncond = model.condition(model.encode_prompts([None])).expand_as(cond)
-        x = initial_noise(shape, list(range(seed + start, seed + stop)), model.device)
-        x = sample(velocity, cond, uncond, x, sampler=sampler, steps=steps, shift=shift, cfg=cfg)
-        outputs.append(model.decode_latents(x).cpu())
-        bar.update(stop - start)
-    bar.close()
+    try:  # closed before an error is printed, so that the error has its own line
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if images is None:
+                batch = model.encode_prompts(list(prompts[start:stop]))
+            else:
+                batch = model.encode_prompts([None] * (stop - start), images=images[start:stop])
+            cond = model.condition(batch, scale_fn)
+            uncond = model.condition(model.encode_prompts([None])).expand_as(cond)
+            x = initial_noise(shape, list(range(seed + start, seed + stop)), model.device)
+            x = sample(velocity, cond, uncond, x, sampler=sampler, steps=steps, shift=shift, cfg=cfg)
+            check_finite_samples(x, "sampled latents", cfg, start)
+            pixels = model.decode_latents(x).cpu()
+            check_finite_samples(pixels, "decoded pixels", cfg, start)
+            outputs.append(pixels)
+            bar.update(stop - start)
+    finally:
+        bar.close()
     return torch.cat(outputs)
 
 

@@ -431,38 +431,74 @@ def _answer(fn: Callable[..., Iterator[tuple]]) -> Callable[..., Iterator[tuple]
     'Error: ...') in the status box, a cancelled one 'Cancelled.'."""
     from .pipeline import GenerationCancelled
 
-    def run(*args):
+    def run(request, *args):
         try:
-            yield from fn(*args)
+            yield from fn(getattr(request, "session_hash", None), *args)
         except GenerationCancelled:
             yield [], "Cancelled."
         except ValueError as err:  # ServeError, ImageReadError and the pipeline's own checks
             log.info("refused request: %s", err)
             yield [], f"Error: {err}"
 
+    run.__annotations__ = {"request": _request_type()}  # Gradio passes the caller's gr.Request first
     return run
+
+
+def _request_type() -> type:
+    import gradio as gr
+
+    return gr.Request
+
+
+def _stop_own(gate: Gate) -> Callable:
+    """The Stop button's handler: cancels the caller's own running generation, never another client's."""
+
+    def stop(request) -> None:
+        gate.stop(getattr(request, "session_hash", None))
+
+    stop.__annotations__ = {"request": _request_type(), "return": None}
+    return stop
 
 
 @dataclass
 class Gate:
     """What every request passes before it runs: its time estimate (refused over --max-seconds, announced
-    over --notice-seconds) and the Stop button's cancel flag (one generation runs at a time)."""
+    over --notice-seconds), and the cancel flag of the running generation (one runs at a time), which only the
+    client that started it can set (:meth:`stop`: a Stop from another browser session does nothing)."""
 
     settings: ServeSettings
     timings: Timings = field(default_factory=Timings)
     cancel: threading.Event = field(default_factory=threading.Event)
+    owner: str | None = None  # the session (Gradio's session hash) of the running generation
 
-    def admit(self, model: ParaUni, steps: object, height: object, width: object, images: int) -> str | None:
-        """Check the request's time; the announcement to show before it starts, or None when it is short."""
+    def admit(
+        self,
+        model: ParaUni,
+        steps: object,
+        height: object,
+        width: object,
+        images: int,
+        session: str | None = None,
+    ) -> str | None:
+        """Check the request's time and make ``session`` the owner of the next generation; the announcement to
+        show before it starts, or None when it is short."""
         steps = check_int("steps", steps, 1, self.settings.max_steps, "--max-steps")
         height, width = check_size(model, height, width, self.settings)
         seconds = check_time(
             estimate_seconds(self.timings(model), model, steps, height, width, images), self.settings
         )
+        self.owner = session
         self.cancel.clear()
         if seconds > self.settings.notice_seconds:
             return f"about {seconds:.0f} s on this machine; working (Stop cancels)"
         return None
+
+    def stop(self, session: str | None) -> bool:
+        """The Stop button of ``session``: cancel the running generation if that session started it."""
+        if session is None or session != self.owner:
+            return False
+        self.cancel.set()
+        return True
 
 
 def build_app(served: Served, settings: ServeSettings) -> gr.Blocks:
@@ -518,7 +554,7 @@ def build_app(served: Served, settings: ServeSettings) -> gr.Blocks:
             button = gr.Button(button_text, variant="primary", elem_id=f"{prefix}-generate")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
         # not queued: it must reach the server while a generation holds the one queue slot
-        stop.click(gate.cancel.set, None, None, queue=False)
+        stop.click(_stop_own(gate), None, None, queue=False)
         status = gr.Textbox(label="status", interactive=False, elem_id=f"{prefix}-status")
         gallery = gr.Gallery(
             label=label,
@@ -532,11 +568,11 @@ def build_app(served: Served, settings: ServeSettings) -> gr.Blocks:
         )
         return button, status, gallery
 
-    def t2i(name, prompt, steps, cfg, seed, height, width, batch):
+    def t2i(session, name, prompt, steps, cfg, seed, height, width, batch):
         model = served.models[name]
         batch = check_int("batch", batch, 1, settings.max_batch, "--max-batch")
         check_prompt(prompt, settings)
-        notice = gate.admit(model, steps, height, width, images=batch)
+        notice = gate.admit(model, steps, height, width, images=batch, session=session)
         if notice:
             yield [], notice
         sampling = dict(steps=steps, cfg=cfg, seed=seed, height=height, width=width, settings=settings)
@@ -544,20 +580,21 @@ def build_app(served: Served, settings: ServeSettings) -> gr.Blocks:
         captions = [f"seed {int(seed) + i}" for i in range(len(images))]
         yield list(zip(images, captions, strict=True)), f"{len(images)} image(s) from {name}"
 
-    def i2i(name, upload, steps, cfg, seed, height, width):
+    def i2i(session, name, upload, steps, cfg, seed, height, width):
         model = served.models[name]
         read_upload(upload, settings)
-        notice = gate.admit(model, steps, height, width, images=1)
+        notice = gate.admit(model, steps, height, width, images=1, session=session)
         if notice:
             yield [], notice
         sampling = dict(steps=steps, cfg=cfg, seed=seed, height=height, width=width, settings=settings)
         image, out = reconstruct(model, upload, cancel=gate.cancel, **sampling)
         yield [(image, "input"), (out, f"reconstruction by {name}")], f"reconstructed by {name}"
 
-    def compare(prompt, steps, cfg, seed, height, width):
+    def compare(session, prompt, steps, cfg, seed, height, width):
         check_prompt(prompt, settings)
         notices = [
-            gate.admit(served.models[v.model], steps, height, width, images=1) for v in served.variants
+            gate.admit(served.models[v.model], steps, height, width, images=1, session=session)
+            for v in served.variants
         ]
         if any(notices):
             yield [], f"{len(served.variants)} columns, each " + next(n for n in notices if n)

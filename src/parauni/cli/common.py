@@ -19,13 +19,28 @@ from typing import TYPE_CHECKING
 from ..config import ModelConfig, field_type
 from ..errors import ConfigError
 from ..utils.files import OutputPathError, check_output_dir
-from ..utils.run_files import CHECKPOINT_DIR, CONFIG_FILE, RL_LOG, TRAIN_LOG, WEIGHTS_FILE
+from ..utils.run_files import (
+    CHECKPOINT_DIR,
+    COMPONENT_DIRS,
+    COMPONENTS_FILE,
+    CONFIG_FILE,
+    MODEL_CARD,
+    RAW_WEIGHTS,
+    RL_CONFIG,
+    RL_LOG,
+    RUN_RECORD,
+    TRAIN_CONFIG,
+    TRAIN_LOG,
+    WEIGHTS_FILE,
+)
 
 if TYPE_CHECKING:
     from ..pipeline import GenerationOptions
 
 OVERRIDE_HELP = "config overrides as --section.key=value (e.g. --lim.layers=last --sampling.steps=10)"
-OVERWRITE_RUN_HELP = "start over in an --out that holds a run (its checkpoints/ are deleted first)"
+OVERWRITE_RUN_HELP = (
+    "start over in an --out that holds a run (everything the run wrote there is deleted first)"
+)
 DATA_HELP = (
     "a JSONL file of {image, caption} lines (image paths relative to the file); a folder with such JSONL "
     "files or image + .txt pairs; a folder of webdataset .tar shards, a "
@@ -34,6 +49,22 @@ DATA_HELP = (
 )
 # what a train / rl --out holds once a run wrote to it
 RUN_FILES = (CHECKPOINT_DIR, WEIGHTS_FILE, CONFIG_FILE, TRAIN_LOG, RL_LOG)
+# everything a run writes there, the model first (what `generate` reads): what --overwrite removes
+WRITTEN_BY_A_RUN = (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    COMPONENTS_FILE,
+    *COMPONENT_DIRS,
+    RAW_WEIGHTS,
+    RUN_RECORD,
+    MODEL_CARD,
+    TRAIN_CONFIG,
+    RL_CONFIG,
+    TRAIN_LOG,
+    RL_LOG,
+    CHECKPOINT_DIR,
+)
+OLD_RUN = ".old_run"  # where --overwrite moves the old run before deleting it
 
 
 # ---------------------------------------------------------------------------------------------- overrides
@@ -94,7 +125,7 @@ def sampling_options(args: argparse.Namespace) -> GenerationOptions:
 def _check_sampling_args(args: argparse.Namespace) -> None:
     """--steps, --cfg, --seed, --batch-size (and --height / --width where the command has them), before any
     work: one-line errors naming the value and the allowed range."""
-    from ..pipeline import check_cfg  # torch: see the module's docstring
+    from ..pipeline import check_cfg, check_seed  # torch: see the module's docstring
 
     if args.cfg is not None:
         try:
@@ -108,8 +139,7 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
     for flag, value in positive:
         if value is not None and value < 1:
             raise ConfigError(f"{flag.replace('_', '-')} {value} must be >= 1")
-    if args.seed < 0:
-        raise ConfigError(f"--seed {args.seed} must be >= 0")
+    check_seed(args.seed, flag="--seed")
 
 
 def first_n(items: list, limit: int | None) -> list:
@@ -121,7 +151,8 @@ def first_n(items: list, limit: int | None) -> list:
 
 def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
     """The --out of ``train`` / ``rl``: a new or empty folder; one holding a run needs --resume (continue)
-    or --overwrite (start over: its checkpoints are deleted first, by the launcher's first process)."""
+    or --overwrite (start over: everything the old run wrote is removed first, by the launcher's first
+    process: :func:`remove_old_run`)."""
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one")
     path = Path(out)
@@ -132,8 +163,24 @@ def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
             "--overwrite to start over, or choose another folder"
         )
     check_output_dir(path, overwrite=overwrite, resumable=resume)
-    if overwrite and (path / CHECKPOINT_DIR).is_dir() and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(path / CHECKPOINT_DIR)
+    if overwrite and int(os.environ.get("RANK", "0")) == 0:
+        remove_old_run(path)
+
+
+def remove_old_run(folder: Path) -> None:
+    """Remove everything a run wrote in ``folder`` (:data:`WRITTEN_BY_A_RUN`), other files left alone.
+
+    Each entry is first renamed into ``folder/.old_run`` (a rename is atomic: a run killed meanwhile leaves the
+    old model either whole in place, where ``--overwrite`` finds it again, or out of the way), then that folder
+    is deleted.
+    """
+    aside = folder / OLD_RUN
+    shutil.rmtree(aside, ignore_errors=True)  # what a killed --overwrite left
+    for name in WRITTEN_BY_A_RUN:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            aside.mkdir(exist_ok=True)
+            (folder / name).replace(aside / name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- shared flags

@@ -88,9 +88,14 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                 continue
             if path.suffix == ".jsonl":
                 try:
-                    prompts.append(json.loads(line)["prompt"])
+                    prompt = json.loads(line)["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise ConfigError(f"{path}:{i} is not a JSON object with a 'prompt' key") from err
+                if not isinstance(prompt, str):
+                    raise ConfigError(
+                        f"{path}:{i}: 'prompt' is {prompt!r}, not text; give the prompt as a string"
+                    )
+                prompts.append(prompt)
             else:
                 prompts.append(line.strip())
     return prompts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -31,9 +32,12 @@ def model_image_size(config) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..config import apply_overrides
     from ..models.parauni import ParaUni
-    from ..training.checkpoint import resume_step, trim_train_log
+    from ..models.references import copy_in
+    from ..training.checkpoint import resume_step
     from ..training.config import stage_config
+    from ..training.distributed import shut_down_processes
     from ..training.latents import LatentShardSource, check_latents_fit, encoder_key
+    from ..training.run_folder import write_model_card
     from ..training.sources import DataOptions, data_kind, training_source
     from ..training.teacher import lm_teacher
     from ..training.trainer import train
@@ -79,8 +83,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         + (f"; left out {uncaptioned} image(s) without a caption" if uncaptioned else "")
         + f"; training at {train_cfg.image_size} px"
     )
-    if args.resume:
-        trim_train_log(args.out, start)
     before = len(source.skipped)
     captions = getattr(source, "captions", None)  # the teacher standardises over them
     teacher = (
@@ -89,6 +91,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     result = train(
         model, source, train_cfg, args.out, resume=args.resume, progress=not args.quiet, teacher=teacher
     )
+    if args.self_contained and int(os.environ.get("RANK", "0")) == 0:
+        copied = copy_in(Path(args.out))
+        write_model_card(Path(args.out))
+        print(f"copied {', '.join(copied) or 'nothing'} into {args.out}: the folder stands alone")
+    shut_down_processes()  # under a launcher: every process leaves the group together
     more = len(source.skipped) - before
     done = f"{result.steps} steps" if start == 0 else f"steps {start}-{result.steps} of {result.steps}"
     print(
@@ -193,6 +200,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--cache-dir",
         help="a folder of images: where their prepared inputs (VAE latents) are cached "
         "(default: .parauni_cache in the data folder)",
+    )
+    p.add_argument(
+        "--self-contained",
+        action="store_true",
+        help="copy the frozen parts the model refers to outside --out (e.g. Stage I's vlm/ and vae/) into it, "
+        "so that the folder stands alone (default: referred to by relative path, pinned by sha256)",
     )
     add_run_args(p)
     p.set_defaults(fn=cmd_train)

@@ -32,6 +32,7 @@ def cmd_world_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..world.release import run_pretrain
 
     world_overrides = only_world_overrides(overrides, "world pretrain")
+    check_output_dir(args.out, resumable=True)  # a rerun resumes the phases already done
     phases = args.phases.split(",") if args.phases else None
     run_pretrain(args.out, world_overrides, phases, recipe=not args.no_recipe, progress=not args.quiet)
     return 0

@@ -42,12 +42,12 @@ def resolve_path(path: str, root: str | Path | None) -> str:
 
 
 def portable_path(path: str, folder: str | Path) -> str:
-    """How a model folder's config refers to a component: relative to ``folder`` when it lies inside it (the
-    folder can be moved), absolute when it is another local path (any working directory), else unchanged."""
+    """How a model folder's config refers to a component: relative to ``folder``, whether inside it or not (the
+    folder and what it refers to can be moved together; ``components.json`` pins what lies outside), or unchanged
+    when it is not on disk (a Hugging Face id)."""
     if not Path(path).exists():
         return path
-    target, base = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
-    return str(target.relative_to(base)) if target.is_relative_to(base) else str(target)
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
 
 
 @contextlib.contextmanager

@@ -33,10 +33,11 @@ from ..config import (
 from ..diffusion.flow import Distillation, dit_timestep, flow_loss, interpolate
 from ..errors import CheckpointError, ConfigError
 from ..utils.device import default_device
-from ..utils.files import save_safetensors
+from ..utils.files import drop_machine_paths, save_safetensors
 from ..utils.run_files import CONFIG_FILE, WEIGHTS_FILE
 from .components import load_dit, load_vae, load_vlm, portable_path, resolve_path, save_vlm
 from .lim import LayerIntegrationModule, select_layers
+from .references import check_parts, check_references, record_references
 from .vlm import PromptBatch, VLMBackbone
 
 
@@ -359,8 +360,9 @@ class ParaUni(nn.Module):
         """Write ``config.yaml`` + ``model.safetensors`` (what was trained) to ``folder``.
 
         A fully trained DiT is written as a diffusers folder ``transformer/``. Frozen components are referred
-        to by path (relative to ``folder`` when inside it, else absolute) or Hugging Face id; they are copied in (``vlm/``, ``transformer/``, ``vae/``) when
-        ``copy_frozen`` or when they have no path (built from an arch dict).
+        to by Hugging Face id or by path relative to ``folder``, those outside it pinned by the sha256 of their
+        files in ``components.json`` (:mod:`.references`); they are copied in (``vlm/``, ``transformer/``,
+        ``vae/``) when ``copy_frozen`` or when they have no path (built from an arch dict).
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -380,6 +382,8 @@ class ParaUni(nn.Module):
         tensors = {k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}
         save_safetensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt", "parauni": "1"})
         save_yaml(config, folder / CONFIG_FILE)
+        drop_machine_paths(folder)
+        record_references(config, folder)
         return folder
 
     @classmethod
@@ -431,8 +435,10 @@ class ParaUni(nn.Module):
             )
         if not (folder / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{folder / WEIGHTS_FILE} is missing; the model folder is incomplete")
+        check_references(folder)
         data = apply_overrides(load_yaml(folder / CONFIG_FILE), overrides or [], schema=ModelConfig)
         config = from_dict(ModelConfig, data)
+        check_parts(folder, config)
         try:
             state = load_file(str(folder / WEIGHTS_FILE))
         except Exception as err:  # safetensors raises its own error type for truncated / corrupt files

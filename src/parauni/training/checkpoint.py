@@ -26,11 +26,13 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, ConfigError
@@ -123,6 +125,30 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1))
 
 
+def unverified_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint written before manifests, as far as its files show without hashes: its
+    ``state.json`` must parse, each safetensors file open (its header fits the file) and each ``.pt`` file be a
+    whole zip archive (a truncated one has lost its directory at the end)."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_bytes())
+    except FileNotFoundError:
+        return f"{folder / STATE_FILE} is missing"
+    except ValueError:
+        state = None
+    if not isinstance(state, dict):
+        return f"{folder / STATE_FILE} is not a checkpoint state (not a JSON object)"
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix == ".pt":
+                zipfile.ZipFile(path).close()
+        except Exception as err:  # safetensors and zipfile raise their own types for a truncated file
+            return f"{path} cannot be read (truncated or damaged: {err})"
+    return None
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with the checkpoint ``folder`` (naming the file), or None when it is intact.
 
@@ -131,7 +157,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     """
     manifest = folder / MANIFEST_FILE
     if not manifest.is_file():
-        return None if (folder / STATE_FILE).is_file() else f"{folder / STATE_FILE} is missing"
+        return unverified_problem(folder)
     try:
         entries = json.loads(manifest.read_bytes())["files"]
     except json.JSONDecodeError as err:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from ..config import ConfigError, check_choice, from_dict
 from ..diffusion.flow import CONDITION_MATCHES, TIMESTEP_SAMPLING
 
+MAX_SEED = 2**32 - 1  # the data order's NumPy generator and the per-example torch seeds stay in range
+
 # The paper's recipe per stage; a TrainConfig starts from these and takes overrides.
 STAGE_DEFAULTS: dict[int, dict] = {
     1: {"lr": 1e-4, "batch_size": 512, "steps": 100_000, "warmup": 1_000},
@@ -103,6 +105,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup", "save_every", "keep_last", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"train.seed={self.seed} must be an integer from 0 to {MAX_SEED}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         if not 0.0 <= self.caption_dropout < 1.0:

@@ -343,3 +343,18 @@ def save_model(acc, model: nn.Module, folder: Path, values: dict[str, torch.Tens
         copy.save_pretrained(folder)
         readable_weights(Path(folder))
     acc.wait_for_everyone()
+
+
+def shut_down_processes() -> None:
+    """End a launched run's process group in order: every process waits at a barrier (none leaves while
+    another is still inside a collective), then destroys the group, before the interpreter exits.
+
+    Left to interpreter exit, the gloo process group's threads can still be running when the C++ destructors
+    run, and a process aborts ("terminate called without an active exception", SIGABRT) after a run that
+    finished. A no-op in a single process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

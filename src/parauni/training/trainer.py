@@ -43,6 +43,7 @@ from .checkpoint import (
     remove_partial_checkpoints,
     resume_checkpoint,
     save_checkpoint,
+    trim_train_log,
 )
 from .config import TrainConfig
 from .distributed import (
@@ -55,6 +56,7 @@ from .distributed import (
     save_model,
     whole_tensors,
 )
+from .run_folder import check_resume, command_line, run_fingerprint, write_run_record
 
 MAX_BAD_STEPS = 5
 # captions (None = unconditional) -> (states (B, S, C), mask (B, S)) of the DiT's pretraining text encoder
@@ -238,8 +240,10 @@ def train(
     model.train()
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     start, data_offset, bad_in_a_row = 0, 0, 0
+    fingerprint = run_fingerprint(model, cfg, source)
     ckpt = resume_checkpoint(out_dir, "step", acc) if resume else None
     if ckpt is not None:
+        check_resume(ckpt, fingerprint, cfg.steps, out_dir, acc.print)
         trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
         state = load_checkpoint(ckpt, trained, rank, "was the stage or config changed?")
         start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
@@ -265,6 +269,7 @@ def train(
         remove_partial_checkpoints(out_dir / CHECKPOINT_DIR)
         if start == 0 and log_path.exists():
             log_path.unlink()
+        trim_train_log(out_dir, start)  # a killed run logged steps after its last checkpoint
     acc.wait_for_everyone()
     t0, loss_value, norm = time.time(), float("nan"), float("nan")
     bar = tqdm(
@@ -349,6 +354,7 @@ def train(
                 "lr": lr,
                 "bad_in_a_row": bad_in_a_row,
                 "num_processes": num_processes,
+                "run": fingerprint,
             }
             save_checkpoint(out_dir, "step", acc, wrapped, optimizer, named, state, cfg.keep_last, ema)
     bar.close()
@@ -357,4 +363,7 @@ def train(
         if acc.is_main_process:
             save_safetensors(raw, out_dir / RAW_FILE)
     save_model(acc, model, out_dir, ema)
+    if acc.is_main_process:
+        record = {"stage": cfg.stage, "steps": cfg.steps, "final_loss": loss_value}
+        write_run_record(out_dir, {**record, "command": command_line(), "settings": fingerprint})
     return TrainResult(cfg.steps, loss_value, time.time() - t0, out_dir, log_path)

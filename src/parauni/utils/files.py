@@ -11,6 +11,7 @@ storage can read weights as they read every other file of a run.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -156,3 +157,17 @@ def read_json(path: str | Path, what: str = "file"):
         raise ConfigError(
             f"{what} {path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); it is damaged"
         ) from err
+
+
+def drop_machine_paths(folder: str | Path) -> None:
+    """Remove ``_name_or_path`` (the absolute folder a component was loaded from on the training machine) from
+    every Hugging Face ``config.json`` below ``folder``: a saved folder names nothing of the machine it was
+    written on."""
+    for path in Path(folder).rglob("config.json"):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            continue  # not a Hugging Face config: left as it is
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

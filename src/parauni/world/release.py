@@ -84,16 +84,23 @@ def verify_release(folder: str | Path) -> dict:
             f"{folder} is not a Stage-0 release (no {MANIFEST}): give a folder written by `parauni world "
             "pretrain`, or --stage0 scratch to train one here"
         )
-    manifest = json.loads(path.read_text())
-    expected, found = manifest["files"], file_table(folder)
+    try:
+        manifest = json.loads(path.read_text())
+        expected = {name: entry["sha256"] for name, entry in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ReleaseError(
+            f"{path} is not a Stage-0 release manifest (not JSON, or no 'files' with a sha256 each: {err!r}); "
+            "reinstall or re-download the release"
+        ) from err
+    found = file_table(folder)
     for name, entry in expected.items():
         if name not in found:
             raise ReleaseError(
                 f"{folder / name} is missing from the Stage-0 release: reinstall or re-download it"
             )
-        if found[name]["sha256"] != entry["sha256"]:
+        if found[name]["sha256"] != entry:
             raise ReleaseError(
-                f"{folder / name} does not match its sha256 in {path} (expected {entry['sha256'][:12]}..., got "
+                f"{folder / name} does not match its sha256 in {path} (expected {entry[:12]}..., got "
                 f"{found[name]['sha256'][:12]}...): the file is corrupt or was changed; reinstall or re-download it"
             )
     extra = sorted(set(found) - set(expected))

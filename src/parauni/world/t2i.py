@@ -19,6 +19,7 @@ from torch import nn
 from ..diffusion.flow import dit_timestep, flow_loss, interpolate
 from ..diffusion.sampling import sample
 from ..pipeline import initial_noise
+from ..utils.files import drop_machine_paths
 from ..utils.images import tensor_to_uint8
 
 BOS = "<|im_start|>"
@@ -161,6 +162,7 @@ class TextToImage(nn.Module):
             self.vae.save_pretrained(folder / "vae")
         config = {"max_length": self.max_length, "fixed_length": self.fixed_length}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        drop_machine_paths(folder)
         return folder
 
     @classmethod
