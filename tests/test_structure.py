@@ -1,6 +1,7 @@
 """The package structure (issue 16): packages depend one way and no module imports itself in a circle.
 
-Bottom to top: ``errors``, ``config``, ``utils``; ``diffusion``, ``models``, ``pipeline``; ``scoring`` (CLIP and
+Bottom to top: ``errors``, ``config``, ``utils``; ``diffusion``, ``models``, ``pipeline``; ``diffusers_pipeline``
+(ParaUni as a diffusers pipeline); ``scoring`` (CLIP and
 GenEval's rules, shared by ``rl`` and ``eval``); ``training``, ``analysis``, ``eval``, ``rl``; ``world``,
 ``serve``, ``config_reference``; ``cli`` on top. ``ALLOWED`` lists what each may import. Two checks:
 
@@ -32,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "diffusion": {"errors", "config", "utils"},
     "models": BASE | {"diffusion"},
     "pipeline": BASE | {"diffusion", "models"},
+    "diffusers_pipeline": CORE,
     "scoring": {"errors", "utils"},
     "training": CORE,
     "analysis": CORE,
@@ -40,7 +42,7 @@ ALLOWED: dict[str, set[str]] = {
     "world": CORE | {"scoring", "training", "analysis", "eval", "rl"},
     "serve": CORE | {"scoring", "training", "analysis"},
     "config_reference": CORE | {"scoring", "training", "rl", "world"},
-    "cli": CORE | {"scoring", "training", "analysis", "eval", "rl", "world", "serve"},
+    "cli": CORE | {"diffusers_pipeline", "scoring", "training", "analysis", "eval", "rl", "world", "serve"},
 }
 
 

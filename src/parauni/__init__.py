@@ -26,6 +26,7 @@ from .errors import ParaUniError
 
 if TYPE_CHECKING:
     from .config import ModelConfig, load_model_config
+    from .diffusers_pipeline import ParaUniConnector, ParaUniPipeline
     from .models.parauni import ParaUni
     from .pipeline import generate
     from .rl.config import RewardsConfig, RLConfig
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 # public name -> the module that defines it
 _LAZY = {
     "ParaUni": "parauni.models.parauni",
+    "ParaUniPipeline": "parauni.diffusers_pipeline",
+    "ParaUniConnector": "parauni.diffusers_pipeline",
     "generate": "parauni.pipeline",
     "tensor_to_pil": "parauni.utils.images",
     "ModelConfig": "parauni.config",
@@ -52,7 +55,9 @@ __all__ = [
     "LDAMConfig",
     "ModelConfig",
     "ParaUni",
+    "ParaUniConnector",
     "ParaUniError",
+    "ParaUniPipeline",
     "RLConfig",
     "RewardsConfig",
     "TrainConfig",

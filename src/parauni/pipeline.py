@@ -140,6 +140,76 @@ class GenerationOptions:
         return dataclasses.replace(self, height=height, width=width)
 
 
+@dataclass(frozen=True)
+class Request:
+    """A checked generation request, the model's ``sampling`` defaults filled in.
+
+    ``prompts``: the stripped captions (None for image-to-image); ``n``: how many images; ``shape``: (C, h, w)
+    of the DiT's input for one image of height x width.
+    """
+
+    prompts: list[str] | None
+    n: int
+    steps: int
+    cfg: float
+    sampler: str
+    shift: float
+    height: int
+    width: int
+    shape: tuple[int, int, int]
+
+
+def check_request(
+    model: ParaUni,
+    prompts: list[str] | None = None,
+    images: torch.Tensor | None = None,
+    *,
+    steps: int | None = None,
+    cfg: float | None = None,
+    sampler: str | None = None,
+    shift: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> Request:
+    """Check what a generation is asked for, before anything is computed: the one validator of
+    :func:`generate` (so of ``parauni generate`` and ``parauni serve``) and of ``ParaUniPipeline``.
+
+    None takes the model's ``sampling`` value. Raises ConfigError naming the bad value and the fix.
+    """
+    s = model.config.sampling
+    steps = s.steps if steps is None else steps
+    cfg = check_cfg(s.cfg if cfg is None else cfg)
+    sampler = s.sampler if sampler is None else sampler
+    shift = s.shift if shift is None else shift
+    height = s.height if height is None else height
+    width = s.width if width is None else width
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps={steps!r} must be an integer >= 1")
+    if (
+        isinstance(shift, bool)
+        or not isinstance(shift, (int, float))
+        or not math.isfinite(shift)
+        or shift <= 0
+    ):
+        raise ConfigError(f"shift={shift!r} must be a finite number > 0")
+    if sampler not in ("dpm", "euler"):
+        raise ConfigError(f"unknown sampler {sampler!r}; choose 'dpm' or 'euler'")
+    if sampler == "dpm":
+        check_dpm_steps(steps, shift)
+    if prompts is not None and images is not None:
+        raise ConfigError("give prompts (text-to-image) or images (image-to-image), not both")
+    if images is None:
+        prompts = check_prompts(prompts)
+        n = len(prompts)
+    else:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ConfigError(f"images must be (N, 3, H, W) in [-1, 1], got {shape}")
+        n = len(images)
+    shape = model.latent_shape(height, width)
+    return Request(prompts, n, steps, cfg, sampler, float(shift), height, width, shape)
+
+
 @torch.no_grad()
 def generate(
     model: ParaUni,
@@ -171,36 +241,15 @@ def generate(
     Returns:
         (N, 3, H, W) pixels in [-1, 1] on the CPU.
     """
-    s = model.config.sampling
-    steps = s.steps if steps is None else steps
-    cfg = s.cfg if cfg is None else cfg
-    sampler = s.sampler if sampler is None else sampler
-    shift = s.shift if shift is None else shift
-    height = s.height if height is None else height
-    width = s.width if width is None else width
-    if steps < 1:
-        raise ConfigError(f"steps={steps} must be >= 1")
-    cfg = check_cfg(cfg)
-    if not math.isfinite(shift) or shift <= 0:
-        raise ConfigError(f"shift={shift!r} must be a finite number > 0")
-    if sampler not in ("dpm", "euler"):
-        raise ConfigError(f"unknown sampler {sampler!r}; choose 'dpm' or 'euler'")
-    if sampler == "dpm":
-        check_dpm_steps(steps, shift)
-    if prompts is not None and images is not None:
-        raise ConfigError("give prompts (text-to-image) or images (image-to-image), not both")
-    if images is None:
-        prompts = check_prompts(prompts)
-        n = len(prompts)
-    else:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ConfigError(f"images must be (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-        n = len(images)
+    request = check_request(
+        model, prompts, images, steps=steps, cfg=cfg, sampler=sampler, shift=shift, height=height, width=width
+    )
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
-    check_seed(seed, n)
-    shape = model.latent_shape(height, width)
-    check_memory(model, height, width, min(batch_size, n), cfg)
+    check_seed(seed, request.n)
+    check_memory(model, request.height, request.width, min(batch_size, request.n), request.cfg)
+    prompts, n, shape = request.prompts, request.n, request.shape
+    steps, cfg, sampler, shift = request.steps, request.cfg, request.sampler, request.shift
     model.eval()
     velocity = model.velocity if cancel is None else _cancellable(model.velocity, cancel)
     outputs = []

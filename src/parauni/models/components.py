@@ -109,9 +109,17 @@ def _arch_tokenizer(kind: str, arch: dict) -> tuple[object, dict]:
 
 
 def load_vlm(
-    cfg: VLMConfig, root: str | Path | None = None, meta: bool = False, seed: int = 0
+    cfg: VLMConfig,
+    root: str | Path | None = None,
+    meta: bool = False,
+    seed: int = 0,
+    preprocessing: str | Path | None = None,
 ) -> VLMBackbone:
-    """The frozen VLM backbone of ``cfg`` (see :mod:`parauni.models.vlm`)."""
+    """The frozen VLM backbone of ``cfg`` (see :mod:`parauni.models.vlm`).
+
+    ``preprocessing``: a folder holding the tokenizer (``tokenizer/``) and image processor
+    (``image_processor/``) in their own subfolders, as a diffusers pipeline folder keeps them; by default they
+    are read from the VLM's own folder."""
     import transformers as tf
 
     model_cls, config_cls = _vlm_classes(cfg.kind)
@@ -138,10 +146,14 @@ def load_vlm(
     else:
         path = resolve_path(cfg.path, root)
         model = load_pretrained(model_cls.from_pretrained, path, "VLM", error=ComponentLoadError, dtype=dtype)
+        extra = Path(preprocessing) if preprocessing is not None else None
         tokenizer = load_pretrained(
-            tf.AutoTokenizer.from_pretrained, path, "VLM tokenizer", error=ComponentLoadError
+            tf.AutoTokenizer.from_pretrained,
+            str(extra / "tokenizer") if extra else path,
+            "VLM tokenizer",
+            error=ComponentLoadError,
         )
-        image_processor = _folder_image_processor(cfg.kind, path)
+        image_processor = _folder_image_processor(cfg.kind, str(extra / "image_processor") if extra else path)
     backbone_cls = BACKBONES[cfg.kind]
     if cfg.kind == "causal_lm" and not meta:
         _check_decoder_only(model, cfg.path)

@@ -12,6 +12,7 @@ the condition, the velocity, the training loss (``forward``), its optimizer grou
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..config import (
     load_model_config,
     load_yaml,
     save_yaml,
+    to_dict,
 )
 from ..diffusion.flow import Distillation, dit_timestep, flow_loss, interpolate
 from ..errors import CheckpointError, ConfigError
@@ -39,6 +41,54 @@ from .components import load_dit, load_vae, load_vlm, portable_path, resolve_pat
 from .lim import LayerIntegrationModule, select_layers
 from .references import check_parts, check_references, record_references
 from .vlm import PromptBatch, VLMBackbone
+
+PIPELINE_INDEX = "model_index.json"  # marks a diffusers pipeline folder (parauni.diffusers_pipeline)
+CONNECTOR = "connector"  # its subfolder holding the queries + LIM, and the model's config
+CONNECTOR_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PIPELINE_PARTS = {"vlm": "vlm", "dit": "transformer", "vae": "vae"}  # each component's subfolder in it
+
+
+def pipeline_model_config(config: ModelConfig) -> dict:
+    """``config`` as a dict whose components point at the subfolders of a diffusers pipeline folder
+    (``vlm/``, ``transformer/``, ``vae/``; pixel space keeps no VAE): what the pipeline's connector stores."""
+    data = to_dict(config)
+    for part, sub in PIPELINE_PARTS.items():
+        if part == "vae" and data["vae"]["kind"] == "none":
+            continue
+        data[part].update(path=sub, arch=None)
+        if "subfolder" in data[part]:
+            data[part]["subfolder"] = None
+    return data
+
+
+def _pipeline_config(folder: Path, overrides: list[str] | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` a diffusers pipeline folder's connector stores, with ``overrides`` applied."""
+    where = folder / CONNECTOR / "config.json"
+    try:
+        data = json.loads(where.read_text())["model_config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{folder} has a {PIPELINE_INDEX} but {where} holds no ParaUni model config ({err}); it is not a "
+            "ParaUni pipeline folder: write one with `parauni export --to diffusers`"
+        ) from err
+    return from_dict(ModelConfig, apply_overrides(data, overrides or [], schema=ModelConfig))
+
+
+def is_pipeline_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a diffusers pipeline folder rather than a model folder (config.yaml)."""
+    return (folder / PIPELINE_INDEX).is_file() and not (folder / CONFIG_FILE).is_file()
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; CheckpointError naming it when it is missing or damaged."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the model folder is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for truncated / corrupt files
+        raise CheckpointError(
+            f"{path} could not be read (truncated or not a safetensors file): {err}"
+        ) from err
 
 
 def _looks_like_path(source: str) -> bool:
@@ -80,35 +130,58 @@ def distinct_prompts(batch: PromptBatch) -> tuple[PromptBatch, torch.Tensor]:
     return PromptBatch(unique[:, :s], unique[:, s:].to(batch.attention_mask.dtype)), rows
 
 
-class ParaUni(nn.Module):
-    """ParaUni: see the module docstring. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+def new_queries_and_lim(
+    config: ModelConfig, hidden: int, num_layers: int, caption_channels: int
+) -> tuple[nn.Parameter, LayerIntegrationModule]:
+    """The learnable queries (Q, D) and the LIM (D -> C) of ``config`` with their seeded initial weights, for a
+    VLM of width ``hidden`` (D) and ``num_layers`` decoder layers and a DiT of ``caption_channels`` (C).
+    Created on the current default device; the caller forks the RNG."""
+    lim = config.lim
+    layers = select_layers(num_layers, lim.layers, lim.layer_list, lim.interval, lim.zone_bounds)
+    torch.manual_seed(config.seed)
+    queries = nn.Parameter(torch.randn(lim.num_queries, hidden) / math.sqrt(hidden))  # (Q, D)
+    module = LayerIntegrationModule(
+        in_dim=hidden,
+        out_dim=caption_channels,
+        layers=layers,
+        num_vlm_layers=num_layers,
+        use_connector=lim.use_connector,
+        connector_hidden=lim.connector_hidden,
+        connector_intermediate=lim.connector_intermediate,
+        connector_layers=lim.connector_layers,
+        connector_heads=lim.connector_heads,
+        use_layernorm=lim.use_layernorm,
+    )
+    return queries, module
 
-    def __init__(self, config: ModelConfig, vlm: VLMBackbone, dit: nn.Module, vae: nn.Module | None) -> None:
+
+class ParaUni(nn.Module):
+    """ParaUni: see the module docstring. Build with :meth:`from_config` or :meth:`from_pretrained`.
+
+    ``trained``: existing ``(queries, lim)`` to use (shared, not copied) instead of new ones: a diffusers
+    pipeline's connector (:mod:`parauni.diffusers_pipeline`) holds them.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        vlm: VLMBackbone,
+        dit: nn.Module,
+        vae: nn.Module | None,
+        trained: tuple[nn.Parameter, LayerIntegrationModule] | None = None,
+    ) -> None:
         super().__init__()
         check_widths(vlm.hidden_size, config, dit.config, None if vae is None else vae.config)
         self.config = config
         self.vlm = vlm
         self.dit = dit
         self.vae = vae
-        lim = config.lim
-        layers = select_layers(vlm.num_layers, lim.layers, lim.layer_list, lim.interval, lim.zone_bounds)
-        device = next(dit.parameters()).device
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(config.seed)
-            d = vlm.hidden_size
-            self.queries = nn.Parameter(torch.randn(lim.num_queries, d) / math.sqrt(d))  # (Q, D)
-            self.lim = LayerIntegrationModule(
-                in_dim=d,
-                out_dim=dit.config.caption_channels,
-                layers=layers,
-                num_vlm_layers=vlm.num_layers,
-                use_connector=lim.use_connector,
-                connector_hidden=lim.connector_hidden,
-                connector_intermediate=lim.connector_intermediate,
-                connector_layers=lim.connector_layers,
-                connector_heads=lim.connector_heads,
-                use_layernorm=lim.use_layernorm,
-            )
+        if trained is None:
+            with torch.random.fork_rng(devices=[]), torch.device(next(dit.parameters()).device):
+                trained = new_queries_and_lim(
+                    config, vlm.hidden_size, vlm.num_layers, dit.config.caption_channels
+                )
+        self.queries, self.lim = trained
         self.set_trainable(config.trainable)
 
     # ---------------------------------------------------------------------------------------- building
@@ -398,6 +471,8 @@ class ParaUni(nn.Module):
                 f"a YAML file or a preset name ({', '.join(list_presets())})"
             )
         if path.is_dir():
+            if is_pipeline_folder(path):
+                return _pipeline_config(path, overrides)
             if not (path / CONFIG_FILE).is_file():
                 raise ConfigError(f"{path} has no {CONFIG_FILE}; it is not a ParaUni model folder")
             return from_dict(
@@ -426,8 +501,11 @@ class ParaUni(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, overrides: list[str] | None = None) -> ParaUni:
-        """Load a folder written by :meth:`save_pretrained` (strict)."""
+        """Load a folder written by :meth:`save_pretrained` (strict), or a diffusers pipeline folder written by
+        ``ParaUniPipeline.save_pretrained`` / ``parauni export --to diffusers``."""
         folder = Path(folder)
+        if is_pipeline_folder(folder):
+            return cls._from_pipeline_folder(folder, overrides)
         if not (folder / CONFIG_FILE).is_file():
             raise CheckpointError(
                 f"{folder} is not a ParaUni model folder: {CONFIG_FILE} is missing "
@@ -439,12 +517,20 @@ class ParaUni(nn.Module):
         data = apply_overrides(load_yaml(folder / CONFIG_FILE), overrides or [], schema=ModelConfig)
         config = from_dict(ModelConfig, data)
         check_parts(folder, config)
-        try:
-            state = load_file(str(folder / WEIGHTS_FILE))
-        except Exception as err:  # safetensors raises its own error type for truncated / corrupt files
-            raise CheckpointError(
-                f"{folder / WEIGHTS_FILE} could not be read (truncated or not a safetensors file): {err}"
-            ) from err
+        state = _read_weights(folder / WEIGHTS_FILE)
         model = cls.from_config(config, root=folder)
         model.load_trained_state_dict(state, source=str(folder / WEIGHTS_FILE))
+        return model
+
+    @classmethod
+    def _from_pipeline_folder(cls, folder: Path, overrides: list[str] | None = None) -> ParaUni:
+        """Load a diffusers pipeline folder: its components' subfolders and the connector's queries + LIM."""
+        config = _pipeline_config(folder, overrides)
+        check_parts(folder, config)
+        vlm = load_vlm(config.vlm, folder, seed=config.seed, preprocessing=folder)
+        dit = load_dit(config.dit, folder, seed=config.seed + 1)
+        vae = load_vae(config.vae, folder, seed=config.seed + 2)
+        model = cls(config, vlm, dit, vae)
+        weights = folder / CONNECTOR / CONNECTOR_WEIGHTS
+        model.load_trained_state_dict(_read_weights(weights), source=str(weights))
         return model
