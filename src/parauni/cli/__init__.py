@@ -9,6 +9,8 @@
                                                     (splits the work under accelerate launch; resumable)
     parauni rl --model DIR --out DIR [--world]       Stage III: Flow-GRPO + LDAM with a reward curriculum
     parauni import-openuni CKPT --preset P --out D  an OpenUni / ParaUni .pth checkpoint as a model folder
+    parauni export --model DIR --out D [--to diffusers|parauni]   a model folder as a diffusers pipeline
+                                                    folder (ParaUniPipeline), or a pipeline folder back
     parauni eval geneval --model M --metadata F --out D --detector mask2former|world|file
                                                     GenEval images in the official layout, then their scores
     parauni eval geneval-score --images D --detector mask2former|world|file --out F

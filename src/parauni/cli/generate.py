@@ -1,5 +1,5 @@
-"""``parauni info``, ``generate`` and ``import-openuni``: a model's structure, images from it, and an OpenUni
-checkpoint as a model folder."""
+"""``parauni info``, ``generate``, ``import-openuni`` and ``export``: a model's structure, images from it, an
+OpenUni checkpoint as a model folder, and a model folder as a diffusers pipeline folder (and back)."""
 
 from __future__ import annotations
 
@@ -205,6 +205,36 @@ def cmd_import_openuni(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    """A model folder (or pipeline folder) written as a diffusers pipeline folder, or as a model folder."""
+    import torch
+
+    from ..models.parauni import ParaUni
+
+    check_output_dir(args.out, overwrite=args.overwrite)
+    model = ParaUni.load(args.model, overrides, device="cpu")
+    if args.to == "parauni":
+        model.save_pretrained(args.out, copy_frozen=True)
+        print(
+            f"exported {args.model} as a ParaUni model folder (config.yaml, frozen parts copied in): {args.out}"
+        )
+        return 0
+    from ..diffusers_pipeline import ParaUniPipeline
+
+    pipe = ParaUniPipeline.from_parauni(model)
+    if args.dtype:
+        pipe.to(dtype=getattr(torch, args.dtype))
+    pipe.save_pretrained(args.out)
+    print(
+        f"exported {args.model} as a diffusers pipeline folder (model_index.json; "
+        f"{', '.join(sorted(k for k, v in pipe.components.items() if v is not None))}): {args.out}"
+    )
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this family's commands on the ``parauni`` sub-command parser."""
     p = sub.add_parser(
@@ -246,3 +276,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, help="image width (default: the model's)")
     add_quiet(p)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser(
+        "export",
+        help="a model folder as a diffusers pipeline folder (model_index.json), or a pipeline folder back",
+        epilog=OVERRIDE_HELP,
+    )
+    add_model_arg(p)
+    p.add_argument(
+        "--to",
+        choices=["diffusers", "parauni"],
+        default="diffusers",
+        help="diffusers: a ParaUniPipeline folder; parauni: a self-contained model folder (default: diffusers)",
+    )
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument(
+        "--dtype", choices=DTYPE_NAMES, help="cast the pipeline's weights first (default: as loaded)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.set_defaults(fn=cmd_export)
