@@ -183,6 +183,16 @@ def test_dtype_variant_and_device_moves(saved, pipe, tmp_path):
     )
 
 
+def test_model_cpu_offload_keeps_the_images(saved):
+    """The offload hooks (VLM -> DiT -> VAE, connector kept on the device) with the CPU as the execution device:
+    the hook chain and the calls that bypass ``forward`` run; on a GPU they also move the weights."""
+    pipe = quiet(ParaUniPipeline.from_pretrained(saved))
+    ref = pipe(PROMPTS, generator=seeds(5, 2), output_type="pt", **FAST).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.vlm, "_hf_hook") and not hasattr(pipe.connector, "_hf_hook")
+    assert torch.equal(pipe(PROMPTS, generator=seeds(5, 2), output_type="pt", **FAST).images, ref)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
