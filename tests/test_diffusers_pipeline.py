@@ -97,6 +97,11 @@ def test_negative_prompt_changes_the_unconditional_branch(pipe):
         PROMPTS[0], negative_prompt="a blue square", generator=seeds(0, 1), output_type="pt", **FAST
     ).images
     assert not torch.equal(base, neg)
+    picture = torch.zeros(1, 3, 32, 32)  # one negative caption per input image too
+    out = pipe(
+        image=picture, negative_prompt="a red circle", num_images_per_prompt=2, output_type="latent", **FAST
+    )
+    assert out.images.shape[0] == 2
 
 
 def test_scheduler_swap_takes_the_expected_steps(saved):
@@ -200,6 +205,7 @@ def test_model_cpu_offload_keeps_the_images(saved):
         (dict(num_images_per_prompt=0), "num_images_per_prompt=0 must be an integer >= 1"),
         (dict(prompt=""), "prompt 0 is empty"),
         (dict(prompt=None), "prompts must be a non-empty list"),
+        (dict(prompt=5), "prompts must be a non-empty list"),
         (dict(image=torch.zeros(1, 3, 32, 32)), "give prompts .* or images .*, not both"),
         (dict(image="photo.png", prompt=None), "image must be a PIL image"),
         (dict(height=30), "height=30 does not fit this model"),

@@ -48,7 +48,7 @@ from .models.parauni import (
     pipeline_model_config,
 )
 from .models.vlm import BACKBONES
-from .pipeline import check_finite_samples, check_memory, check_request
+from .pipeline import Request, check_finite_samples, check_memory, check_request
 from .utils.images import pil_to_tensor, resize_center_crop, tensor_to_pil
 from .utils.run_files import CONFIG_FILE
 
@@ -297,13 +297,18 @@ class ParaUniPipeline(DiffusionPipeline):
         s = model.config.sampling
         height = s.height if height is None else height
         width = s.width if width is None else width
+        per = num_images_per_prompt
         prompts = [prompt] if isinstance(prompt, str) else prompt
+        if isinstance(prompts, (list, tuple)):  # anything else is check_request's to refuse
+            prompts = [p for p in prompts for _ in range(per)]
         images = None if image is None else self._images_tensor(image, height, width)
+        if isinstance(images, torch.Tensor):
+            images = images.repeat_interleave(per, dim=0)
         sampler, shift = self._sampler_of(model)
         request = check_request(
             model,
-            None if prompts is None else [p for p in prompts for _ in range(num_images_per_prompt)],
-            None if images is None else images.repeat_interleave(num_images_per_prompt, dim=0),
+            prompts,
+            images,
             steps=num_inference_steps,
             cfg=guidance_scale,
             sampler=sampler,
@@ -312,21 +317,11 @@ class ParaUniPipeline(DiffusionPipeline):
             width=width,
         )
         generators = self._generators(generator, request.n)
-        negatives = self._negatives(negative_prompt, prompts, num_images_per_prompt)
+        negatives = self._negatives(negative_prompt, request.n // per, per)
         check_memory(model, request.height, request.width, request.n, request.cfg)
         device = self._execution_device
 
-        # conditions: the VLM with the queries, then the LIM  (N, Q, C)
-        _onload(self.vlm)
-        if images is None:
-            cond = model.condition(model.encode_prompts(request.prompts))
-        else:
-            batch = images.repeat_interleave(num_images_per_prompt, dim=0)
-            cond = model.condition(model.encode_prompts([None] * request.n, images=batch))
-        uncond = model.condition(model.encode_prompts(negatives or [None]))
-        uncond = uncond.expand_as(cond) if negatives is None else uncond
-
-        # noise, the denoising loop and the decoder
+        cond, uncond = self._conditions(model, request, images, negatives)
         latents = randn_tensor((request.n, *request.shape), generator=generators, device=device)
         step = SchedulerStep(self.scheduler, request.steps, device)
         velocity = guided_velocity(model.velocity, cond.to(device), uncond.to(device), request.cfg)
@@ -338,13 +333,26 @@ class ParaUniPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images_out) if return_dict else (images_out,)
 
+    def _conditions(
+        self, model: ParaUni, request: Request, images: torch.Tensor | None, negatives: list[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CFG pair (N, Q, C) x 2 from the VLM with the queries, then the LIM; the unconditional branch is
+        the model's template (``generate``'s) or the negative captions."""
+        _onload(self.vlm)
+        if images is None:
+            cond = model.condition(model.encode_prompts(request.prompts))
+        else:
+            cond = model.condition(model.encode_prompts([None] * request.n, images=images))
+        uncond = model.condition(model.encode_prompts(negatives or [None]))
+        return cond, (uncond.expand_as(cond) if negatives is None else uncond)
+
     @staticmethod
-    def _negatives(negative_prompt, prompts: list[str] | None, per_prompt: int) -> list[str] | None:
-        """One negative caption per image (None: the model's unconditional template)."""
+    def _negatives(negative_prompt, count: int, per_prompt: int) -> list[str] | None:
+        """One negative caption per image, from one or one per prompt / input image (None: the model's
+        unconditional template)."""
         if negative_prompt is None:
             return None
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-        count = 1 if prompts is None else len(prompts)
         if len(negatives) == 1:
             negatives = negatives * count
         if len(negatives) != count or not all(isinstance(t, str) for t in negatives):
