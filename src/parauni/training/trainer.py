@@ -288,7 +288,12 @@ def train(
             positions = list(range(first, first + micro))
             inputs, captions = source.examples(positions, seed=cfg.seed)
             with torch.no_grad():
-                x0 = inputs if source.encoded else model.encode_images(inputs.to(model.device))
+                # without the flow loss the images are not read: they are not encoded either
+                x0 = (
+                    inputs
+                    if source.encoded or cfg.flow_weight == 0
+                    else model.encode_images(inputs.to(model.device))
+                )
             drop, t, noise = example_draws(cfg, positions, tuple(x0.shape[1:]))
             kept = [None if d else c for c, d in zip(captions, drop, strict=True)]
             distill = None
