@@ -21,10 +21,12 @@ def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from ..config import apply_overrides, from_dict, load_yaml
     from ..models.parauni import ParaUni
+    from ..models.references import copy_in
     from ..rl.config import RewardsConfig, RLConfig
     from ..rl.grpo import train_rl
     from ..rl.prompts import PromptSource
     from ..rl.rewards import CombinedReward, build_rewards
+    from ..training.run_folder import command_line, write_run_record
     from ..world.reward_models import world_rewards
 
     rl_items, rest = route(overrides, "rl")
@@ -89,6 +91,15 @@ def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
         progress=not args.quiet,
     )
     first, last = result.history[0], result.history[-1]
+    if args.self_contained:
+        copied = copy_in(Path(args.out))
+        print(f"copied {', '.join(copied) or 'nothing'} into {args.out}: the folder stands alone")
+    rewards_now = {
+        k[len("reward_") :]: v for k, v in last.items() if k.startswith("reward_") and not k.endswith("_std")
+    }
+    record = {"stage": 3, "unit": "RL epochs", "steps": len(result.history), "final_rewards": rewards_now}
+    record["data"] = f"RL prompts from {args.prompts or 'the shapes world'}; rewards {sorted(rewards)}"
+    write_run_record(Path(args.out), {**record, "command": command_line(), "settings": {}})
     for key in sorted(k for k in last if k.startswith("reward_") and not k.endswith("_std")):
         print(f"{key[len('reward_') :]}: first epoch {first[key]:.4f} -> last epoch {last[key]:.4f}")
     print(
@@ -110,6 +121,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="a YAML file with 'rl' (RLConfig) and 'rewards' (RewardsConfig) sections")
     p.add_argument("--prompts", help="RL prompts: .txt (one a line) or .jsonl with 'prompt' (GenEval rows)")
     p.add_argument("--world", action="store_true", help="the shapes world: its prompts, rewards and defaults")
+    p.add_argument(
+        "--self-contained",
+        action="store_true",
+        help="copy the frozen parts the policy refers to outside --out into it, so that the folder stands alone "
+        "(default: referred to by relative path, pinned by sha256)",
+    )
     add_world_stage0_args(p)
     add_run_args(p)
     p.set_defaults(fn=cmd_rl)

@@ -197,7 +197,12 @@ def write_model_card(folder: Path) -> None:
     folder = Path(folder)
     record = json.loads((folder / RUN_RECORD).read_text())
     settings = record.get("settings", {})
-    data = f"{settings.get('data.pairs', '?')} image-caption pairs (captions sha256 {settings.get('data.captions_sha256', '?')})"
+    data = record.get("data") or (
+        f"{settings.get('data.pairs', '?')} image-caption pairs (captions sha256 "
+        f"{settings.get('data.captions_sha256', '?')})"
+    )
+    results = [f"| final loss | {record['final_loss']:.4f} |"] if "final_loss" in record else []
+    results += [f"| final reward {k} | {v:.4f} |" for k, v in record.get("final_rewards", {}).items()]
     lines = [
         f"# ParaUni Stage {record['stage']} model",
         "",
@@ -206,8 +211,8 @@ def write_model_card(folder: Path) -> None:
         "| | |",
         "|---|---|",
         f"| stage | {record['stage']} |",
-        f"| steps | {record['steps']} |",
-        f"| final loss | {record['final_loss']:.4f} |",
+        f"| {record.get('unit', 'steps')} | {record['steps']} |",
+        *results,
         f"| data | {data} |",
         "",
         "## Base models",
