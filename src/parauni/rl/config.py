@@ -20,7 +20,13 @@ class PhaseConfig:
         default_factory=lambda: {"clip": 1.0}, metadata={"help": "reward name -> weight"}
     )
     epochs: int = field(default=100, metadata={"help": "RL epochs (rollout + update) of this phase"})
-    zone: str = field(default="deep", metadata={"help": f"LDAM's zone, one of {ZONE_CHOICES}"})
+    zone: str = field(
+        default="deep",
+        metadata={
+            "help": f"LDAM's zone, one of {ZONE_CHOICES}: the phase LDAM's (rl.ldam.monitor=phase), and that of "
+            "a reward not in rl.ldam.reward_zones"
+        },
+    )
     beta: float = field(default=0.02, metadata={"help": "KL weight against the reference policy"})
 
     def __post_init__(self) -> None:
@@ -120,7 +126,17 @@ class RLConfig:
         metadata={"help": "AdamW betas (the paper's 0.9, 0.95; Flow-GRPO's code: 0.9, 0.999)"},
     )
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    ema: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights (0 = off); saved"})
+    ema: float = field(
+        default=0.9,
+        metadata={
+            "help": "EMA decay of the trained weights (0 = off), saved and written as the final model: Flow-GRPO's "
+            "0.9, ramped as min(ema, (1 + s) / (10 + s)) over optimizer steps s"
+        },
+    )
+    ema_every: int = field(
+        default=8,
+        metadata={"help": "update the EMA every N optimizer steps (Flow-GRPO's 8: about the last 160 steps)"},
+    )
     trainable: TrainableConfig = field(
         default_factory=lambda: TrainableConfig(
             queries=False, lim=False, dit=False, dit_lora_rank=32, dit_lora_alpha=64.0
@@ -162,6 +178,7 @@ class RLConfig:
             "steps",
             "inner_epochs",
             "updates_per_epoch",
+            "ema_every",
             "micro_batch",
             "rollout_batch",
         ):
@@ -179,6 +196,8 @@ class RLConfig:
             raise ConfigError("rl.phases is empty; give at least one reward phase")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"rl.ema={self.ema} must be in [0, 1)")
+        for reward, zone in self.ldam.reward_zones.items():
+            check_choice(f"rl.ldam.reward_zones.{reward}", zone, ZONE_CHOICES)
         t = self.trainable
         if not (t.queries or t.lim or t.dit or t.dit_lora_rank > 0):
             raise ConfigError("rl.trainable trains nothing; enable dit, dit_lora_rank, lim or queries")
