@@ -40,10 +40,15 @@ class PhaseConfig:
 
 
 def paper_phases() -> list[PhaseConfig]:
-    """The paper's curriculum: Aesthetic and PickScore on the middle zone, then CLIP score on the deep zone."""
+    """The paper's curriculum: Aesthetic and PickScore on the middle zone, then CLIP score on the deep zone.
+
+    500 + 500 epochs of 2 optimizer steps (``rl.updates_per_epoch``, Flow-GRPO's) are the paper's 2,000 Stage III
+    steps (supplementary table 1). The betas are Flow-GRPO's configs' for the rewards: PickScore 0.01
+    (``pickscore_sd3``), CLIP score 0.02 (``clipscore_sd3``).
+    """
     return [
-        PhaseConfig("aesthetic+pickscore", {"aesthetic": 1.0, "pickscore": 1.0}, 1000, "middle", 0.01),
-        PhaseConfig("clip", {"clip": 1.0}, 1000, "deep", 0.02),
+        PhaseConfig("aesthetic+pickscore", {"aesthetic": 1.0, "pickscore": 1.0}, 500, "middle", 0.01),
+        PhaseConfig("clip", {"clip": 1.0}, 500, "deep", 0.02),
     ]
 
 
@@ -117,8 +122,13 @@ class RLConfig:
     )
     weight_decay: float = field(
         default=0.05,
+        metadata={"help": "AdamW weight decay (the paper's 0.05; Flow-GRPO's code: 1e-4)"},
+    )
+    decay_1d: bool = field(
+        default=True,
         metadata={
-            "help": "AdamW weight decay, none on 1-D params (the paper's 0.05; Flow-GRPO's code: 1e-4)"
+            "help": "weight decay on 1-D tensors (norms, biases) too, as the paper's AdamW and Flow-GRPO's code "
+            "(neither excludes them); false: matrices only, as Stages I-II (a LoRA has no 1-D tensors)"
         },
     )
     betas: list[float] = field(

@@ -206,9 +206,12 @@ def train_rl(
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     reference = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(
-        model.param_groups(config.weight_decay), lr=config.lr, betas=tuple(config.betas)
+    groups = (
+        [{"params": params, "weight_decay": config.weight_decay}]
+        if config.decay_1d
+        else model.param_groups(config.weight_decay)
     )
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
     ldams = [_phase_ldams(model, config, phase) for phase in config.phases]
     start, history, bad_in_a_row = 0, [], 0
     ckpt = resume_checkpoint(out, "epoch", acc) if resume else None
