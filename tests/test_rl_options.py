@@ -193,3 +193,27 @@ def test_weight_decay_reaches_1d_tensors_by_default(make_tiny, tmp_path, decay_1
     decays = {id(p): g["weight_decay"] for g in seen["groups"] for p in g["params"]}
     params = dict(model.named_parameters())
     assert {decays[id(params[n])] for n in one_d} == ({0.5} if decay_1d else {0.0})
+
+
+# ------------------------------------------------------------------------------------------- plots, world recipe
+def test_standard_errors_of_the_epoch_means():
+    from parauni.rl.plots import standard_errors
+
+    rows = [
+        {"epoch": i, "phase": "p", "reward_a": 1.0 + i, "reward_a_std": 2.0, "samples": 16} for i in range(3)
+    ]
+    assert standard_errors(rows, "a") == [0.5, 0.5, 0.5]
+    assert standard_errors([{k: v for k, v in r.items() if k != "samples"} for r in rows], "a") is None
+    pytest.importorskip("matplotlib")
+
+
+def test_world_geneval_recipe_optimises_the_credit_alone():
+    from parauni.world.config import world_rl_defaults
+    from parauni.world.rl import world_geneval_rl
+
+    base = world_rl_defaults()
+    recipe = world_geneval_rl(base)
+    assert [list(p.rewards) for p in recipe.phases] == [["geneval"]]
+    assert recipe.trainable.dit and recipe.trainable.dit_lora_rank == 0
+    assert not recipe.ldam.enabled and base.ldam.enabled  # the base is not changed
+    assert recipe.prompts_per_epoch == base.prompts_per_epoch

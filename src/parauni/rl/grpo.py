@@ -339,6 +339,7 @@ def train_rl(
             **{f"reward_{n}": float(v.mean()) for n, v in gathered.items()},
             **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in gathered.items()},
             "grad_norm": grad_norm,
+            "samples": n_total,
             "skipped_updates": sum(skips),
             "update_samples": len(keep) * num_processes,
             "lr": _lr(config, epoch, config.inner_epochs - 1, config.updates_per_epoch - 1),

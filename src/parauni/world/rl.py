@@ -17,17 +17,35 @@ previous world setting, 2 drops and 1 std: 0.39, 0.14, 0.04; the paper's: 0.00).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..rl.config import RLConfig
+from ..config import TrainableConfig
+from ..rl.config import PhaseConfig, RLConfig
 from ..rl.grpo import train_rl
 from ..rl.prompts import PromptItem
 from ..rl.rewards import CombinedReward
 from ..scoring.geneval_rules import GENEVAL_TAGS
 from .captions import metadata_for
 from .reward_models import world_rewards
+
+
+def world_geneval_rl(base: RLConfig) -> RLConfig:
+    """Stage III with ShapesEval's partial credit alone (Flow-GRPO's GenEval task on the world): ``base`` (the
+    world's RL config) with one ``geneval`` phase and the settings measured to raise ShapesEval on 2 CPU cores
+    (docs/world.md, "Stage III"): the whole DiT trains, LDAM off."""
+    return replace(
+        base,
+        phases=[PhaseConfig("geneval", {"geneval": 1.0}, epochs=30, zone="deep", beta=0.04)],
+        trainable=TrainableConfig(queries=False, lim=False, dit=True, dit_lora_rank=0),
+        lr=1e-4,
+        lr_schedule="constant",
+        updates_per_epoch=2,
+        ema=0.0,
+        ldam=replace(base.ldam, enabled=False),
+    )
 
 
 class WorldPromptSource:
