@@ -159,6 +159,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench-rl")
     parser.add_argument("--quick", action="store_true", help="the quick world (smoke test)")
     parser.add_argument("--no-eval", action="store_true", help="skip ShapesEval (rewards only)")
+    parser.add_argument(
+        "--shapeseval-before",
+        type=float,
+        help="the Stage-II model's ShapesEval overall, already measured with the same world eval settings "
+        "(e.g. the demo's metrics.json): not measured again",
+    )
     parser.add_argument("--timing-epochs", type=int, default=2, help="epochs of each timed run (0: skip)")
     parser.add_argument(
         "--mode",
@@ -231,7 +237,10 @@ def main() -> None:
             paraunigen(model), rows_eval, e.images_per_prompt, e.batch_size, seed=cfg.seed, progress=False
         )["overall"]
 
-    if not args.no_eval:
+    if args.shapeseval_before is not None:
+        results["shapeseval_before"] = args.shapeseval_before
+        print(f"ShapesEval before RL: overall {args.shapeseval_before:.3f} (given)")
+    elif not args.no_eval:
         t = time.time()
         results["shapeseval_before"] = shapeseval(ParaUni.from_pretrained(args.stage2))
         print(f"ShapesEval before RL: overall {results['shapeseval_before']:.3f} ({time.time() - t:.0f} s)")

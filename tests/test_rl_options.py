@@ -217,3 +217,17 @@ def test_world_geneval_recipe_optimises_the_credit_alone():
     assert recipe.trainable.dit and recipe.trainable.dit_lora_rank == 0
     assert not recipe.ldam.enabled and base.ldam.enabled  # the base is not changed
     assert recipe.prompts_per_epoch == base.prompts_per_epoch
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_same_latent_shares_the_initial_noise_within_a_group(make_tiny, same):
+    from parauni.rl.rollout import rollout
+
+    model = make_tiny()
+    cfg = _cfg(same_latent=same)
+    items = [("a red circle", None), ("a red circle", None), ("two crosses", None), ("two crosses", None)]
+    ro = rollout(model, items, [0, 0, 1, 1], [0, 1, 2, 3], cfg, epoch=0, ldam=None)
+    x0 = ro.latents[:, 0]
+    assert torch.equal(x0[0], x0[1]) == same and torch.equal(x0[2], x0[3]) == same
+    assert not torch.equal(x0[0], x0[2])
+    assert not torch.equal(ro.latents[0, -1], ro.latents[1, -1])  # the SDE noise still differs

@@ -76,6 +76,14 @@ class RLConfig:
         },
     )
     eta: float = field(default=0.7, metadata={"help": "SDE noise level"})
+    same_latent: bool = field(
+        default=False,
+        metadata={
+            "help": "start every image of a prompt's group from the same initial noise (Flow-GRPO's "
+            "sample.same_latent, off in its GenEval and PickScore configs): the group then differs only by the "
+            "SDE noise its log-probabilities score"
+        },
+    )
     cfg: float = field(default=4.5, metadata={"help": "CFG scale of rollout and update"})
     shift: float = field(default=3.0, metadata={"help": "flow shift of the sigmas"})
     height: int | None = field(

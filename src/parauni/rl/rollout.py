@@ -197,7 +197,14 @@ def rollout(
             )
             eps = ldam.noise(per_shape, seeded_generators(config.seed, epoch, 2, indices=idx))
         cond = policy_condition(model, src, eps, gamma, ldam.zone if ldam is not None else [])
-        x = initial_noise(shape, [derived_seed(config.seed, epoch, 0, i) for i in idx], model.device)
+        # the initial noise: one per sample, or one per prompt draw with rl.same_latent (seed part 5 keeps the
+        # per-sample streams of the default unchanged)
+        keys = (
+            [(5, g) for g in groups[start : start + len(chunk)]]
+            if config.same_latent
+            else [(0, i) for i in idx]
+        )
+        x = initial_noise(shape, [derived_seed(config.seed, epoch, *k) for k in keys], model.device)
         step = SDEStep(config.eta, float(sigmas[1]), seeded_generators(config.seed, epoch, 1, indices=idx))
         uncond = uncond_one.expand_as(cond)
         final, outs = denoise(
