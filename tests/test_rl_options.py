@@ -216,7 +216,7 @@ def test_world_geneval_recipe_optimises_the_credit_alone():
     assert [list(p.rewards) for p in recipe.phases] == [["geneval"]]
     assert recipe.trainable.dit and recipe.trainable.dit_lora_rank == 0
     assert not recipe.ldam.enabled and base.ldam.enabled  # the base is not changed
-    assert recipe.prompts_per_epoch == base.prompts_per_epoch
+    assert recipe.samples_per_epoch == 128 and recipe.train_steps == 5 and recipe.phases[0].beta == 0
 
 
 @pytest.mark.parametrize("same", [True, False])
