@@ -2,7 +2,8 @@
 
 The curriculum mirrors the paper's: first the world aesthetic score (LDAM on the middle zone, as for
 Aesthetic and PickScore), then the world CLIP score together with ShapesEval partial credit (the deep zone, as
-for CLIP score). Prompts are drawn from the world's GenEval-format prompt generator, so the GenEval reward has
+for CLIP score), each reward with its own LDAM. :func:`world_geneval_rl` is Stage III with the ShapesEval credit
+alone (Flow-GRPO's GenEval task), the recipe ``benchmarks/bench_rl.py --mode geneval`` measures. Prompts are drawn from the world's GenEval-format prompt generator, so the GenEval reward has
 its metadata.
 
 LDAM's gates: the paper's constants (5 consecutive drops, a 2-sigma grad-norm spike, window 5) fire about once
