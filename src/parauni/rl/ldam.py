@@ -17,6 +17,10 @@ per-layer LIM outputs of the layer zone tied to the reward, ``c_i <- c_i * (1 + 
   (gamma0 = 0.1);
 * after a trigger the perturbation is applied to the next ``perturb_epochs`` rollouts, and the ``cooldown``
   rounds after the trigger round (default W) cannot trigger: exactly that many.
+* what is watched (``monitor``): "reward", the paper's "monitors training signals for each reward": one LDAM per
+  optimised reward of the phase, fed that reward's epoch mean, perturbing that reward's zone (``reward_zones``;
+  several active at once perturb the union of their zones, :class:`Perturbation`); or "phase", one LDAM fed
+  the phase's weighted reward, perturbing the phase's zone.
 
 The perturbation noise of every rollout sample is drawn here and stored with the trajectory, so that its
 log-probability is recomputed with exactly the same condition (ratio 1 on-policy).
