@@ -45,7 +45,8 @@ def test_output_shapes(tiny_model):
 
 def test_per_layer_conditions_follow_the_layer_selection(make_tiny):
     model = make_tiny(["lim.layers=drop_deep"]).eval()
-    assert model.lim.layers == [0, 1]  # the tiny VLM's 4 layers: deep = 2-3 (docs/how-it-works.md, "Conventions")
+    # the tiny VLM's 4 layers: deep = 2-3 (docs/how-it-works.md, "Conventions")
+    assert model.lim.layers == [0, 1]
     batch = model.encode_prompts(PROMPTS)
     with torch.no_grad():
         states = model.query_states(batch)
