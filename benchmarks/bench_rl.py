@@ -1,20 +1,24 @@
-"""Stage III on the shapes world: LDAM on vs off over seeds, its triggers, and the RL epoch time.
+"""Stage III on the shapes world: what RL moves, LDAM on vs off, LDAM per reward vs on the phase signal.
 
-    python benchmarks/bench_rl.py --seeds 0 1 2 [--stage2 parauni-demo/stage2] [--out bench-rl]
-                                  [--no-eval] [--timing-epochs 2] [world overrides, e.g. --world.rl.phases.1.epochs=20]
+    python benchmarks/bench_rl.py --mode geneval --recipe geneval --seeds 0 1 2 --stage2 parauni-demo/stage2
+                                  [--shapeseval-before 0.429] [--timing-epochs 0]
+    python benchmarks/bench_rl.py --mode ldam --seeds 0 1 2 [--recipe demo|geneval] [--rl phases.0.epochs=20]
+    python benchmarks/bench_rl.py --mode monitor --seeds 0 1 2          # LDAM per reward vs the phase signal
     python benchmarks/bench_rl.py --quick --seeds 0     # the quick world, a fresh Stage-II model (smoke test)
-    python benchmarks/bench_rl.py --gate-rates          # LDAM gate firing rates on synthetic inputs (seconds)
+    python benchmarks/bench_rl.py --gate-rates [--gate-rounds 1000 --gate-phases 100]   # synthetic gate rates
 
 Needs the world's Stage-0 models (the shipped release by default; `--quick` trains the quick world's) and a
-Stage-II world model (the demo's `stage2/` folder; `--quick` without `--stage2` uses an untrained one).
+Stage-II world model (the demo's `stage2/` folder; `--quick` without `--stage2` uses an untrained one). World
+overrides (`--world.eval.per_tag=20`) change the world config; `--rl key=value` overrides the chosen recipe.
 
-1. Epoch time before / after computing each prompt's query states once per epoch (issue 15, item 8): the same
-   Stage-II model, seed 0, `--timing-epochs` epochs of phase 1 with `rl.cache_conditions` off, then on; the
-   seconds per epoch of each and the largest difference of the first epoch's rewards (the rollouts are the same
-   up to rounding).
-2. For every seed, RL twice from the same Stage-II weights, LDAM on and off: per run, the triggers (with their
-   zones and epochs), each phase's optimised reward over its first and last 2 epochs, and ShapesEval after RL;
-   then mean +- std over the seeds of the triggers, the rewards and ShapesEval.
+1. Epoch time before / after computing each prompt's query states once per epoch (issue 15, item 8; skip with
+   `--timing-epochs 0`).
+2. For every seed, RL from the same Stage-II weights once per variant of the mode (geneval: one run; ldam: on /
+   off; monitor: per reward / phase / off): per run, the triggers (with their zones and epochs), each phase's
+   optimised reward over its first and last 2 epochs and ShapesEval after RL; then mean +- std over the seeds
+   of the RL time, the triggers, each reward's end value (mean of the last 2 epochs), ShapesEval and its gain
+   over the Stage-II model. `--mode geneval` then prints whether the issue-26 target is met: a gain of 0.05 or
+   more, beyond 2 std of the seeds, in at most 600 s of RL a run.
 
 Whether LDAM helps on the world is a finding, whichever way it goes; nothing here fails on a miss.
 """
@@ -35,15 +39,28 @@ import torch
 from parauni.config import with_overrides
 from parauni.models.parauni import ParaUni
 from parauni.rl.ldam import LDAMConfig, replay
-from parauni.rl.plots import phase_gains, plot_reward_curves, trigger_summary
+from parauni.rl.plots import phase_gains, plot_reward_curves, reward_names, trigger_summary
 
 # the LDAM settings --gate-rates compares: the paper's constants, the world's before and after issue 15
 GATE_SETTINGS = {
     "paper (W 5, 5 drops, 2 std)": LDAMConfig(),
+    "paper, OR (gate_logic any)": LDAMConfig(gate_logic="any"),
     "world before (W 3, 2 drops, 1 std)": LDAMConfig(window=3, drop_epochs=2, grad_sigmas=1.0),
     "world now (W 3, 1 drop, 0 std)": LDAMConfig(window=3, drop_epochs=1, grad_sigmas=0.0),
     "world now, grad gate off": LDAMConfig(window=3, drop_epochs=1, grad_sigmas=0.0, grad_gate=False),
     "world now, reward gate off": LDAMConfig(window=3, drop_epochs=1, grad_sigmas=0.0, reward_gate=False),
+}
+
+
+# the runs each mode compares: label -> RL overrides
+MODES = {
+    "ldam": {"LDAM on": ["ldam.enabled=true"], "LDAM off": ["ldam.enabled=false"]},
+    "monitor": {
+        "per reward": ["ldam.enabled=true", "ldam.monitor=reward"],
+        "phase": ["ldam.enabled=true", "ldam.monitor=phase"],
+        "LDAM off": ["ldam.enabled=false"],
+    },
+    "geneval": {"RL": []},
 }
 
 
@@ -147,17 +164,45 @@ def main() -> None:
     parser.add_argument("--out", default="bench-rl")
     parser.add_argument("--quick", action="store_true", help="the quick world (smoke test)")
     parser.add_argument("--no-eval", action="store_true", help="skip ShapesEval (rewards only)")
+    parser.add_argument(
+        "--shapeseval-before",
+        type=float,
+        help="the Stage-II model's ShapesEval overall, already measured with the same world eval settings "
+        "(e.g. the demo's metrics.json): not measured again",
+    )
     parser.add_argument("--timing-epochs", type=int, default=2, help="epochs of each timed run (0: skip)")
+    parser.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default="ldam",
+        help="ldam: LDAM on vs off; monitor: LDAM per reward vs on the phase's combined reward vs off; geneval: one "
+        "run a seed (with --recipe geneval: the ShapesEval credit alone, the +0.05 target)",
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=["demo", "geneval"],
+        default="demo",
+        help="the RL config: the demo's curriculum (world.rl) or the ShapesEval-credit recipe (parauni.world.rl)",
+    )
+    parser.add_argument(
+        "--rl",
+        action="append",
+        default=[],
+        help="an override of the recipe, e.g. --rl ldam.window=5 (repeatable)",
+    )
     parser.add_argument("--gate-rates", action="store_true", help="only the synthetic LDAM gate rates")
+    parser.add_argument("--gate-rounds", type=int, default=12, help="--gate-rates: rounds per phase")
+    parser.add_argument("--gate-phases", type=int, default=4000, help="--gate-rates: synthetic phases")
     args, overrides = parser.parse_known_args()
     if args.gate_rates:
-        print_gate_rates()
+        print_gate_rates(args.gate_rounds, args.gate_phases)
         return
     from parauni.world.captions import make_eval_metadata
     from parauni.world.config import default_cache_dir, world_config
     from parauni.world.demo import paraunigen
     from parauni.world.pretrain import run_stage0, world_model_config
     from parauni.world.release import world_stage0
+    from parauni.world.rl import world_geneval_rl
     from parauni.world.shapeseval import run_shapeseval
 
     if args.quick:  # the quick world (trained from scratch, cached) with the overrides applied on top of it
@@ -197,24 +242,38 @@ def main() -> None:
             paraunigen(model), rows_eval, e.images_per_prompt, e.batch_size, seed=cfg.seed, progress=False
         )["overall"]
 
-    if not args.no_eval:
+    if args.shapeseval_before is not None:
+        results["shapeseval_before"] = args.shapeseval_before
+        print(f"ShapesEval before RL: overall {args.shapeseval_before:.3f} (given)")
+    elif not args.no_eval:
         t = time.time()
         results["shapeseval_before"] = shapeseval(ParaUni.from_pretrained(args.stage2))
         print(f"ShapesEval before RL: overall {results['shapeseval_before']:.3f} ({time.time() - t:.0f} s)")
-    logs: dict[str, list[list[dict]]] = {"LDAM on": [], "LDAM off": []}
+    base = world_geneval_rl(cfg.rl) if args.recipe == "geneval" else cfg.rl
+    base = with_overrides(base, args.rl)
+    variants = MODES[args.mode]
+    results["rl"] = dataclasses.asdict(base)
+    print(
+        f"mode {args.mode}: {args.recipe} recipe, "
+        f"{' + '.join(f'{p.epochs} ({p.name})' for p in base.phases)} epochs, {base.prompts_per_epoch} prompts x "
+        f"{base.group_size} images, {base.updates_per_epoch} update(s) an epoch; variants {list(variants)}"
+    )
+    logs: dict[str, list[list[dict]]] = {label: [] for label in variants}
     for seed in args.seeds:
-        for ldam in (True, False):
-            label = "LDAM on" if ldam else "LDAM off"
-            w = with_overrides(cfg.rl, [f"seed={seed}", f"ldam.enabled={ldam}"])
-            model, rows, seconds = _run(args, cfg, stage0, w, out / f"seed{seed}_{'on' if ldam else 'off'}")
+        for label, extra in variants.items():
+            w = with_overrides(base, [f"seed={seed}", *extra])
+            folder = out / f"seed{seed}_{label.replace(' ', '_')}"
+            model, rows, seconds = _run(args, cfg, stage0, w, folder)
             logs[label].append(rows)
+            names = reward_names(rows)
             run = {
                 "seed": seed,
-                "ldam": ldam,
+                "variant": label,
                 "seconds": seconds,
                 "seconds_per_epoch": float(np.mean([r["seconds"] for r in rows])),
                 "phase_gain": phase_gains(rows),
-                "triggers": sum(bool(r.get("ldam_triggered")) for r in rows),
+                "reward_end": {n: float(np.mean([r[f"reward_{n}"] for r in rows[-2:]])) for n in names},
+                "triggers": sum(int(r.get("ldam_triggered", False)) for r in rows),
                 "trigger_zones": trigger_summary(rows),
             }
             if not args.no_eval:
@@ -222,21 +281,37 @@ def main() -> None:
             results["runs"].append(run)
             gains = "  ".join(f"{p}: {a:.4f} -> {b:.4f}" for p, (a, b) in run["phase_gain"].items())
             print(
-                f"seed {seed} {label:<8} {seconds:6.0f} s  triggers {run['trigger_zones']}  {gains}"
-                + (f"  ShapesEval after {run['shapeseval_after']:.3f}" if "shapeseval_after" in run else "")
+                f"seed {seed} {label:<10} {seconds:6.0f} s  triggers {run['trigger_zones']}  {gains}"
+                + (f"  ShapesEval after {run['shapeseval_after']:.3f}" if "shapeseval_after" in run else ""),
+                flush=True,
             )
-    print(f"\nmean +- std over seeds {args.seeds} (phase reward: mean of its last 2 epochs):")
-    phases = list(results["runs"][0]["phase_gain"])
-    for ldam in (True, False):
-        runs = [r for r in results["runs"] if r["ldam"] == ldam]
-        cells = [f"triggers {_pm([r['triggers'] for r in runs], '.1f')}"]
-        cells += [f"{p} {_pm([r['phase_gain'][p][1] for r in runs], '.4f')}" for p in phases]
+    print(f"\nmean +- std over seeds {args.seeds} (rewards: mean of the last 2 epochs):")
+    for label in variants:
+        runs = [r for r in results["runs"] if r["variant"] == label]
+        cells = [
+            f"RL {_pm([r['seconds'] for r in runs], '.0f')} s",
+            f"triggers {_pm([r['triggers'] for r in runs], '.1f')}",
+        ]
+        cells += [f"{n} {_pm([r['reward_end'][n] for r in runs], '.4f')}" for n in runs[0]["reward_end"]]
         if not args.no_eval:
-            cells.append(f"ShapesEval {_pm([r['shapeseval_after'] for r in runs])}")
-        print(f"  LDAM {'on ' if ldam else 'off'}: " + "; ".join(cells))
-    plot_reward_curves({k: mean_rows(v) for k, v in logs.items()}, out / "ldam_on_off.png")
+            after = [r["shapeseval_after"] for r in runs]
+            gain = [a - results["shapeseval_before"] for a in after]
+            cells.append(f"ShapesEval {_pm(after)} (gain {_pm(gain)})")
+            results.setdefault("summary", {})[label] = {"after": after, "gain": gain}
+        print(f"  {label}: " + "; ".join(cells))
+    if args.mode == "geneval" and not args.no_eval:
+        runs = results["runs"]
+        gain = [r["shapeseval_after"] - results["shapeseval_before"] for r in runs]
+        slowest = max(r["seconds"] for r in runs)
+        met = np.mean(gain) >= 0.05 and np.mean(gain) > 2 * np.std(gain) and slowest <= 600
+        print(
+            f"target (+0.05 or more over Stage II, beyond 2 std of the seeds, <= 600 s of RL a run): "
+            f"gain {_pm(gain)} (2 std {2 * np.std(gain):.3f}), slowest run {slowest:.0f} s: "
+            + ("MET" if met else "NOT MET")
+        )
+    plot_reward_curves({k: mean_rows(v) for k, v in logs.items()}, out / f"{args.mode}.png")
     (out / "bench_rl.json").write_text(json.dumps(results, indent=2))
-    print(f"\nplot: {out / 'ldam_on_off.png'}; figures: {out / 'bench_rl.json'}")
+    print(f"\nplot: {out / f'{args.mode}.png'}; figures: {out / 'bench_rl.json'}")
 
 
 if __name__ == "__main__":

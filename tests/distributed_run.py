@@ -130,7 +130,8 @@ def rl_config() -> RLConfig:
         rollout_batch=8,
         lr=LR,
         trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
-        ldam=LDAMConfig(window=2, drop_epochs=1, grad_gate=False),
+        ldam=LDAMConfig(window=2, drop_epochs=1, grad_gate=False),  # per reward: one LDAM, on "bright"
+        ema=0.0,  # the saved weights are the policy's, which the tests compare
         save_every=1,
         keep_last=2,
     )

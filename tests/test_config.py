@@ -181,7 +181,7 @@ def test_overrides_reach_into_lists_by_position():
 
     rl = with_overrides(RLConfig(), ["phases.1.epochs=3", "phases.0.rewards.clip=0.5", "ldam.window=2"])
     assert rl.phases[1].epochs == 3 and rl.phases[0].rewards["clip"] == 0.5 and rl.ldam.window == 2
-    assert RLConfig().phases[1].epochs == 1000  # the input is not changed
+    assert RLConfig().phases[1].epochs == 500  # the input is not changed
     with pytest.raises(ConfigError, match=r"'phases.x.epochs'.*use 0 to 1"):
         with_overrides(RLConfig(), ["phases.x.epochs=3"])
     with pytest.raises(ConfigError, match=r"zone=.nowhere. is not valid"):

@@ -19,19 +19,21 @@ from parauni.models.lim import (
 # ------------------------------------------------------------------------------------------------ zones
 
 
-def test_zones_for_internvl3_depth():
-    assert zone_layers(28, "shallow") == list(range(0, 12))
-    assert zone_layers(28, "middle") == list(range(12, 24))
-    assert zone_layers(28, "deep") == [24, 25, 26, 27]
+def test_zones_for_internvl3_depth_are_the_papers():
+    """The paper's middle i in [12, 23] and deep i in [24, 28] count the embedding output as i = 0."""
+    assert zone_layers(28, "shallow") == list(range(0, 11))
+    assert zone_layers(28, "middle") == [i - 1 for i in range(12, 24)]
+    assert zone_layers(28, "deep") == [i - 1 for i in range(24, 29)]  # five layers
 
 
 @pytest.mark.parametrize(
     "depth, shallow, middle, deep",
     [
-        # boundaries round(12/28 * L), round(24/28 * L)
-        (8, [0, 1, 2], [3, 4, 5, 6], [7]),  # 3.43 -> 3, 6.86 -> 7
-        (12, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]),  # 5.14 -> 5, 10.29 -> 10
-        (4, [0, 1], [2], [3]),  # the tiny preset: 1.71 -> 2, 3.43 -> 3
+        # hidden-state boundaries round(12/28 * L), round(24/28 * L); decoder layer k is hidden state k + 1
+        (8, [0, 1], [2, 3, 4, 5], [6, 7]),  # 3.43 -> 3, 6.86 -> 7
+        (12, [0, 1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11]),  # 5.14 -> 5, 10.29 -> 10
+        (4, [0], [1], [2, 3]),  # the tiny preset: 1.71 -> 2, 3.43 -> 3
+        (2, [], [0], [1]),  # too shallow for three zones: the shallow one is empty
     ],
 )
 def test_zones_scale_with_depth(depth, shallow, middle, deep):
@@ -42,8 +44,8 @@ def test_zones_scale_with_depth(depth, shallow, middle, deep):
 
 
 def test_zone_bounds_are_configurable_and_zone_names_checked():
-    assert zone_layers(10, "shallow", bounds=(0.5, 0.8)) == [0, 1, 2, 3, 4]
-    assert zone_layers(10, "deep", bounds=(0.5, 0.8)) == [8, 9]
+    assert zone_layers(10, "shallow", bounds=(0.5, 0.8)) == [0, 1, 2, 3]
+    assert zone_layers(10, "deep", bounds=(0.5, 0.8)) == [7, 8, 9]
     with pytest.raises(ValueError, match="unknown zone 'top'"):
         zone_layers(28, "top")
 
@@ -54,9 +56,9 @@ def test_zone_bounds_are_configurable_and_zone_names_checked():
 def test_selection_modes_for_28_layers():
     assert select_layers(28, "all") == list(range(28))
     assert select_layers(28, "last") == [27]
-    assert select_layers(28, "drop_shallow") == list(range(12, 28))
-    assert select_layers(28, "drop_middle") == list(range(0, 12)) + [24, 25, 26, 27]
-    assert select_layers(28, "drop_deep") == list(range(0, 24))
+    assert select_layers(28, "drop_shallow") == list(range(11, 28))
+    assert select_layers(28, "drop_middle") == list(range(0, 11)) + [23, 24, 25, 26, 27]
+    assert select_layers(28, "drop_deep") == list(range(0, 23))
     assert select_layers(28, "interval") == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27]
     assert select_layers(28, "interval", interval=3) == list(range(0, 28, 3))  # ends at 27
     assert select_layers(28, "list", layer_list=[5, -1, 0]) == [0, 5, 27]
@@ -66,8 +68,8 @@ def test_selection_modes_for_28_layers():
 @pytest.mark.parametrize(
     "depth, drop_shallow, drop_middle, drop_deep, interval",
     [
-        (8, [3, 4, 5, 6, 7], [0, 1, 2, 7], [0, 1, 2, 3, 4, 5, 6], [1, 3, 5, 7]),
-        (12, list(range(5, 12)), [0, 1, 2, 3, 4, 10, 11], list(range(10)), [1, 3, 5, 7, 9, 11]),
+        (8, [2, 3, 4, 5, 6, 7], [0, 1, 6, 7], [0, 1, 2, 3, 4, 5], [1, 3, 5, 7]),
+        (12, list(range(4, 12)), [0, 1, 2, 3, 9, 10, 11], list(range(9)), [1, 3, 5, 7, 9, 11]),
     ],
 )
 def test_selection_modes_scale_with_depth(depth, drop_shallow, drop_middle, drop_deep, interval):
@@ -100,7 +102,7 @@ def test_selection_rejects_empty_results():
     with pytest.raises(ValueError, match="num_layers=0"):
         select_layers(0)
     with pytest.raises(ValueError, match="removes every layer"):
-        select_layers(1, "drop_middle")
+        select_layers(1, "drop_deep")
 
 
 # ------------------------------------------------------------------------------------------------ LIM maths

@@ -45,16 +45,17 @@ def test_output_shapes(tiny_model):
 
 def test_per_layer_conditions_follow_the_layer_selection(make_tiny):
     model = make_tiny(["lim.layers=drop_deep"]).eval()
-    assert model.lim.layers == [0, 1, 2]
+    # the tiny VLM's 4 layers: deep = 2-3 (docs/how-it-works.md, "Conventions")
+    assert model.lim.layers == [0, 1]
     batch = model.encode_prompts(PROMPTS)
     with torch.no_grad():
         states = model.query_states(batch)
         per_layer = model.per_layer_conditions(batch)
         cond = model.condition(batch)
     assert states.shape == (2, NUM_LAYERS, Q, WIDTH)  # the VLM always returns all layers
-    assert per_layer.shape == (2, 3, Q, C)
+    assert per_layer.shape == (2, 2, Q, C)
     torch.testing.assert_close(cond, per_layer.mean(1))
-    torch.testing.assert_close(per_layer, model.lim.per_layer(states[:, :3]))
+    torch.testing.assert_close(per_layer, model.lim.per_layer(states[:, :2]))
 
 
 def test_generate_shapes_and_range(tiny_model):

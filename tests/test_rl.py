@@ -164,6 +164,7 @@ def _rl_config(**kw) -> RLConfig:
         rollout_batch=4,
         trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
         save_every=0,
+        ema=0.0,  # the saved model is the policy itself (the EMA has its own tests)
     )
     base.update(kw)
     return RLConfig(**base)

@@ -129,7 +129,10 @@ class LIMConfig:
     interval: int = field(default=2, metadata={"help": "stride for layers=interval"})
     zone_bounds: list[float] = field(
         default_factory=lambda: [12 / 28, 24 / 28],
-        metadata={"help": "shallow|middle and middle|deep boundaries as fractions of the depth"},
+        metadata={
+            "help": "shallow|middle and middle|deep boundaries as fractions of the depth, on the paper's hidden-state "
+            "index (0 = embeddings; decoder layer k is k + 1): 23-27 is InternVL3-2B's deep zone"
+        },
     )
 
     def __post_init__(self) -> None:

@@ -26,15 +26,21 @@ ZONES = ("shallow", "middle", "deep")
 def zone_layers(
     num_layers: int, zone: str, bounds: tuple[float, float] | list[float] = (12 / 28, 24 / 28)
 ) -> list[int]:
-    """0-based layer indices of a depth zone.
+    """0-based decoder layer indices of a depth zone, numbered as the paper numbers its zones.
 
-    For 28 layers and the default bounds: shallow = 0-11, middle = 12-23, deep = 24-27; other depths scale
-    the boundaries by ``num_layers / 28``.
+    The paper writes the LIM over ``i in [0, L]``, the L + 1 hidden states (0 the embedding output, i >= 1 the
+    output of decoder layer i), and its zones of InternVL3-2B's 28 layers as ``i in [12, 23]`` (middle,
+    Aesthetic / PickScore) and ``i in [24, 28]`` (deep, CLIP): five deep indices, which fit 28 layers only in
+    this numbering. Decoder layer k (0-based, as everywhere here) is hidden state ``k + 1``; a hidden state i
+    is deep when ``i >= round(bounds[1] L)``, middle when ``round(bounds[0] L) <= i`` below that, else
+    shallow. For 28 layers: shallow = 0-10, middle = 11-22, deep = 23-27 (the paper's 1-11, 12-23, 24-28);
+    other depths scale the boundaries by ``num_layers / 28``. The deep zone always holds the last layer; the
+    shallow one is empty when ``round(bounds[0] L) <= 1``.
     """
     if zone not in ZONES:
         raise ConfigError(f"unknown zone {zone!r}; choose one of {list(ZONES)}")
-    lo = round(bounds[0] * num_layers)
-    hi = round(bounds[1] * num_layers)
+    lo = max(round(bounds[0] * num_layers) - 1, 0)
+    hi = max(round(bounds[1] * num_layers) - 1, lo)
     start, stop = {"shallow": (0, lo), "middle": (lo, hi), "deep": (hi, num_layers)}[zone]
     return list(range(start, stop))
 

@@ -20,7 +20,13 @@ class PhaseConfig:
         default_factory=lambda: {"clip": 1.0}, metadata={"help": "reward name -> weight"}
     )
     epochs: int = field(default=100, metadata={"help": "RL epochs (rollout + update) of this phase"})
-    zone: str = field(default="deep", metadata={"help": f"LDAM's zone, one of {ZONE_CHOICES}"})
+    zone: str = field(
+        default="deep",
+        metadata={
+            "help": f"LDAM's zone, one of {ZONE_CHOICES}: the phase LDAM's (rl.ldam.monitor=phase), and that of "
+            "a reward not in rl.ldam.reward_zones"
+        },
+    )
     beta: float = field(default=0.02, metadata={"help": "KL weight against the reference policy"})
 
     def __post_init__(self) -> None:
@@ -34,10 +40,15 @@ class PhaseConfig:
 
 
 def paper_phases() -> list[PhaseConfig]:
-    """The paper's curriculum: Aesthetic and PickScore on the middle zone, then CLIP score on the deep zone."""
+    """The paper's curriculum: Aesthetic and PickScore on the middle zone, then CLIP score on the deep zone.
+
+    500 + 500 epochs of 2 optimizer steps (``rl.updates_per_epoch``, Flow-GRPO's) are the paper's 2,000 Stage III
+    steps (supplementary table 1). The betas are Flow-GRPO's configs' for the rewards: PickScore 0.01
+    (``pickscore_sd3``), CLIP score 0.02 (``clipscore_sd3``).
+    """
     return [
-        PhaseConfig("aesthetic+pickscore", {"aesthetic": 1.0, "pickscore": 1.0}, 1000, "middle", 0.01),
-        PhaseConfig("clip", {"clip": 1.0}, 1000, "deep", 0.02),
+        PhaseConfig("aesthetic+pickscore", {"aesthetic": 1.0, "pickscore": 1.0}, 500, "middle", 0.01),
+        PhaseConfig("clip", {"clip": 1.0}, 500, "deep", 0.02),
     ]
 
 
@@ -65,6 +76,14 @@ class RLConfig:
         },
     )
     eta: float = field(default=0.7, metadata={"help": "SDE noise level"})
+    same_latent: bool = field(
+        default=False,
+        metadata={
+            "help": "start every image of a prompt's group from the same initial noise (Flow-GRPO's "
+            "sample.same_latent, off in its GenEval and PickScore configs): the group then differs only by the "
+            "SDE noise its log-probabilities score"
+        },
+    )
     cfg: float = field(default=4.5, metadata={"help": "CFG scale of rollout and update"})
     shift: float = field(default=3.0, metadata={"help": "flow shift of the sigmas"})
     height: int | None = field(
@@ -111,8 +130,13 @@ class RLConfig:
     )
     weight_decay: float = field(
         default=0.05,
+        metadata={"help": "AdamW weight decay (the paper's 0.05; Flow-GRPO's code: 1e-4)"},
+    )
+    decay_1d: bool = field(
+        default=True,
         metadata={
-            "help": "AdamW weight decay, none on 1-D params (the paper's 0.05; Flow-GRPO's code: 1e-4)"
+            "help": "weight decay on 1-D tensors (norms, biases) too, as the paper's AdamW and Flow-GRPO's code "
+            "(neither excludes them); false: matrices only, as Stages I-II (a LoRA has no 1-D tensors)"
         },
     )
     betas: list[float] = field(
@@ -120,7 +144,17 @@ class RLConfig:
         metadata={"help": "AdamW betas (the paper's 0.9, 0.95; Flow-GRPO's code: 0.9, 0.999)"},
     )
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    ema: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights (0 = off); saved"})
+    ema: float = field(
+        default=0.9,
+        metadata={
+            "help": "EMA decay of the trained weights (0 = off), saved and written as the final model: Flow-GRPO's "
+            "0.9, ramped as min(ema, (1 + s) / (10 + s)) over optimizer steps s"
+        },
+    )
+    ema_every: int = field(
+        default=8,
+        metadata={"help": "update the EMA every N optimizer steps (Flow-GRPO's 8: about the last 160 steps)"},
+    )
     trainable: TrainableConfig = field(
         default_factory=lambda: TrainableConfig(
             queries=False, lim=False, dit=False, dit_lora_rank=32, dit_lora_alpha=64.0
@@ -162,6 +196,7 @@ class RLConfig:
             "steps",
             "inner_epochs",
             "updates_per_epoch",
+            "ema_every",
             "micro_batch",
             "rollout_batch",
         ):
@@ -179,6 +214,8 @@ class RLConfig:
             raise ConfigError("rl.phases is empty; give at least one reward phase")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"rl.ema={self.ema} must be in [0, 1)")
+        for reward, zone in self.ldam.reward_zones.items():
+            check_choice(f"rl.ldam.reward_zones.{reward}", zone, ZONE_CHOICES)
         t = self.trainable
         if not (t.queries or t.lim or t.dit or t.dit_lora_rank > 0):
             raise ConfigError("rl.trainable trains nothing; enable dit, dit_lora_rank, lim or queries")

@@ -63,7 +63,7 @@ from ..training.distributed import (
 from ..training.trainer import MAX_BAD_STEPS, enable_activation_checkpointing, warmup_cosine
 from ..utils.run_files import CHECKPOINT_DIR, RL_LOG
 from .config import PhaseConfig, RLConfig
-from .ldam import LDAM
+from .ldam import LDAM, Perturbation
 from .objective import PolicyStep, group_advantages, grpo_loss, prompt_groups, swapped, update_samples
 from .prompts import Prompts
 from .rollout import ConditionCache, Rollout, derived_seed, prompt_conditions, rollout
@@ -75,7 +75,8 @@ RewardFn = Callable[[torch.Tensor, list[str], list[dict | None]], dict[str, list
 # --------------------------------------------------------------------------------------------- the loop
 @dataclass
 class RLResult:
-    """What a finished Stage III reports; ``ldam`` holds each phase's final LDAM state."""
+    """What a finished Stage III reports; ``ldam`` holds each phase's final LDAM states ({signal: state}; the
+    signal is 'phase' or a reward name, see ``rl.ldam.monitor``)."""
 
     epochs: int
     model_dir: Path
@@ -93,6 +94,41 @@ def _zone_positions(model: ParaUni, zone: str) -> list[int]:
         return list(range(len(selected)))
     wanted = set(zone_layers(model.vlm.num_layers, zone, model.config.lim.zone_bounds))
     return [i for i, layer in enumerate(selected) if layer in wanted]
+
+
+PHASE_SIGNAL = "phase"
+
+
+def _phase_ldams(model: ParaUni, config: RLConfig, phase: PhaseConfig) -> dict[str, LDAM]:
+    """The LDAMs of one phase by the signal each watches: ``{"phase": LDAM}`` on the phase's weighted reward
+    and zone (``rl.ldam.monitor=phase``), or one per optimised reward on its own zone (``monitor=reward``)."""
+    c, n = config.ldam, len(model.lim.layers)
+    if c.monitor == "phase":
+        return {PHASE_SIGNAL: LDAM(c, _zone_positions(model, phase.zone), n, phase.zone)}
+    out = {}
+    for reward in sorted(phase.rewards):
+        zone = c.reward_zones.get(reward, phase.zone)
+        out[reward] = LDAM(c, _zone_positions(model, zone), n, zone)
+    return out
+
+
+def _ldam_log(states: dict[str, dict]) -> dict:
+    """One epoch's LDAM log entries from each monitor's state: one monitor's as they are; for several, the
+    trigger, zone(s), trigger count, perturbation and largest gamma over all of them, then each one's own
+    state under its reward's name (``aesthetic_triggered``, ...)."""
+    if len(states) == 1:
+        return next(iter(states.values()))
+    fired = [s for s in states.values() if s["triggered"]]
+    out = {
+        "triggered": bool(fired),
+        "zone": ",".join(s["zone"] for s in fired),
+        "triggers": sum(s["triggers"] for s in states.values()),
+        "perturb_next": any(s["perturb_next"] for s in states.values()),
+        "gamma": max(s["gamma"] for s in states.values()),
+    }
+    for signal, state in states.items():
+        out.update({f"{signal}_{k}": v for k, v in state.items()})
+    return out
 
 
 def _phase_at(config: RLConfig, epoch: int) -> tuple[int, PhaseConfig]:
@@ -170,19 +206,21 @@ def train_rl(
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     reference = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(
-        model.param_groups(config.weight_decay), lr=config.lr, betas=tuple(config.betas)
+    groups = (
+        [{"params": params, "weight_decay": config.weight_decay}]
+        if config.decay_1d
+        else model.param_groups(config.weight_decay)
     )
-    ldams = [
-        LDAM(config.ldam, _zone_positions(model, phase.zone), len(model.lim.layers), phase.zone)
-        for phase in config.phases
-    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    ldams = [_phase_ldams(model, config, phase) for phase in config.phases]
     start, history, bad_in_a_row = 0, [], 0
     ckpt = resume_checkpoint(out, "epoch", acc) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, named, rank, "was rl.trainable changed?")
-        for ldam, s in zip(ldams, state["ldam"], strict=True):
-            ldam.load_state_dict(s)
+        for monitors, saved in zip(ldams, state["ldam"], strict=True):
+            saved = {PHASE_SIGNAL: saved} if "rewards" in saved else saved  # written before per-reward LDAM
+            for signal, ldam in monitors.items():
+                ldam.load_state_dict(saved[signal])
         start, history = state["epoch"] + 1, state["history"]
         bad_in_a_row = state.get("bad_in_a_row", 0)
         acc.print(f"resuming RL from {ckpt} at epoch {start}")
@@ -207,14 +245,15 @@ def train_rl(
     )
     for epoch in range(start, config.total_epochs):
         phase_index, phase = _phase_at(config, epoch)
-        ldam = ldams[phase_index]
-        policy.zone = ldam.zone
+        monitors = ldams[phase_index]
+        perturbation = Perturbation(list(monitors.values()))
+        policy.zone = perturbation.zone
         te = time.time()
         # ---- rollout on this process's share of the epoch's samples
         items = prompts.epoch(config.seed, epoch, config.prompts_per_epoch)
         indices = list(range(rank * n_local, (rank + 1) * n_local))
         groups = [i // config.group_size for i in indices]
-        perturbed = ldam.active
+        perturbed = perturbation.active
         with acc.autocast():  # the same precision as the update's forward, so on-policy ratios stay 1
             cache = None
             if ConditionCache.usable(model, config):
@@ -232,7 +271,7 @@ def train_rl(
                 indices,
                 config,
                 epoch,
-                ldam if perturbed else None,
+                perturbation if perturbed else None,
                 False,
                 cache,
             )
@@ -281,8 +320,18 @@ def train_rl(
         # ---- LDAM and the epoch log (identical on every process: inputs are gathered / all-reduced)
         reward_mean = float(total.mean())
         grad_norm = float(np.mean(grad_norms)) if grad_norms else float("nan")
-        ldam_state = ldam.update(reward_mean, grad_norm)
-        _check_same_everywhere(acc, f"LDAM state of phase {phase.name!r} at epoch {epoch}", ldam.state_dict())
+        states = {
+            signal: ldam.update(
+                reward_mean if signal == PHASE_SIGNAL else float(gathered[signal].mean()), grad_norm
+            )
+            for signal, ldam in monitors.items()
+        }
+        ldam_state = _ldam_log(states)
+        _check_same_everywhere(
+            acc,
+            f"LDAM state of phase {phase.name!r} at epoch {epoch}",
+            {k: x.state_dict() for k, x in monitors.items()},
+        )
         row = {
             "epoch": epoch,
             "phase": phase.name,
@@ -290,23 +339,26 @@ def train_rl(
             **{f"reward_{n}": float(v.mean()) for n, v in gathered.items()},
             **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in gathered.items()},
             "grad_norm": grad_norm,
+            "samples": n_total,
             "skipped_updates": sum(skips),
             "update_samples": len(keep) * num_processes,
             "lr": _lr(config, epoch, config.inner_epochs - 1, config.updates_per_epoch - 1),
             "cached_conditions": cache is not None,
             **stats,
             "ldam_perturbed": perturbed,
-            "ldam_gamma_used": ro.gamma,
+            "ldam_gamma_used": perturbation.gamma_max if perturbed else 0.0,
             **{f"ldam_{k}": v for k, v in ldam_state.items()},
             "seconds": time.time() - te,
         }
         history.append(row)
-        if ldam_state["triggered"] and acc.is_main_process:
-            log(
-                f"RL epoch {epoch}: LDAM trigger {ldam.triggers} of phase {phase.name!r}: zone {phase.zone} "
-                f"(LIM layers {ldam.zone}), gamma {ldam.gamma:.4g}; the next {config.ldam.perturb_epochs} "
-                "rollout(s) perturbed"
-            )
+        for signal, ldam in monitors.items():
+            if states[signal]["triggered"] and acc.is_main_process:
+                watched = "the phase reward" if signal == PHASE_SIGNAL else f"reward {signal!r}"
+                log(
+                    f"RL epoch {epoch}: LDAM trigger {ldam.triggers} on {watched} of phase {phase.name!r}: zone "
+                    f"{ldam.zone_name} (LIM layers {ldam.zone}), gamma {ldam.gamma:.4g}; the next "
+                    f"{config.ldam.perturb_epochs} rollout(s) perturbed"
+                )
         if acc.is_main_process:
             with (out / RL_LOG).open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -322,7 +374,7 @@ def train_rl(
             state = {
                 "epoch": epoch,
                 "history": history,
-                "ldam": [x.state_dict() for x in ldams],
+                "ldam": [{k: x.state_dict() for k, x in m.items()} for m in ldams],
                 "bad_in_a_row": bad_in_a_row,
                 "num_processes": num_processes,
             }
@@ -330,8 +382,25 @@ def train_rl(
     bar.close()
     save_model(acc, model, out, values=ema)
     log(f"RL: {config.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
-    ldam_states = [x.state_dict() for x in ldams]
+    ldam_states = [{k: x.state_dict() for k, x in m.items()} for m in ldams]
     return RLResult(config.total_epochs, out, out / RL_LOG, time.time() - t0, history, config, ldam_states)
+
+
+def _step_index(config: RLConfig, epoch: int, inner: int, update: int) -> int:
+    """The run-wide index of one optimizer step (the same after a resume)."""
+    per_epoch = config.inner_epochs * config.updates_per_epoch
+    return epoch * per_epoch + inner * config.updates_per_epoch + update
+
+
+def ema_decay(config: RLConfig, step: int) -> float | None:
+    """The EMA decay applied after optimizer step ``step`` (0-based), or None when the EMA skips it.
+
+    As Flow-GRPO's EMA: every ``rl.ema_every``-th step, with the decay ramped as ``min(rl.ema, (1 + s) / (10 +
+    s))`` so that the first updates follow the policy closely.
+    """
+    if config.ema == 0 or (step + 1) % config.ema_every:
+        return None
+    return min(config.ema, (1 + step) / (10 + step))
 
 
 def _lr(config: RLConfig, epoch: int, inner: int, update: int) -> float:
@@ -339,8 +408,9 @@ def _lr(config: RLConfig, epoch: int, inner: int, update: int) -> float:
     if config.lr_schedule == "constant":
         return config.lr
     per_epoch = config.inner_epochs * config.updates_per_epoch
-    step = epoch * per_epoch + inner * config.updates_per_epoch + update
-    return warmup_cosine(step, config.lr, 0, config.total_epochs * per_epoch)
+    return warmup_cosine(
+        _step_index(config, epoch, inner, update), config.lr, 0, config.total_epochs * per_epoch
+    )
 
 
 def _update(
@@ -434,9 +504,11 @@ def _update(
             skips.append(not finite)
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                with torch.no_grad():
-                    for e, p in zip(ema.values(), params, strict=True):
-                        e.mul_(config.ema).add_(p.detach(), alpha=1 - config.ema)
+                decay = ema_decay(config, _step_index(config, epoch, inner, update))
+                if decay is not None:
+                    with torch.no_grad():
+                        for e, p in zip(ema.values(), params, strict=True):
+                            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
     model.eval()
     local = torch.tensor([totals[k] / max(1, count) for k in sorted(totals)], device=acc.device)
     means = acc.gather(local[None]).mean(dim=0).tolist() if totals else []

@@ -17,6 +17,10 @@ per-layer LIM outputs of the layer zone tied to the reward, ``c_i <- c_i * (1 + 
   (gamma0 = 0.1);
 * after a trigger the perturbation is applied to the next ``perturb_epochs`` rollouts, and the ``cooldown``
   rounds after the trigger round (default W) cannot trigger: exactly that many.
+* what is watched (``monitor``): "reward", the paper's "monitors training signals for each reward": one LDAM per
+  optimised reward of the phase, fed that reward's epoch mean, perturbing that reward's zone (``reward_zones``;
+  several active at once perturb the union of their zones, :class:`Perturbation`); or "phase", one LDAM fed
+  the phase's weighted reward, perturbing the phase's zone.
 
 The perturbation noise of every rollout sample is drawn here and stored with the trajectory, so that its
 log-probability is recomputed with exactly the same condition (ratio 1 on-policy).
@@ -36,6 +40,9 @@ import torch
 from ..config import ConfigError
 
 GATE_LOGIC = ("all", "any")
+MONITORS = ("phase", "reward")
+# the zone each reward's own LDAM perturbs under ldam.monitor=reward (the paper, section 3.3 / Fig. 5)
+PAPER_REWARD_ZONES = {"aesthetic": "middle", "pickscore": "middle", "clip": "deep", "geneval": "deep"}
 
 
 @dataclass
@@ -65,7 +72,25 @@ class LDAMConfig:
         },
     )
 
+    monitor: str = field(
+        default="reward",
+        metadata={
+            "help": "what LDAM watches: 'reward' (one LDAM per optimised reward, each with its own gates on its "
+            "own epoch mean, perturbing its own zone from reward_zones: the paper's 'monitors training signals "
+            "for each reward') or 'phase' (one LDAM on the phase's weighted reward, perturbing the phase's zone)"
+        },
+    )
+    reward_zones: dict[str, str] = field(
+        default_factory=lambda: dict(PAPER_REWARD_ZONES),
+        metadata={
+            "help": "reward name -> the zone its LDAM perturbs under monitor=reward (a reward not listed uses "
+            "its phase's zone)"
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"ldam.monitor={self.monitor!r}; choose one of {list(MONITORS)}")
         for name in ("window", "drop_epochs", "perturb_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ldam.{name}={getattr(self, name)} must be >= 1")
@@ -232,10 +257,55 @@ class LDAM:
         """
         if not self.active:
             return None
-        b, _, q, ch = per_layer_shape
-        if len(generators) != b:
-            raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {b}")
-        return torch.stack([torch.randn(len(self.zone), q, ch, generator=g) for g in generators])
+        return zone_noise(len(self.zone), per_layer_shape, generators)
+
+
+def zone_noise(
+    zone_size: int, per_layer_shape: tuple[int, ...], generators: list[torch.Generator]
+) -> torch.Tensor:
+    """(B, zone_size, Q, C) standard normal noise, sample b drawn from ``generators[b]``.
+
+    per_layer_shape: (B, L_sel, Q, C), the shape of the per-layer conditions.
+    """
+    b, _, q, ch = per_layer_shape
+    if len(generators) != b:
+        raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {b}")
+    return torch.stack([torch.randn(zone_size, q, ch, generator=g) for g in generators])
+
+
+class Perturbation:
+    """The perturbation of one rollout by every LDAM that is active (the LDAM interface the rollout reads:
+    ``active``, ``zone``, ``gamma``, ``noise``).
+
+    With one active LDAM it is that LDAM's (the same zone, gamma and noise draws). With several (per-reward
+    monitoring, e.g. aesthetic and PickScore both in the middle zone), the zone is the union of theirs and a
+    layer perturbed by several gets ``gamma = sqrt(sum of their gamma^2)``: the standard deviation of
+    ``(1 + g1 e1)(1 + g2 e2) - 1`` to first order. ``gamma`` is then a (len(zone),) tensor.
+    """
+
+    def __init__(self, ldams: list[LDAM]) -> None:
+        active = [x for x in ldams if x.active]
+        self.active = bool(active)
+        self.zone: list[int] = sorted({i for x in active for i in x.zone})
+        self.gamma: float | torch.Tensor = 0.0
+        if len(active) == 1:
+            self.gamma = active[0].gamma
+        elif active:
+            var = [sum(x.gamma**2 for x in active if i in x.zone) for i in self.zone]
+            self.gamma = torch.tensor(var, dtype=torch.float32).sqrt()
+
+    @property
+    def gamma_max(self) -> float:
+        """The largest gamma of the zone (for logs)."""
+        return float(torch.as_tensor(self.gamma).max()) if self.active else 0.0
+
+    def noise(
+        self, per_layer_shape: tuple[int, ...], generators: list[torch.Generator]
+    ) -> torch.Tensor | None:
+        """eps for the zone of each sample, (B, len(zone), Q, C); None if no LDAM is active."""
+        if not self.active:
+            return None
+        return zone_noise(len(self.zone), per_layer_shape, generators)
 
 
 def replay(config: LDAMConfig, rewards: list[float], grad_norms: list[float]) -> list[dict]:
@@ -246,15 +316,17 @@ def replay(config: LDAMConfig, rewards: list[float], grad_norms: list[float]) ->
 
 
 def perturbation_scale(
-    eps: torch.Tensor | None, gamma: float, zone: list[int], num_layers: int
+    eps: torch.Tensor | None, gamma: float | torch.Tensor, zone: list[int], num_layers: int
 ) -> torch.Tensor | None:
     """The multiplicative factor on the per-layer conditions: ``1 + gamma * eps`` on the zone, 1 elsewhere.
 
-    eps: (B, len(zone), Q, C) or None. Returns (B, num_layers, Q, C) or None.
+    eps: (B, len(zone), Q, C) or None; gamma: a float or a (len(zone),) tensor (one per layer of the zone).
+    Returns (B, num_layers, Q, C) or None.
     """
     if eps is None:
         return None
     b, _, q, ch = eps.shape
     scale = torch.ones(b, num_layers, q, ch, dtype=eps.dtype, device=eps.device)
-    scale[:, zone] = 1 + gamma * eps
+    g = torch.as_tensor(gamma, dtype=eps.dtype, device=eps.device).reshape(-1, 1, 1)
+    scale[:, zone] = 1 + g * eps
     return scale

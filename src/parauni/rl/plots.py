@@ -52,8 +52,18 @@ def reward_names(rows: list[dict]) -> list[str]:
     return sorted(names)
 
 
+def standard_errors(rows: list[dict], name: str) -> list[float] | None:
+    """The standard error of reward ``name``'s epoch mean in each row that logs it, ``std / sqrt(samples)``
+    (``reward_<name>_std`` and ``samples``); None when the log lacks them (written before they were logged)."""
+    keyed = [r for r in rows if f"reward_{name}" in r]
+    if not all(f"reward_{name}_std" in r and r.get("samples") for r in keyed):
+        return None
+    return [r[f"reward_{name}_std"] / r["samples"] ** 0.5 for r in keyed]
+
+
 def plot_reward_curves(runs: dict[str, list[dict]], out: str | Path, rate: float = 0.1) -> Path:
-    """One panel per reward: every run's raw curve (thin) and EMA (thick); triangles labelled with the
+    """One panel per reward: every run's raw curve (thin) with a band of +-1 standard error of each epoch mean
+    (where the log has the per-epoch std and sample count) and its EMA (thick); triangles labelled with the
     perturbed zone mark LDAM triggers (rows whose ``ldam_triggered`` is set, after that epoch's update) and
     dotted lines the starts of curriculum phases. ``runs``: label -> log rows (e.g. LDAM on / off)."""
     plt = pyplot()
@@ -69,6 +79,10 @@ def plot_reward_curves(runs: dict[str, list[dict]], out: str | Path, rate: float
                 continue
             x, y = zip(*pts, strict=True)
             color = f"C{i}"
+            se = standard_errors(rows, name)
+            if se is not None:  # +-1 standard error of each epoch mean
+                ax.fill_between(x, [a - e for a, e in zip(y, se, strict=True)],
+                                [a + e for a, e in zip(y, se, strict=True)], color=color, alpha=0.15, lw=0)  # fmt: skip
             ax.plot(x, y, color=color, alpha=0.3, lw=1)
             ax.plot(x, ema(list(y), rate), color=color, lw=2, label=f"{label} (EMA {rate})")
             trig = [

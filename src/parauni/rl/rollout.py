@@ -16,7 +16,7 @@ from ..models.parauni import ParaUni
 from ..models.vlm import PromptBatch
 from ..pipeline import initial_noise
 from .config import RLConfig
-from .ldam import LDAM, perturbation_scale
+from .ldam import LDAM, Perturbation, perturbation_scale
 
 
 def derived_seed(*parts: int) -> int:
@@ -114,16 +114,23 @@ class Rollout:
     log_probs: torch.Tensor  # (n, T)
     sigmas: torch.Tensor  # (T + 1,)
     ldam_eps: torch.Tensor | None  # (n, |zone|, Q, C) or None
-    gamma: float
+    gamma: float | torch.Tensor  # LDAM's scale: a float or one per layer of the zone, (|zone|,)
     images: torch.Tensor  # (n, 3, H, W) in [-1, 1], CPU
     advantages: torch.Tensor | None = None  # (n,)
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def policy_condition(
-    model: ParaUni, src: PromptConditions, eps: torch.Tensor | None, gamma: float, zone: list[int]
+    model: ParaUni,
+    src: PromptConditions,
+    eps: torch.Tensor | None,
+    gamma: float | torch.Tensor,
+    zone: list[int],
 ) -> torch.Tensor:
-    """(B, Q, C): the LIM's condition, the zone's per-layer outputs scaled by ``1 + gamma * eps`` (LDAM)."""
+    """(B, Q, C): the LIM's condition, the zone's per-layer outputs scaled by ``1 + gamma * eps`` (LDAM).
+
+    eps: (B, |zone|, Q, C) or None; gamma: a float or (|zone|,) (see :class:`parauni.rl.ldam.Perturbation`).
+    """
     per_layer = src.per_layer_conditions(model)
     if eps is None:
         return model.lim.aggregate(per_layer)
@@ -155,11 +162,13 @@ def rollout(
     indices: list[int],
     config: RLConfig,
     epoch: int,
-    ldam: LDAM | None,
+    ldam: LDAM | Perturbation | None,
     progress: bool = False,
     cache: ConditionCache | None = None,
 ) -> Rollout:
     """Sample the given global sample ``indices`` (their prompts ``items``) with the SDE sampler + CFG.
+
+    ``ldam``: the perturbation of this rollout (an active LDAM, or a :class:`Perturbation` of several), or None.
 
     ``cache``: the epoch's conditions (:class:`ConditionCache`); without it the VLM runs on every batch.
     """
@@ -170,7 +179,8 @@ def rollout(
     sigmas = rollout_sigmas(config, device=model.device)
     uncond_one = cache.uncond if cache is not None else model.condition(model.encode_prompts([None]))
     lat, logp, eps_all, images = [], [], [], []
-    gamma = ldam.gamma if ldam is not None and ldam.active else 0.0
+    perturbed = ldam is not None and ldam.active
+    gamma = ldam.gamma if perturbed else 0.0
     for start in tqdm(
         range(0, len(items), config.rollout_batch), desc="rollout", leave=False, disable=not progress
     ):
@@ -178,7 +188,7 @@ def rollout(
         idx = indices[start : start + len(chunk)]
         src = prompt_conditions(model, [p for p, _ in chunk], cache)
         eps = None
-        if gamma > 0:
+        if perturbed:
             per_shape = (
                 len(chunk),
                 len(model.lim.layers),
@@ -187,7 +197,14 @@ def rollout(
             )
             eps = ldam.noise(per_shape, seeded_generators(config.seed, epoch, 2, indices=idx))
         cond = policy_condition(model, src, eps, gamma, ldam.zone if ldam is not None else [])
-        x = initial_noise(shape, [derived_seed(config.seed, epoch, 0, i) for i in idx], model.device)
+        # the initial noise: one per sample, or one per prompt draw with rl.same_latent (seed part 5 keeps the
+        # per-sample streams of the default unchanged)
+        keys = (
+            [(5, g) for g in groups[start : start + len(chunk)]]
+            if config.same_latent
+            else [(0, i) for i in idx]
+        )
+        x = initial_noise(shape, [derived_seed(config.seed, epoch, *k) for k in keys], model.device)
         step = SDEStep(config.eta, float(sigmas[1]), seeded_generators(config.seed, epoch, 1, indices=idx))
         uncond = uncond_one.expand_as(cond)
         final, outs = denoise(

@@ -65,6 +65,7 @@ def world_rl_defaults() -> RLConfig:
         rollout_batch=64,
         trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=8, dit_lora_alpha=8),
         ldam=LDAMConfig(window=3, drop_epochs=1, grad_sigmas=0.0),
+        ema=0.0,  # runs of a few dozen steps: Flow-GRPO's EMA (0.9 every 8 steps) would keep the Stage-II model
         save_every=5,
         keep_last=1,
     )

@@ -1,0 +1,233 @@
+"""Stage III's options of issues 26 and 29: the EMA's schedule, per-reward LDAM monitoring and its combined
+perturbation, and the short RL runs that use them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from parauni.config import ConfigError, TrainableConfig
+from parauni.rl.config import PhaseConfig, RLConfig
+from parauni.rl.grpo import _phase_ldams, _zone_positions, ema_decay, train_rl
+from parauni.rl.ldam import LDAM, PAPER_REWARD_ZONES, LDAMConfig, Perturbation, perturbation_scale
+from parauni.rl.prompts import PromptSource
+from parauni.utils.run_files import RL_LOG
+
+
+def _cfg(**kw) -> RLConfig:
+    base = dict(
+        phases=[PhaseConfig("p", {"bright": 1.0, "dark": 0.5}, 2, "deep", 0.02)],
+        prompts_per_epoch=2,
+        group_size=2,
+        steps=3,
+        cfg=2.0,
+        height=32,
+        width=32,
+        micro_batch=4,
+        rollout_batch=4,
+        trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
+        save_every=0,
+    )
+    base.update(kw)
+    return RLConfig(**base)
+
+
+def _bright(images, prompts, metadata):
+    return {"bright": images.mean(dim=(1, 2, 3)).tolist(), "dark": (-images.mean(dim=(1, 2, 3))).tolist()}
+
+
+# ------------------------------------------------------------------------------------------- EMA
+def test_ema_defaults_are_flow_grpos():
+    c = RLConfig()
+    assert (c.ema, c.ema_every) == (0.9, 8)
+
+
+def test_ema_decay_every_nth_step_ramped_as_flow_grpo():
+    c = _cfg(ema=0.9, ema_every=8)
+    assert [ema_decay(c, s) for s in range(7)] == [None] * 7
+    assert ema_decay(c, 7) == pytest.approx(8 / 17)
+    assert ema_decay(c, 799) == pytest.approx(0.9)
+    assert all(ema_decay(_cfg(ema=0.0), s) is None for s in range(20))
+    every = _cfg(ema=0.5, ema_every=1)
+    assert ema_decay(every, 0) == pytest.approx(0.1) and ema_decay(every, 100) == 0.5
+    with pytest.raises(ConfigError, match="ema_every"):
+        _cfg(ema_every=0)
+
+
+def test_the_saved_model_is_the_ema(make_tiny, tmp_path):
+    """ema_every=1, decay ramped from 0.1: the saved weights lie between the initial and the trained policy."""
+    model = make_tiny()
+    cfg = _cfg(ema=0.5, ema_every=1, lr=1e-2, ldam=LDAMConfig(enabled=False))
+    model.set_trainable(cfg.trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    policy = {}
+
+    import parauni.rl.grpo as grpo
+
+    save = grpo.save_model
+
+    def keep_policy(acc, m, folder, values=None):
+        policy.update({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+        return save(acc, m, folder, values)
+
+    grpo.save_model = keep_policy
+    try:
+        train_rl(model, _bright, ["bright", "dark"], PromptSource([("a red circle", None)] * 2), cfg,
+                 tmp_path / "rl", progress=False, log=lambda *a: None)  # fmt: skip
+    finally:
+        grpo.save_model = save
+    saved = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    moved = [n for n in saved if not torch.equal(policy[n], before[n])]
+    assert moved
+    assert any(not torch.equal(saved[n], policy[n]) for n in moved)  # the EMA, not the policy
+
+
+# ------------------------------------------------------------------------------------------- LDAM monitors
+def test_ldam_monitor_and_reward_zones_are_checked():
+    assert LDAMConfig().monitor == "reward" and LDAMConfig().reward_zones == PAPER_REWARD_ZONES
+    with pytest.raises(ConfigError, match="monitor"):
+        LDAMConfig(monitor="both")
+    with pytest.raises(ConfigError, match="reward_zones"):
+        _cfg(ldam=LDAMConfig(reward_zones={"clip": "deepest"}))
+
+
+def test_per_reward_ldams_watch_their_own_zone(make_tiny):
+    model = make_tiny()
+    phase = PhaseConfig("p", {"aesthetic": 1.0, "clip": 1.0, "custom": 1.0}, 2, "shallow", 0.0)
+    per_reward = _phase_ldams(model, _cfg(phases=[phase]), phase)
+    assert list(per_reward) == ["aesthetic", "clip", "custom"]
+    assert per_reward["aesthetic"].zone == _zone_positions(model, "middle")
+    assert per_reward["clip"].zone == _zone_positions(model, "deep")
+    assert per_reward["custom"].zone_name == "shallow"  # not in reward_zones: its phase's zone
+    combined = _phase_ldams(model, _cfg(phases=[phase], ldam=LDAMConfig(monitor="phase")), phase)
+    assert list(combined) == ["phase"] and combined["phase"].zone == _zone_positions(model, "shallow")
+
+
+def _active(zone: list[int], gamma: float) -> LDAM:
+    ldam = LDAM(LDAMConfig(), zone, 6)
+    ldam.gamma, ldam.active_left = gamma, 1
+    return ldam
+
+
+def test_perturbation_of_one_ldam_is_that_ldams():
+    one = _active([3, 4], 0.3)
+    p = Perturbation([one, LDAM(LDAMConfig(), [0, 1], 6)])
+    assert p.active and p.zone == [3, 4] and p.gamma == 0.3
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    gens2 = [torch.Generator().manual_seed(i) for i in range(2)]
+    torch.testing.assert_close(p.noise((2, 6, 3, 4), gens), one.noise((2, 6, 3, 4), gens2))
+    assert not Perturbation([LDAM(LDAMConfig(), [0], 6)]).active
+
+
+def test_perturbation_of_overlapping_ldams_adds_their_variances():
+    p = Perturbation([_active([2, 3], 0.3), _active([3, 4], 0.4)])
+    assert p.zone == [2, 3, 4]
+    torch.testing.assert_close(p.gamma, torch.tensor([0.3, 0.5, 0.4]))
+    assert p.gamma_max == pytest.approx(0.5)
+    eps = torch.randn(2, 3, 5, 7)
+    scale = perturbation_scale(eps, p.gamma, p.zone, 6)
+    torch.testing.assert_close(scale[:, 3], 1 + 0.5 * eps[:, 1])
+    assert torch.all(scale[:, [0, 1, 5]] == 1)
+
+
+@pytest.mark.parametrize("monitor", ["reward", "phase"])
+def test_short_run_logs_each_monitor_and_resumes(make_tiny, tmp_path, monitor):
+    ldam = LDAMConfig(window=2, drop_epochs=1, grad_gate=False, monitor=monitor,
+                      reward_zones={"bright": "middle", "dark": "deep"})  # fmt: skip
+    cfg = _cfg(
+        ldam=ldam, save_every=1, phases=[PhaseConfig("p", {"bright": 1.0, "dark": 0.5}, 3, "deep", 0.02)]
+    )
+    prompts = PromptSource([("a red circle", None), ("a blue square", None)])
+    model = make_tiny()
+    result = train_rl(model, _bright, ["bright", "dark"], prompts, cfg, tmp_path / "rl", progress=False,
+                      log=lambda *a: None)  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "rl" / RL_LOG).read_text().splitlines()]
+    signals = ["bright", "dark"] if monitor == "reward" else ["phase"]
+    assert list(result.ldam[0]) == signals
+    assert "ldam_triggered" in rows[0] and "ldam_triggers" in rows[0]
+    if monitor == "reward":
+        assert {"ldam_bright_triggered", "ldam_dark_drop_streak"} <= set(rows[0])
+        assert rows[-1]["ldam_triggers"] == sum(s["triggers"] for s in result.ldam[0].values())
+    # resume from the epoch-1 checkpoint: the same log as the uninterrupted run
+    (tmp_path / "rl" / "model.safetensors").unlink()
+    again = train_rl(make_tiny(), _bright, ["bright", "dark"], prompts, cfg, tmp_path / "rl", resume=True,
+                     progress=False, log=lambda *a: None)  # fmt: skip
+    assert [r["ldam_triggers"] for r in again.history] == [r["ldam_triggers"] for r in rows]
+
+
+# ------------------------------------------------------------------------------------------- defaults
+def test_default_run_is_the_papers_2000_steps():
+    c = RLConfig()
+    assert c.total_epochs * c.inner_epochs * c.updates_per_epoch == 2000
+    assert [p.beta for p in c.phases] == [0.01, 0.02]  # Flow-GRPO's PickScore and CLIP-score betas
+
+
+@pytest.mark.parametrize("decay_1d", [True, False])
+def test_weight_decay_reaches_1d_tensors_by_default(make_tiny, tmp_path, decay_1d):
+    """The full DiT has 1-D tensors (norms, biases): decayed as the paper's AdamW and Flow-GRPO's, unless not."""
+    model = make_tiny()
+    trainable = TrainableConfig(queries=False, lim=False, dit=True, dit_lora_rank=0)
+    cfg = _cfg(trainable=trainable, lr=0.0, weight_decay=0.5, decay_1d=decay_1d, ema=0.0,
+               ldam=LDAMConfig(enabled=False), lr_schedule="constant")  # fmt: skip
+    model.set_trainable(trainable)
+    one_d = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.dim() == 1}
+    assert one_d
+    # lr 0: AdamW's decay is lr * wd, so nothing moves; check the optimizer's groups instead
+    import parauni.rl.grpo as grpo
+
+    seen = {}
+    adamw = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        seen["groups"] = groups
+        return adamw(groups, **kw)
+
+    grpo.torch.optim.AdamW = spy
+    try:
+        train_rl(model, _bright, ["bright", "dark"], PromptSource([("a red circle", None)]), cfg, tmp_path / "rl",
+                 progress=False, log=lambda *a: None)  # fmt: skip
+    finally:
+        grpo.torch.optim.AdamW = adamw
+    decays = {id(p): g["weight_decay"] for g in seen["groups"] for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert {decays[id(params[n])] for n in one_d} == ({0.5} if decay_1d else {0.0})
+
+
+# ------------------------------------------------------------------------------------------- plots, world recipe
+def test_standard_errors_of_the_epoch_means():
+    from parauni.rl.plots import standard_errors
+
+    rows = [
+        {"epoch": i, "phase": "p", "reward_a": 1.0 + i, "reward_a_std": 2.0, "samples": 16} for i in range(3)
+    ]
+    assert standard_errors(rows, "a") == [0.5, 0.5, 0.5]
+    assert standard_errors([{k: v for k, v in r.items() if k != "samples"} for r in rows], "a") is None
+    pytest.importorskip("matplotlib")
+
+
+def test_world_geneval_recipe_optimises_the_credit_alone():
+    from parauni.world.config import world_rl_defaults
+    from parauni.world.rl import world_geneval_rl
+
+    base = world_rl_defaults()
+    recipe = world_geneval_rl(base)
+    assert [list(p.rewards) for p in recipe.phases] == [["geneval"]]
+    assert recipe.trainable.dit and recipe.trainable.dit_lora_rank == 0
+    assert not recipe.ldam.enabled and base.ldam.enabled  # the base is not changed
+    assert recipe.samples_per_epoch == 128 and recipe.train_steps == 5 and recipe.phases[0].beta == 0
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_same_latent_shares_the_initial_noise_within_a_group(make_tiny, same):
+    from parauni.rl.rollout import rollout
+
+    model = make_tiny()
+    cfg = _cfg(same_latent=same)
+    items = [("a red circle", None), ("a red circle", None), ("two crosses", None), ("two crosses", None)]
+    ro = rollout(model, items, [0, 0, 1, 1], [0, 1, 2, 3], cfg, epoch=0, ldam=None)
+    x0 = ro.latents[:, 0]
+    assert torch.equal(x0[0], x0[1]) == same and torch.equal(x0[2], x0[3]) == same
+    assert not torch.equal(x0[0], x0[2])
+    assert not torch.equal(ro.latents[0, -1], ro.latents[1, -1])  # the SDE noise still differs
