@@ -106,14 +106,31 @@ def assign_teacher_tokens(
 CONDITION_MATCHES = ("position", "assignment")
 
 
+def align_teacher_tokens(
+    cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, match: str = "position"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's tokens lined up with the condition's Q tokens: (states (B, Q, C), mask (B, Q)).
+
+    ``"position"``: token j to token j, cut or padded (mask 0) to Q; ``"assignment"``:
+    :func:`assign_teacher_tokens`.
+    """
+    if match == "assignment":
+        return assign_teacher_tokens(cond, states, mask)
+    if match != "position":
+        raise ConfigError(f"unknown condition match {match!r}; choose one of {list(CONDITION_MATCHES)}")
+    q, n = cond.shape[1], min(cond.shape[1], states.shape[1])
+    return F.pad(states[:, :n], (0, 0, 0, q - n)), F.pad(mask[:, :n], (0, q - n))
+
+
 def condition_match_loss(
     cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, match: str = "position"
 ) -> torch.Tensor:
     """How far a condition's tokens are from a teacher's text states (fp32): MSE + centred error.
 
-    ``match="position"``: position j of the condition is matched to the teacher's token j, for the tokens the
-    mask keeps; the condition's positions past the teacher's length are free. ``"assignment"``: each
-    example's teacher tokens are first reordered to the condition tokens by :func:`assign_teacher_tokens`. cond: (B, Q, C); states: (B, S, C) (the
+    The teacher's tokens are first lined up with the condition's (:func:`align_teacher_tokens`):
+    ``match="position"`` pairs position j with the teacher's token j, for the tokens the mask keeps (the
+    condition's positions past the teacher's length are free); ``"assignment"`` reorders each example's
+    teacher tokens by :func:`assign_teacher_tokens`. cond: (B, Q, C); states: (B, S, C) (the
     text encoder a DiT was pretrained with, on the same captions); mask: (B, S), 1 = a real token.
 
     The loss is the mean squared error plus the relative squared error of the batch-centred parts: at each
@@ -129,15 +146,11 @@ def condition_match_loss(
             f"condition {tuple(cond.shape)} and teacher states {tuple(states.shape)} must share the batch "
             "and channel sizes (the teacher must be the text encoder whose width the DiT's cross-attention takes)"
         )
-    if match == "assignment":
-        states, mask = assign_teacher_tokens(cond, states, mask)
-    elif match != "position":
-        raise ConfigError(f"unknown condition match {match!r}; choose one of {list(CONDITION_MATCHES)}")
-    n = min(cond.shape[1], states.shape[1])
-    keep = mask[:, :n, None].to(torch.float32)  # (B, n, 1)
-    student, teacher = cond[:, :n].float(), states[:, :n].float()
+    states, mask = align_teacher_tokens(cond, states, mask, match)  # (B, Q, C), (B, Q)
+    keep = mask[..., None].to(torch.float32)  # (B, Q, 1)
+    student, teacher = cond.float(), states.float()
     mse = ((student - teacher).pow(2) * keep).sum() / (keep.sum() * cond.shape[-1]).clamp_min(1.0)
-    count = keep.sum(0, keepdim=True).clamp_min(1.0)  # (1, n, 1) real tokens per position
+    count = keep.sum(0, keepdim=True).clamp_min(1.0)  # (1, Q, 1) real tokens per position
 
     def deviation(x: torch.Tensor) -> torch.Tensor:  # from the batch mean at each position, real tokens only
         return (x - (x * keep).sum(0, keepdim=True) / count) * keep
@@ -182,14 +195,8 @@ class Distillation:
 
     def loss(self, cond: torch.Tensor) -> torch.Tensor:
         """``weight`` x (:func:`condition_match_loss` + ``pair_weight`` x :func:`pair_loss`). cond: (B, Q, C)."""
-        if self.pairs is None or self.pair_weight == 0:
-            return self.weight * condition_match_loss(cond, self.states, self.mask, match=self.match)
-        states, mask = self.states, self.mask
-        if self.match == "assignment":
-            states, mask = assign_teacher_tokens(cond, states, mask)
-        else:
-            n = min(cond.shape[1], states.shape[1])
-            states = F.pad(states[:, :n], (0, 0, 0, cond.shape[1] - n))
-            mask = F.pad(mask[:, :n], (0, cond.shape[1] - n))
-        matched = condition_match_loss(cond, states, mask)
-        return self.weight * (matched + self.pair_weight * pair_loss(cond, states, mask, self.pairs))
+        states, mask = align_teacher_tokens(cond, self.states, self.mask, self.match)
+        loss = condition_match_loss(cond, states, mask)
+        if self.pairs is not None and self.pair_weight > 0:
+            loss = loss + self.pair_weight * pair_loss(cond, states, mask, self.pairs)
+        return self.weight * loss
