@@ -127,9 +127,9 @@ def distillation(
     if cfg.distill_twins > 0:
         twins = [(i, twin(c)) for i, c in enumerate(captions) if c is not None]
         twins = [(i, w) for i, w in twins if w is not None]
-        pairs = torch.tensor([[i, len(captions) + k] for k, (i, _) in enumerate(twins)], dtype=torch.long)
+        rows = [[i, len(captions) + k] for k, (i, _) in enumerate(twins)]
+        pairs = torch.tensor(rows, dtype=torch.long).view(-1, 2).to(device)  # (P, 2)
         captions = [*captions, *(w for _, w in twins)]
-        pairs = pairs.view(-1, 2).to(device)
     with torch.no_grad():
         states, mask = (x.to(device) for x in teacher(captions))
     return Distillation(
@@ -301,12 +301,10 @@ def train(
                 distill, kept = distillation(cfg, teacher, kept, getattr(source, "twin", None), model.device)
             batch = model.encode_prompts(kept)
             with acc.accumulate(wrapped):
-                inputs = (batch, x0.to(model.device), t.to(model.device), noise.to(model.device))
-                loss = (
-                    wrapped(*inputs, distill, cfg.flow_weight)
-                    if distill is not None or cfg.flow_weight != 1
-                    else wrapped(*inputs)
-                )
+                args = (batch, x0.to(model.device), t.to(model.device), noise.to(model.device))
+                if distill is not None or cfg.flow_weight != 1:  # (the world's Stage-0 DiT takes only args)
+                    args = (*args, distill, cfg.flow_weight)
+                loss = wrapped(*args)
                 finite = finite and bool(torch.isfinite(loss))
                 # backward even for a non-finite loss: every DDP process must join the gradient all-reduce,
                 # and the decision below to skip the step is taken by all of them together
