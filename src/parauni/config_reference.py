@@ -34,7 +34,11 @@ TREES = (
         "The shapes world",
         "world.",
         WorldConfig,
-        "`parauni demo` / `parauni reproduce` / `parauni rl --world` with `--world.key=value`",
+        "`parauni demo` / `parauni reproduce` / `parauni rl --world` with `--world.key=value`; `world.parauni` "
+        "extends the model's `lim` section and `world.eval` its `sampling` section (the world's ParaUni model "
+        "takes them as they are); the `image_size` of `world.t2i.train`, `world.parauni.stage1` and `stage2`, "
+        "`world.eval.height` / `width` are always `world.image_size`, and `world.t2i.text_tokens` is "
+        "`world.parauni.num_queries` (or 0): giving one another value is an error",
     ),
 )
 

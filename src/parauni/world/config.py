@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import TrainableConfig, apply_overrides, from_dict
+from ..config import LIMConfig, SamplingConfig, TrainableConfig, apply_overrides, from_dict
 from ..errors import ConfigError
 from ..rl.config import PhaseConfig, RLConfig
 from ..rl.ldam import LDAMConfig
 from ..training.config import TrainConfig
 
+IMAGE_SIZE = 32  # the world's default image side (world.image_size)
 # Each Stage-0 model and each stage of the demo draws its own stream of world examples: example i of a stage
 # is example i of WorldStream(seed + offset).
 STREAM_OFFSETS: dict[str, int] = {
@@ -88,7 +89,7 @@ def world_stage_defaults(stage: int) -> TrainConfig:
         condition_distill=1.0,
         distill_match="assignment",
         flow_weight=0.0 if stage == 1 else 1.0,
-        image_size=32,
+        image_size=IMAGE_SIZE,  # derived from world.image_size (WorldConfig.derive)
         save_every=steps // 4,
         keep_last=1,
         log_every=5,
@@ -130,7 +131,7 @@ def world_t2i_train_defaults() -> TrainConfig:
         warmup=50,
         weight_decay=0.01,
         timestep_sampling="logit_normal",
-        image_size=32,
+        image_size=IMAGE_SIZE,  # derived from world.image_size (WorldConfig.derive)
         save_every=100,
         keep_last=1,
         log_every=10,
@@ -160,7 +161,7 @@ class WorldVLMConfig:
         default=False,
         metadata={
             "help": "text rows continue the generation prompt with the caption, so that the positions of the "
-            "queries carry the prompt (query states vary about 10x more across prompts; not the demo default)"
+            "queries carry the prompt (docs/world.md; not the demo default)"
         },
     )
 
@@ -199,9 +200,9 @@ class WorldT2IConfig:
     text_tokens: int = field(
         default=32,
         metadata={
-            "help": "captions padded (or cut) to this many tokens, all read by the DiT, padding states included "
-            "(= parauni.num_queries, so that every condition token ParaUni gives was seen in Stage 0); 0 = "
-            "padded to the batch's longest and masked"
+            "help": "captions padded (or cut) to parauni.num_queries tokens, all read by the DiT, padding "
+            "states included, so that every condition token ParaUni gives was seen in Stage 0 (any value but 0 "
+            "means that; a different one is an error); 0 = padded to the batch's longest and masked"
         },
     )
     tune_text_encoder: bool = field(
@@ -213,48 +214,55 @@ class WorldT2IConfig:
     dit_patch: int = field(
         default=1,
         metadata={
-            "help": "DiT patch size on its input (latents, or pixels); 2 is about twice as fast but draws the "
-            "requested shape far less often (docs/world.md)"
+            "help": "DiT patch size on its input (latents, or pixels); 2 is faster and draws the requested shape "
+            "less often (docs/world.md)"
         },
     )
     mlp_ratio: float = 2.5
     train: TrainConfig = field(
         default_factory=world_t2i_train_defaults,
         metadata={
-            "help": "the DiT stage, run by the library's trainer as its stage 0; image_size, seed and save_every "
-            "follow world.image_size, world.seed and world.save_every unless given"
+            "help": "the DiT stage, run by the library's trainer as its stage 0; image_size is world.image_size; "
+            "seed and save_every follow world.seed and world.save_every unless given"
         },
     )
 
 
-@dataclass
-class WorldParaUniConfig:
-    """ParaUni on the world: the sizes of its queries and LIM, and Stages I and II as whole training configs."""
+def world_default(cls: type, name: str, value, help: str | None = None):
+    """The field ``name`` of the library config ``cls`` with the world's default ``value`` (and its help, or
+    ``help``): a world section that extends a library config states only the defaults it changes."""
+    metadata = next(f for f in dataclasses.fields(cls) if f.name == name).metadata
+    return field(default=value, metadata={**metadata, **({"help": help} if help else {})})
 
-    num_queries: int = field(default=32, metadata={"help": "learnable queries = condition tokens"})
-    connector_layers: int = 2
-    connector_heads: int = 4
-    connector_intermediate: int = 384
-    use_layernorm: bool = field(
-        default=False,
-        metadata={
-            "help": "the LIM's shared LayerNorm before the mean, which the paper has; off on the world because "
-            "it makes every layer carry the whole condition and Stage I scored far lower with it (docs/world.md); "
-            "true = the paper's LIM"
-        },
+
+@dataclass
+class WorldParaUniConfig(LIMConfig):
+    """ParaUni on the world: the library's LIMConfig (queries and LIM) at the world's widths, and Stages I and
+    II as whole training configs."""
+
+    num_queries: int = world_default(LIMConfig, "num_queries", 32, "learnable queries = condition tokens")
+    connector_layers: int = world_default(LIMConfig, "connector_layers", 2)
+    connector_heads: int = world_default(LIMConfig, "connector_heads", 4)
+    connector_intermediate: int = world_default(LIMConfig, "connector_intermediate", 384)
+    use_layernorm: bool = world_default(
+        LIMConfig,
+        "use_layernorm",
+        False,
+        "the LIM's shared LayerNorm before the mean, which the paper has; off on the world, where it makes "
+        "every layer carry the whole condition (docs/world.md); true = the paper's LIM",
     )
     stage1: TrainConfig = field(
         default_factory=lambda: world_stage_defaults(1),
         metadata={
             "help": "Stage I (queries + LIM): condition distillation towards the Stage-0 DiT's own text encoder, "
             "tokens matched one to one, without the flow loss (not in the paper; flow_weight=1 restores it). "
-            "image_size follows world.image_size and seed world.seed + 1 unless given (docs/world.md)"
+            "image_size is world.image_size; seed follows world.seed + 1 unless given (docs/world.md)"
         },
     )
     stage2: TrainConfig = field(
         default_factory=lambda: world_stage_defaults(2),
         metadata={
-            "help": "Stage II (+ the DiT), on Stage I's model; image_size follows world.image_size and seed "
+            "help": "Stage II (+ the DiT), on Stage I's model; image_size is world.image_size; seed follows "
             "world.seed + 2 unless given"
         },
     )
@@ -267,15 +275,17 @@ class WorldParaUniConfig:
 
 
 @dataclass
-class WorldEvalConfig:
-    """ShapesEval: prompts per GenEval tag, images per prompt and the sampler."""
+class WorldEvalConfig(SamplingConfig):
+    """ShapesEval: prompts per GenEval tag and images per prompt, and the sampler of the world's models (the
+    library's SamplingConfig)."""
 
-    per_tag: int = 40
-    images_per_prompt: int = 4
-    steps: int = field(default=10, metadata={"help": "sampler steps (20 scored the same, at twice the time)"})
-    cfg: float = 2.0
-    sampler: str = "dpm"
-    batch_size: int = 64
+    steps: int = world_default(SamplingConfig, "steps", 10)
+    cfg: float = world_default(SamplingConfig, "cfg", 2.0)
+    height: int = world_default(SamplingConfig, "height", IMAGE_SIZE, "always world.image_size")
+    width: int = world_default(SamplingConfig, "width", IMAGE_SIZE, "always world.image_size")
+    per_tag: int = field(default=40, metadata={"help": "ShapesEval prompts per GenEval tag"})
+    images_per_prompt: int = field(default=4, metadata={"help": "ShapesEval images per prompt"})
+    batch_size: int = field(default=64, metadata={"help": "ShapesEval images per model call"})
 
 
 @dataclass
@@ -318,7 +328,7 @@ class WorldRewardConfig:
 class WorldConfig:
     """Everything about the embedded default world."""
 
-    image_size: int = field(default=32, metadata={"help": "side of the world's square images"})
+    image_size: int = field(default=IMAGE_SIZE, metadata={"help": "side of the world's square images"})
     seed: int = field(
         default=0,
         metadata={
@@ -351,12 +361,6 @@ class WorldConfig:
                 f"world.image_size={self.image_size} must be a multiple of 4 x vlm.patch ({4 * self.vlm.patch}) "
                 f"and of the autoencoder factor x t2i.dit_patch ({dit_multiple})"
             )
-        if self.t2i.text_tokens and self.t2i.text_tokens != self.parauni.num_queries:
-            raise ConfigError(
-                f"world.t2i.text_tokens={self.t2i.text_tokens} must equal world.parauni.num_queries="
-                f"{self.parauni.num_queries} (the DiT is pretrained on as many condition tokens as ParaUni gives), "
-                "or be 0 (masked captions)"
-            )
         for key, train, stage in (
             ("t2i.train", self.t2i.train, 0),
             ("parauni.stage1", self.parauni.stage1, 1),
@@ -364,15 +368,17 @@ class WorldConfig:
         ):
             if train.stage != stage:
                 raise ConfigError(f"world.{key}.stage={train.stage} must be {stage}")
-            if train.image_size != self.image_size:
-                raise ConfigError(
-                    f"world.{key}.image_size={train.image_size} differs from world.image_size={self.image_size}: "
-                    "the world draws its examples at world.image_size; leave it out (it follows world.image_size)"
-                )
         if self.image_size % self.reward.patch:
             raise ConfigError(
                 f"world.image_size={self.image_size} must be a multiple of reward.patch ({self.reward.patch})"
             )
+        self.derive()
+
+    def derive(self) -> None:
+        """Set the fields of :data:`DERIVED` from their sources (``t2i.text_tokens`` only when it is not 0)."""
+        for key, source in DERIVED.items():
+            if key != "t2i.text_tokens" or self.t2i.text_tokens:
+                _set_path(self, key, _get_path(self, source))
 
     def quick(self) -> WorldConfig:
         """A copy with every stage shortened to a few steps and smaller models (CI smoke runs)."""
@@ -395,16 +401,37 @@ class WorldConfig:
         for phase in q.rl.phases:
             phase.epochs = 1
         q.rl.prompts_per_epoch, q.rl.group_size, q.rl.steps, q.rl.micro_batch = 2, 2, 3, 4
+        q.derive()
         return q
+
+
+# Fields that are another field of the world config, set from it (WorldConfig.derive): key -> source. A command
+# line may name one only with its source's value (t2i.text_tokens: or 0, masked captions).
+DERIVED: dict[str, str] = {
+    "parauni.stage1.image_size": "image_size",
+    "parauni.stage2.image_size": "image_size",
+    "t2i.train.image_size": "image_size",
+    "eval.height": "image_size",
+    "eval.width": "image_size",
+    "t2i.text_tokens": "parauni.num_queries",
+}
+
+
+def _get_path(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_path(obj, key: str, value) -> None:
+    section, name = key.rsplit(".", 1)
+    setattr(_get_path(obj, section), name, value)
 
 
 # Fields of the nested training configs that follow a world-level field unless given: (key, world field, offset).
 FOLLOWS: tuple[tuple[str, str, int], ...] = (
-    ("parauni.stage1.image_size", "image_size", 0),
     ("parauni.stage1.seed", "seed", 1),
-    ("parauni.stage2.image_size", "image_size", 0),
     ("parauni.stage2.seed", "seed", 2),
-    ("t2i.train.image_size", "image_size", 0),
     ("t2i.train.seed", "seed", 0),
     ("t2i.train.save_every", "save_every", 0),
 )
@@ -472,6 +499,28 @@ def _merge(into: dict, new: dict) -> None:
             into[key] = value
 
 
+def _node(data: dict, key: str):
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _check_derived(data: dict, given: set[str]) -> None:
+    """A ConfigError for a derived key (:data:`DERIVED`) given a value other than its source's."""
+    for key, source in DERIVED.items():
+        value, wanted = _node(data, key), _node(data, source)
+        if key not in given or value == wanted or (key == "t2i.text_tokens" and value == 0):
+            continue
+        if key == "t2i.text_tokens":
+            raise ConfigError(
+                f"world.t2i.text_tokens={value} must equal world.{source}={wanted} (the DiT is pretrained on as "
+                "many condition tokens as ParaUni gives), or be 0 (masked captions)"
+            )
+        raise ConfigError(
+            f"world.{key}={value} differs from world.{source}={wanted}: it is always world.{source}; leave it out"
+        )
+
+
 def world_config(
     overrides: list[str] | None = None, quick: bool = False, base: dict | None = None
 ) -> WorldConfig:
@@ -483,13 +532,11 @@ def world_config(
     _merge(data, nest_flat_stage0(base or {}))
     data = apply_overrides(data, items, schema=WorldConfig)
     given = {item.split("=", 1)[0] for item in items}
+    _check_derived(data, given)
     for key, source, offset in FOLLOWS:
         if key not in given:
             section, name = key.rsplit(".", 1)
-            node = data
-            for part in section.split("."):
-                node = node[part]
-            node[name] = data[source] + offset
+            _node(data, section)[name] = data[source] + offset
     cfg = from_dict(WorldConfig, data, prefix="world.")
     return cfg.quick() if quick else cfg
 

@@ -20,6 +20,7 @@ that holds them; the reward models, the fit loop and the text-to-image model alr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CONDITIONAL_TEMPLATE, ModelConfig, from_dict
+from ..config import CONDITIONAL_TEMPLATE, LIMConfig, ModelConfig, SamplingConfig, from_dict
 from ..errors import MissingFileError, ParaUniError
 from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
@@ -613,7 +614,6 @@ def stage0_folder(cfg: WorldConfig, cache_dir: str | Path) -> Path:
 
 def world_model_config(cfg: WorldConfig, stage0: Path) -> ModelConfig:
     """The ParaUni model of the world: the Stage-0 VLM and DiT, pixel space, fresh queries + LIM."""
-    p = cfg.parauni
     return from_dict(
         ModelConfig,
         {
@@ -625,13 +625,7 @@ def world_model_config(cfg: WorldConfig, stage0: Path) -> ModelConfig:
                 "dtype": "float32",
                 "max_length": 96,
             },
-            "lim": {
-                "num_queries": p.num_queries,
-                "connector_layers": p.connector_layers,
-                "connector_heads": p.connector_heads,
-                "connector_intermediate": p.connector_intermediate,
-                "use_layernorm": p.use_layernorm,
-            },
+            "lim": _fields_of(LIMConfig, cfg.parauni),
             "dit": {
                 "path": str(Path(stage0, "t2i", "transformer").resolve()),
                 "subfolder": None,
@@ -642,12 +636,11 @@ def world_model_config(cfg: WorldConfig, stage0: Path) -> ModelConfig:
                 if cfg.ae.enabled
                 else {"kind": "none", "path": None}
             ),
-            "sampling": {
-                "sampler": cfg.eval.sampler,
-                "steps": cfg.eval.steps,
-                "cfg": cfg.eval.cfg,
-                "height": cfg.image_size,
-                "width": cfg.image_size,
-            },
+            "sampling": _fields_of(SamplingConfig, cfg.eval),
         },
     )
+
+
+def _fields_of(cls: type, section) -> dict:
+    """The fields of the library config ``cls`` that the world config's ``section`` extends, as a dict."""
+    return {f.name: copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(cls)}
