@@ -9,7 +9,8 @@ from ..diffusion.flow import CONDITION_MATCHES, TIMESTEP_SAMPLING
 
 MAX_SEED = 2**32 - 1  # the data order's NumPy generator and the per-example torch seeds stay in range
 
-# The paper's recipe per stage; a TrainConfig starts from these and takes overrides.
+# The paper's recipe per stage; a TrainConfig starts from these (its own defaults are Stage I's) and takes
+# overrides.
 STAGE_DEFAULTS: dict[int, dict] = {
     1: {"lr": 1e-4, "batch_size": 512, "steps": 100_000, "warmup": 1_000},
     2: {"lr": 1e-5, "batch_size": 512, "steps": 10_000, "warmup": 100},
@@ -24,15 +25,16 @@ class TrainConfig:
         default=1,
         metadata={"help": "1 (align: queries + LIM), 2 (fine-tune: + DiT); 0 = the world's T2I pretraining"},
     )
-    steps: int = field(default=100_000, metadata={"help": "optimizer steps"})
+    steps: int = field(default=STAGE_DEFAULTS[1]["steps"], metadata={"help": "optimizer steps"})
     batch_size: int = field(
-        default=512, metadata={"help": "global batch size (all processes, all micro-steps)"}
+        default=STAGE_DEFAULTS[1]["batch_size"],
+        metadata={"help": "global batch size (all processes, all micro-steps)"},
     )
     grad_accum: int = field(
         default=1, metadata={"help": "gradient accumulation micro-steps per optimizer step"}
     )
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=1_000, metadata={"help": "linear warm-up steps"})
+    lr: float = field(default=STAGE_DEFAULTS[1]["lr"], metadata={"help": "peak learning rate"})
+    warmup: int = field(default=STAGE_DEFAULTS[1]["warmup"], metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine decays to lr * min_lr_ratio"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on 1-D params)"})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas"})
@@ -99,7 +101,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2):
-            raise ConfigError(f"train.stage={self.stage} must be 1 or 2 (Stage III is `parauni rl`)")
+            raise ConfigError(
+                f"train.stage={self.stage} must be 1 or 2, or 0 for the world's T2I pretraining (Stage III is "
+                "`parauni rl`)"
+            )
         check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every"):
