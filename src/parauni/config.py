@@ -220,18 +220,39 @@ class SamplingConfig:
     width: int = field(default=1024, metadata={"help": "image width in pixels"})
 
     def __post_init__(self) -> None:
-        check_choice("sampling.sampler", self.sampler, ("dpm", "euler"))
-        if self.steps < 1:
-            raise ConfigError(f"sampling.steps={self.steps} must be >= 1")
-        _check_finite("sampling.cfg", self.cfg)
-        _check_finite("sampling.shift", self.shift)
-        if self.cfg < 0:
-            raise ConfigError(f"sampling.cfg={self.cfg} must be >= 0")
-        if self.shift <= 0:
-            raise ConfigError(f"sampling.shift={self.shift} must be > 0")
+        check_sampling("sampling.", self.sampler, self.steps, self.cfg, self.shift)
         for name in ("height", "width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sampling.{name}={getattr(self, name)} must be >= 1")
+
+
+SAMPLERS = ("dpm", "euler")
+
+
+def check_cfg(cfg: object, name: str = "cfg", most: float | None = None) -> float:
+    """The guidance scale as a float: finite, >= 0 (1 = guidance off) and, where a caller has a limit, <= ``most``."""
+    ok = not isinstance(cfg, bool) and isinstance(cfg, (int, float)) and math.isfinite(cfg) and cfg >= 0
+    if not ok or (most is not None and cfg > most):
+        upper = "" if most is None else f" and <= {most:g}"
+        raise ConfigError(f"{name}={cfg!r} must be a finite number >= 0{upper} (1 turns guidance off)")
+    return float(cfg)
+
+
+def check_sampling(prefix: str, sampler: object, steps: object, cfg: object, shift: object) -> None:
+    """The rules every sampling request and config obeys (names in errors are ``prefix + field``); the
+    sampler's own step bound and the model's sizes are :func:`parauni.pipeline.check_request`'s."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"{prefix}sampler={sampler!r} is not valid; choose one of {list(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"{prefix}steps={steps!r} must be an integer >= 1")
+    check_cfg(cfg, prefix + "cfg")
+    if (
+        isinstance(shift, bool)
+        or not isinstance(shift, (int, float))
+        or not math.isfinite(shift)
+        or shift <= 0
+    ):
+        raise ConfigError(f"{prefix}shift={shift!r} must be a finite number > 0")
 
 
 @dataclass

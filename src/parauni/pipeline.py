@@ -9,7 +9,6 @@ Each image's noise depends only on ``seed + index``, so results do not depend on
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config import check_sampling
 from .diffusion.sampling import check_dpm_steps, sample
 from .errors import ConfigError
 from .models.parauni import ParaUni
@@ -106,13 +106,6 @@ def check_finite_samples(x: torch.Tensor, what: str, cfg: float, first: int) -> 
         )
 
 
-def check_cfg(cfg: float) -> float:
-    """The guidance scale as a float; ValueError for NaN, infinities and negative values."""
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
-        raise ConfigError(f"cfg={cfg!r} must be a finite number >= 0 (1 turns guidance off)")
-    return float(cfg)
-
-
 @dataclass(frozen=True)
 class GenerationOptions:
     """The sampling options a batch job (a benchmark, an analysis, a reconstruction) passes on to every
@@ -178,22 +171,12 @@ def check_request(
     """
     s = model.config.sampling
     steps = s.steps if steps is None else steps
-    cfg = check_cfg(s.cfg if cfg is None else cfg)
+    cfg = s.cfg if cfg is None else cfg
     sampler = s.sampler if sampler is None else sampler
     shift = s.shift if shift is None else shift
     height = s.height if height is None else height
     width = s.width if width is None else width
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps={steps!r} must be an integer >= 1")
-    if (
-        isinstance(shift, bool)
-        or not isinstance(shift, (int, float))
-        or not math.isfinite(shift)
-        or shift <= 0
-    ):
-        raise ConfigError(f"shift={shift!r} must be a finite number > 0")
-    if sampler not in ("dpm", "euler"):
-        raise ConfigError(f"unknown sampler {sampler!r}; choose 'dpm' or 'euler'")
+    check_sampling("", sampler, steps, cfg, shift)
     if sampler == "dpm":
         check_dpm_steps(steps, shift)
     if prompts is not None and images is not None:
@@ -207,7 +190,7 @@ def check_request(
             raise ConfigError(f"images must be (N, 3, H, W) in [-1, 1], got {shape}")
         n = len(images)
     shape = model.latent_shape(height, width)
-    return Request(prompts, n, steps, cfg, sampler, float(shift), height, width, shape)
+    return Request(prompts, n, steps, float(cfg), sampler, float(shift), height, width, shape)
 
 
 @torch.no_grad()

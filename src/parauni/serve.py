@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ParaUniError
+from .config import check_cfg as config_check_cfg
+from .errors import ConfigError, ParaUniError
 from .utils.run_files import CONFIG_FILE, RL_LOG
 
 if TYPE_CHECKING:
@@ -146,12 +147,12 @@ def check_int(name: str, value: object, lo: int, hi: int, flag: str = "") -> int
 
 
 def check_cfg(cfg: object) -> float:
-    """The classifier-free guidance scale as a float in [0, MAX_CFG]."""
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-        raise ServeError(f"CFG={cfg!r} is not a number")
-    if not 0 <= cfg <= MAX_CFG:
-        raise ServeError(f"CFG={cfg} is out of range: it must be between 0 and {MAX_CFG}")
-    return float(cfg)
+    """The classifier-free guidance scale: the library's rule (:func:`parauni.config.check_cfg`) within the
+    app's limit ``MAX_CFG``."""
+    try:
+        return config_check_cfg(cfg, "CFG", most=MAX_CFG)
+    except ConfigError as err:
+        raise ServeError(str(err)) from err
 
 
 def max_sides(model: ParaUni, settings: ServeSettings) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ModelConfig, field_type
+from ..config import ModelConfig, check_cfg, field_type
 from ..errors import ConfigError
 from ..utils.files import OutputPathError, check_output_dir
 from ..utils.run_files import (
@@ -125,7 +125,7 @@ def sampling_options(args: argparse.Namespace) -> GenerationOptions:
 def _check_sampling_args(args: argparse.Namespace) -> None:
     """--steps, --cfg, --seed, --batch-size (and --height / --width where the command has them), before any
     work: one-line errors naming the value and the allowed range."""
-    from ..pipeline import check_cfg, check_seed  # torch: see the module's docstring
+    from ..pipeline import check_seed  # torch: see the module's docstring
 
     if args.cfg is not None:
         try:
