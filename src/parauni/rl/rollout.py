@@ -56,7 +56,7 @@ class PromptConditions:
 
 
 class ConditionCache:
-    """One epoch's prompts through the frozen VLM once: one forward per distinct prompt (issue 15, item 8).
+    """One epoch's prompts through the frozen VLM once: one forward per distinct prompt.
 
     With the queries frozen (Stage III's default) a prompt's query states cannot change within an epoch; with
     the LIM frozen too, neither can its per-layer outputs, which are then kept instead. LDAM's perturbation

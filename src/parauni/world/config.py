@@ -435,8 +435,8 @@ FOLLOWS: tuple[tuple[str, str, int], ...] = (
     ("t2i.train.seed", "seed", 0),
     ("t2i.train.save_every", "save_every", 0),
 )
-# The flat Stage-0 keys of world.json before the train sections (releases up to 2026-12-02, e.g. the shipped
-# one): section -> {flat key: (train section, key in it)}.
+# The flat Stage-0 keys of an earlier world.json, before the train sections (e.g. the shipped release's;
+# docs/world.md): section -> {flat key: (train section, key in it)}.
 _FIT_KEYS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "betas", "grad_clip")
 FLAT_STAGE0_KEYS: dict[str, dict[str, tuple[str, str]]] = {
     "vlm": {k: ("train", k) for k in _FIT_KEYS},

@@ -50,8 +50,9 @@ def paraunigen(model: ParaUni):
     return fn
 
 
-# Cost ratios measured on the demo's own runs (2-core AMD EPYC, docs/world.md): a Stage-II step against a
-# step of queries + LIM under the same loss, an RL epoch against generating its rollouts (prompts x group at rl.steps) with the sampler.
+# Cost ratios of the demo's own runs (docs/world.md, "Measurements moved out of the code"): a Stage-II step
+# against a step of queries + LIM under the same loss, an RL epoch against generating its rollouts (prompts x
+# group at rl.steps) with the sampler.
 STAGE2_STEP_RATIO = 1.2
 RL_EPOCH_RATIO = 3.0
 
