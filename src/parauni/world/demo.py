@@ -19,13 +19,14 @@ from ..errors import ConfigError
 from ..models.parauni import ParaUni
 from ..pipeline import generate
 from ..rl.plots import phase_gains, plot_reward_curves, read_log, reward_names, trigger_summary
-from ..training.trainer import distillation, stage_trainable, train
+from ..training.trainer import train
 from ..utils.device import default_device
 from ..utils.images import tensor_to_uint8
 from ..utils.run_files import RL_LOG
 from ..utils.run_files import TRAIN_LOG as LOG_FILE
 from .captions import make_eval_metadata, write_eval_metadata
 from .config import STREAM_OFFSETS, WorldConfig
+from .estimate import calibrate, stage_seconds
 from .pretrain import WorldSource, world_model_config
 from .release import world_stage0
 from .report import plot_losses, plot_tag_grids, write_markdown
@@ -48,65 +49,6 @@ def paraunigen(model: ParaUni):
         )
 
     return fn
-
-
-# Cost ratios of the demo's own runs (docs/world.md, "Measurements moved out of the code"): a Stage-II step
-# against a step of queries + LIM under the same loss, an RL epoch against generating its rollouts (prompts x
-# group at rl.steps) with the sampler.
-STAGE2_STEP_RATIO = 1.2
-RL_EPOCH_RATIO = 3.0
-
-
-def estimate_seconds(
-    model: ParaUni, cfg: WorldConfig, source, teacher, stages: tuple[int, ...] = (1, 2, 3)
-) -> dict[str, float]:
-    """The demo's remaining stages on this machine, from one timed Stage-I step and one timed generation.
-
-    Returns seconds per stage ("stage1", "stage2", "stage3_rl", "shapeseval" for its four runs, "total").
-    Nothing it does changes the model or any random stream of the demo.
-    """
-    s1, s2, e, r = cfg.parauni.stage1, cfg.parauni.stage2, cfg.eval, cfg.rl
-    with torch.random.fork_rng(devices=[]):
-        model.set_trainable(stage_trainable(1, model.config.trainable))
-        images, captions = source.examples(list(range(s1.batch_size)))
-        x0 = model.encode_images(images.to(model.device))
-        t, noise = torch.rand(len(x0), device=x0.device), torch.randn_like(x0)
-
-        def timed_step(stage) -> float:
-            """Seconds of one training step under ``stage``'s loss (the first call pays one-off costs)."""
-            times = []
-            for _ in range(2):
-                start = time.time()
-                distill, texts = distillation(stage, teacher, captions, source.twin, model.device)
-                model(model.encode_prompts(texts), x0, t, noise, distill, stage.flow_weight).backward()
-                times.append(time.time() - start)
-                model.zero_grad(set_to_none=True)
-            return times[-1]
-
-        train_step = timed_step(s1)
-        flow_step = train_step if s2.flow_weight == s1.flow_weight else timed_step(s2)
-        n, times = 16, []
-        for _ in range(2):
-            start = time.time()
-            generate(model, ["a photo of a red circle"] * n, seed=0, batch_size=n, progress=False)
-            times.append(time.time() - start)
-        per_image_step = times[-1] / (n * e.steps)
-    images_per_run = 6 * e.per_tag * e.images_per_prompt
-    rl_epochs = r.total_epochs if 3 in stages else 0
-    out = {
-        "stage1": s1.steps * train_step if 1 in stages else 0.0,
-        "stage2": s2.steps * flow_step * STAGE2_STEP_RATIO * s2.batch_size / s1.batch_size
-        if 2 in stages
-        else 0.0,
-        "stage3_rl": rl_epochs
-        * RL_EPOCH_RATIO
-        * r.prompts_per_epoch
-        * r.group_size
-        * r.steps
-        * per_image_step,
-        "shapeseval": (1 + len(stages)) * images_per_run * e.steps * per_image_step,
-    }
-    return {**out, "total": sum(out.values())}
 
 
 def run_demo(
@@ -132,84 +74,112 @@ def run_demo(
         )
     if quick:
         log("--quick: a smoke run, every stage for a few steps; its scores say nothing about the method")
-    torch.manual_seed(0)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    start = time.time()
+    # One seed for what draws from torch's global generator (e.g. the initialisation of Stage III's LoRA),
+    # restored afterwards so that the caller's stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        run = _DemoRun(out, progress, log)
+        cfg, stage0 = run.load(stage0, overrides, quick, cache_dir)
+        run.train(cfg, stage0, stages)
+        return run.report(cfg, stage0, quick)
 
-    t = time.time()
-    cfg, stage0 = world_stage0(stage0, overrides, quick, cache_dir, progress, log)
-    stage0_info = json.loads((stage0 / "stage0.json").read_text())
-    timings["stage0"] = time.time() - t
-    timings.update({f"{k} (when trained)": v for k, v in stage0_info["timings"].items()})
 
-    device = default_device()  # a GPU when there is one: every model of the demo runs on it
-    t2i = TextToImage.from_pretrained(stage0 / "t2i").eval().to(device)
-    teacher = t2i.text_states  # the Stage-I distillation's teacher (see world_teacher)
-    model = ParaUni.from_config(world_model_config(cfg, stage0)).to(device)
-    guess = estimate_seconds(
-        model, cfg, WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size), teacher, stages
-    )
-    log(
-        f"estimate for this machine: about {guess['total'] / 60:.0f} min more (Stage I {guess['stage1']:.0f} s, "
-        f"Stage II {guess['stage2']:.0f} s, Stage III {guess['stage3_rl']:.0f} s, ShapesEval {guess['shapeseval']:.0f} s; "
-        "from a timed training step and a timed generation)"
-    )
+class _DemoRun:
+    """One demo run: its models, and what its report collects (seconds per part, ShapesEval results and
+    sample grids, Stage III's metrics)."""
 
-    rows = make_eval_metadata(cfg.eval.per_tag, seed=cfg.seed)
-    write_eval_metadata(out / "eval_metadata.jsonl", rows)
-    e = cfg.eval
-    n_images = len(rows) * e.images_per_prompt
-    log(
-        f"ShapesEval: {len(rows)} prompts x {e.images_per_prompt} images, {e.sampler} {e.steps} steps, CFG {e.cfg}"
-    )
+    def __init__(self, out: Path, progress: bool, log) -> None:
+        self.out, self.progress, self.log = out, progress, log
+        self.timings: dict[str, float] = {}
+        self.scores: dict[str, dict] = {}
+        self.samples: dict[str, list] = {}
+        self.rl_metrics: dict | None = None
+        self.start = time.time()
 
-    def evaluate(name: str, fn) -> dict:
+    def load(self, stage0, overrides, quick: bool, cache_dir) -> tuple[WorldConfig, Path]:
+        """The world config and its Stage-0 folder; loads the Stage-0 text-to-image model (the distillation's
+        teacher) and builds the fresh ParaUni model, both on the device."""
         t = time.time()
+        cfg, stage0 = world_stage0(stage0, overrides, quick, cache_dir, self.progress, self.log)
+        self.stage0_info = json.loads((stage0 / "stage0.json").read_text())
+        self.timings["stage0"] = time.time() - t
+        self.timings.update({f"{k} (when trained)": v for k, v in self.stage0_info["timings"].items()})
+        device = default_device()  # a GPU when there is one: every model of the demo runs on it
+        self.t2i = TextToImage.from_pretrained(stage0 / "t2i").eval().to(device)
+        self.teacher = self.t2i.text_states  # the Stage-I distillation's teacher (see world_teacher)
+        self.model = ParaUni.from_config(world_model_config(cfg, stage0)).to(device)
+        return cfg, stage0
+
+    def estimate(self, cfg: WorldConfig, stages: tuple[int, ...]) -> None:
+        source = WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size)
+        cal = calibrate(self.model, cfg, source, self.teacher)
+        self.guess = guess = stage_seconds(cal, cfg, stages, evaluations=1 + len(stages))
+        self.log(
+            f"estimate for this machine: about {guess['total'] / 60:.0f} min more (Stage I {guess['stage1']:.0f} s, "
+            f"Stage II {guess['stage2']:.0f} s, Stage III {guess['stage3_rl']:.0f} s, ShapesEval {guess['shapeseval']:.0f} s; "
+            "from a timed training step and a timed generation)"
+        )
+
+    def evaluate(self, cfg: WorldConfig, name: str, fn, label: str) -> None:
+        """ShapesEval of ``fn`` (a generate function) as ``name``; its samples shown as ``label``."""
+        e, t = cfg.eval, time.time()
         result = run_shapeseval(
             fn,
-            rows,
+            self.rows,
             e.images_per_prompt,
             e.batch_size,
             seed=cfg.seed,
-            progress=progress,
+            progress=self.progress,
             desc=f"ShapesEval {name}",
         )
-        timings[f"shapeseval_{name}"] = time.time() - t
-        log(
+        self.timings[f"shapeseval_{name}"] = time.time() - t
+        self.log(
             f"ShapesEval {name}: overall {result['overall']:.3f} "
             + " ".join(f"{k} {v:.2f}" for k, v in result["tags"].items())
-            + f" ({n_images} images)"
+            + f" ({len(self.rows) * e.images_per_prompt} images)"
         )
-        return result
+        self.scores[name], self.samples[label] = result, result["samples"]
 
-    scores, samples = {}, {}
-    result = evaluate("stage0_t2i", t2igen(t2i, cfg))
-    scores["stage0_t2i"], samples["Stage 0 DiT + own text encoder"] = result, result["samples"]
-    for stage in (n for n in stages if n < 3):
-        t = time.time()
-        source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
-        train(
-            model,
-            source,
-            cfg.parauni.stage(stage),
-            out / f"stage{stage}",
-            progress=progress,
-            teacher=teacher,
+    def train(self, cfg: WorldConfig, stage0: Path, stages: tuple[int, ...]) -> None:
+        """The time estimate, then ShapesEval of the Stage-0 DiT, and each stage trained and evaluated."""
+        self.estimate(cfg, stages)
+        self.rows = make_eval_metadata(cfg.eval.per_tag, seed=cfg.seed)
+        write_eval_metadata(self.out / "eval_metadata.jsonl", self.rows)
+        e = cfg.eval
+        self.log(
+            f"ShapesEval: {len(self.rows)} prompts x {e.images_per_prompt} images, {e.sampler} {e.steps} steps, "
+            f"CFG {e.cfg}"
         )
-        timings[f"stage{stage}"] = time.time() - t
-        result = evaluate(f"stage{stage}", paraunigen(model))
-        scores[f"stage{stage}"] = result
-        samples[f"ParaUni Stage {'I' * stage} (all layers)"] = result["samples"]
+        self.evaluate(cfg, "stage0_t2i", t2igen(self.t2i, cfg), "Stage 0 DiT + own text encoder")
+        for stage in (n for n in stages if n < 3):
+            t = time.time()
+            source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
+            out = self.out / f"stage{stage}"
+            train(
+                self.model,
+                source,
+                cfg.parauni.stage(stage),
+                out,
+                progress=self.progress,
+                teacher=self.teacher,
+            )
+            self.timings[f"stage{stage}"] = time.time() - t
+            label = f"ParaUni Stage {'I' * stage} (all layers)"
+            self.evaluate(cfg, f"stage{stage}", paraunigen(self.model), label)
+        if 3 in stages:
+            self.rl(cfg, stage0)
 
-    rl_metrics = None
-    if 3 in stages:
+    def rl(self, cfg: WorldConfig, stage0: Path) -> None:
+        """Stage III on the Stage-II model, its reward and LDAM metrics, and its ShapesEval."""
         t = time.time()
-        result = run_world_rl(model, cfg.rl, stage0, out / "stage3", progress=progress, log=log)
-        timings["stage3_rl"] = time.time() - t
+        result = run_world_rl(
+            self.model, cfg.rl, stage0, self.out / "stage3", progress=self.progress, log=self.log
+        )
+        self.timings["stage3_rl"] = time.time() - t
         history = result.history
-        rl_metrics = {
+        m = self.rl_metrics = {
             "phases": {
                 name: {"rewards": dict(p.rewards), "start": a, "end": b}
                 for (name, (a, b)), p in zip(phase_gains(history).items(), result.config.phases, strict=True)
@@ -221,51 +191,51 @@ def run_demo(
             "ldam_trigger_summary": trigger_summary(history),
             "epochs": len(history),
         }
-        log(
+        self.log(
             "Stage III: "
-            + "; ".join(
-                f"{k} reward {v['start']:.3f} -> {v['end']:.3f}" for k, v in rl_metrics["phases"].items()
-            )
-            + f" (first 2 vs last 2 epochs of each phase); LDAM triggers {rl_metrics['ldam_trigger_summary']}"
+            + "; ".join(f"{k} reward {v['start']:.3f} -> {v['end']:.3f}" for k, v in m["phases"].items())
+            + f" (first 2 vs last 2 epochs of each phase); LDAM triggers {m['ldam_trigger_summary']}"
         )
-        result = evaluate("stage3", paraunigen(model))
-        scores["stage3"] = result
-        samples["ParaUni Stage III (RL)"] = result["samples"]
+        self.evaluate(cfg, "stage3", paraunigen(self.model), "ParaUni Stage III (RL)")
 
-    timings["total"] = time.time() - start
-    metrics = {
-        "shapeseval": {
-            k: {"overall": v["overall"], "tags": v["tags"], "counts": v["counts"]} for k, v in scores.items()
-        },
-        "timings": timings,
-        "estimate": guess,
-        "vlm": stage0_info["metrics"]["vlm"],
-        "stage0": {
-            "folder": str(stage0),
-            "metrics": stage0_info["metrics"],
-            "evaluation": stage0_info.get("evaluation"),
-        },
-        "world": dataclasses.asdict(cfg),
-        "quick": quick,
-    }
-    if rl_metrics is not None:
-        metrics["rl"] = rl_metrics
-    figures = {"losses": "losses.png"}
-    plot_losses(
-        {
-            "Stage 0 VLM": stage0 / "vlm_log.jsonl",
-            "Stage 0 text-to-image": stage0 / "t2i" / LOG_FILE,
-            "Stage I": out / "stage1" / LOG_FILE,
-            "Stage II": out / "stage2" / LOG_FILE,
-        },
-        out / "losses.png",
-    )
-    if rl_metrics is not None:
-        plot_reward_curves({"Stage III": read_log(out / "stage3" / RL_LOG)}, out / "rl_curves.png")
-        figures["rewards"] = "rl_curves.png"
-    for tag, path in plot_tag_grids(samples, out).items():
-        figures[tag] = path.name
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_markdown(out, metrics, figures)
-    log(f"report: {out / 'report.md'} (total {timings['total']:.0f} s)")
-    return metrics
+    def report(self, cfg: WorldConfig, stage0: Path, quick: bool) -> dict:
+        """``metrics.json``, the figures and ``report.md``; returns the metrics."""
+        out, info = self.out, self.stage0_info
+        self.timings["total"] = time.time() - self.start
+        metrics = {
+            "shapeseval": {
+                k: {"overall": v["overall"], "tags": v["tags"], "counts": v["counts"]}
+                for k, v in self.scores.items()
+            },
+            "timings": self.timings,
+            "estimate": self.guess,
+            "vlm": info["metrics"]["vlm"],
+            "stage0": {
+                "folder": str(stage0),
+                "metrics": info["metrics"],
+                "evaluation": info.get("evaluation"),
+            },
+            "world": dataclasses.asdict(cfg),
+            "quick": quick,
+        }
+        if self.rl_metrics is not None:
+            metrics["rl"] = self.rl_metrics
+        figures = {"losses": "losses.png"}
+        plot_losses(
+            {
+                "Stage 0 VLM": stage0 / "vlm_log.jsonl",
+                "Stage 0 text-to-image": stage0 / "t2i" / LOG_FILE,
+                "Stage I": out / "stage1" / LOG_FILE,
+                "Stage II": out / "stage2" / LOG_FILE,
+            },
+            out / "losses.png",
+        )
+        if self.rl_metrics is not None:
+            plot_reward_curves({"Stage III": read_log(out / "stage3" / RL_LOG)}, out / "rl_curves.png")
+            figures["rewards"] = "rl_curves.png"
+        for tag, path in plot_tag_grids(self.samples, out).items():
+            figures[tag] = path.name
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_markdown(out, metrics, figures)
+        self.log(f"report: {out / 'report.md'} (total {self.timings['total']:.0f} s)")
+        return metrics

@@ -48,6 +48,7 @@ from ..training.trainer import train
 from .captions import WorldStream, make_eval_metadata
 from .config import STREAM_OFFSETS, WorldConfig
 from .demo import paraunigen, world_teacher
+from .estimate import calibrate, stage_seconds
 from .pretrain import WorldSource, world_model_config
 from .release import world_stage0
 from .reward_models import load_world_clip, world_rewards
@@ -267,38 +268,19 @@ def run_unit(
 
 
 # ------------------------------------------------------------------------------------ duration estimate
-def estimate_seconds(
+def pending_seconds(
     cfg: WorldConfig, stage0: Path, rows: list[AblationRow], seeds: list[int], out: Path
 ) -> float:
-    """Expected wall-clock seconds of the units still to run, from a short calibration on this machine.
-
-    Times 2 Stage-I training steps and the generation of one evaluation batch on a throwaway model; an RL
-    epoch is costed as its rollout images at ``rl.steps`` sampling steps, times 3 (rollout, the recomputed
-    forward and its backward).
-    """
-    pending = [(r, s) for r in rows for s in seeds if not (_unit_dir(out, r.name, s) / RESULT_FILE).is_file()]
+    """Expected wall-clock seconds of the units still to run (:func:`parauni.world.estimate.calibrate` on a
+    throwaway model): Stages I and II, or Stage III for an RL row, then one ShapesEval run."""
+    pending = [r for r in rows for s in seeds if not (_unit_dir(out, r.name, s) / RESULT_FILE).is_file()]
     if not pending:
         return 0.0
     model = ParaUni.from_config(world_model_config(cfg, stage0))
-    tc = dataclasses.replace(cfg.parauni.stage1, steps=3, warmup=1, save_every=0)
     source = WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size)
-    scratch = out / "calibration"
-    teacher = world_teacher(stage0)
-    train(model, source, dataclasses.replace(tc, steps=1), scratch, progress=False, teacher=teacher)
-    t = time.time()
-    train(model, source, dataclasses.replace(tc, steps=2), scratch, progress=False, teacher=teacher)
-    step = (time.time() - t) / 2
-    e = cfg.eval
-    n = min(e.batch_size, 16)
-    t = time.time()
-    paraunigen(model)(["a photo of a red circle"] * n, 0)
-    per_image = (time.time() - t) / n  # at e.steps sampling steps
-    sft = (cfg.parauni.stage1.steps + cfg.parauni.stage2.steps) * step
-    evaluation = cfg.eval.per_tag * len(GENEVAL_TAGS) * e.images_per_prompt * per_image
-    r = cfg.rl
-    rl_epoch = r.prompts_per_epoch * r.group_size * per_image * r.steps / max(1, e.steps) * 3
-    rl = r.total_epochs * rl_epoch
-    return sum((sft if row.rl is None else rl) + evaluation for row, _ in pending)
+    cal = calibrate(model, cfg, source, world_teacher(stage0))
+    sft, rl = (stage_seconds(cal, cfg, stages, evaluations=1)["total"] for stages in ((1, 2), (3,)))
+    return sum(sft if row.rl is None else rl for row in pending)
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -427,7 +409,7 @@ def run_reproduce(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cfg, stage0 = world_stage0(stage0, overrides, quick, cache_dir, progress, log)
-    expected = estimate_seconds(cfg, stage0, selected, seeds, out)
+    expected = pending_seconds(cfg, stage0, selected, seeds, out)
     pending = sum(not (_unit_dir(out, r.name, s) / RESULT_FILE).is_file() for r in selected for s in seeds)
     log(
         f"reproduce: {len(selected)} rows x {len(seeds)} seeds ({pending} units to run); expected duration "
