@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..utils.run_files import (
     TRAIN_CONFIG,
     TRAIN_LOG,
     WEIGHTS_FILE,
+    launcher_rank,
 )
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def check_run_folder(out: str, resume: bool, overwrite: bool) -> None:
             "--overwrite to start over, or choose another folder"
         )
     check_output_dir(path, overwrite=overwrite, resumable=resume)
-    if overwrite and int(os.environ.get("RANK", "0")) == 0:
+    if overwrite and launcher_rank() == 0:
         remove_old_run(path)
 
 

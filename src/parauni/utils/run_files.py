@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 CONFIG_FILE = "config.yaml"  # a model folder's ModelConfig
 WEIGHTS_FILE = "model.safetensors"  # a model folder's trained tensors
 CHECKPOINT_DIR = "checkpoints"  # a run's resumable checkpoints
@@ -14,3 +16,9 @@ RUN_RECORD = "run.json"  # a finished run: stage, steps, final loss, data, comma
 MODEL_CARD = "README.md"  # a trained folder's model card
 COMPONENTS_FILE = "components.json"  # the sha256 of the frozen parts a model folder refers to outside itself
 COMPONENT_DIRS = ("vlm", "transformer", "vae")  # frozen parts copied into a model folder
+
+
+def launcher_rank() -> int:
+    """This process's rank as a distributed launcher (torchrun, accelerate launch) sets it in ``RANK``, 0 when
+    run alone: the one process that may remove or write a run's shared files before the accelerator exists."""
+    return int(os.environ.get("RANK", "0"))
