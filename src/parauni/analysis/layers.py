@@ -50,9 +50,9 @@ def kept_layers_scale(num_selected: int, kept: Sequence[int]) -> torch.Tensor:
 
 
 def _positions(model: ParaUni, vlm_layers: Sequence[int]) -> list[int]:
-    """Positions in ``model.lim.layers`` of those VLM layers that the LIM uses (others are ignored)."""
+    """Positions in ``model.lim.layer_ids`` of those VLM layers that the LIM uses (others are ignored)."""
     wanted = set(vlm_layers)
-    return [p for p, layer in enumerate(model.lim.layers) if layer in wanted]
+    return [p for p, layer in enumerate(model.lim.layer_ids) if layer in wanted]
 
 
 def default_zones(model: ParaUni) -> dict[str, list[int]]:
@@ -94,9 +94,9 @@ class LayerProbe:
 def per_layer_scores(probe: LayerProbe) -> dict[str, list[float]]:
     """Paper fig. 2: {reward: [mean score when conditioned on selected layer i alone, for each i]}.
 
-    Entry i belongs to VLM layer ``probe.model.lim.layers[i]``.
+    Entry i belongs to VLM layer ``probe.model.lim.layer_ids[i]``.
     """
-    n = len(probe.model.lim.layers)
+    n = len(probe.model.lim.layer_ids)
     scores: dict[str, list[float]] = {name: [] for name in probe.rewards}
     for i in range(n):
         for name, value in probe.mean_scores(kept_layers_scale(n, [i])).items():
@@ -117,7 +117,7 @@ def zone_sensitivity(probe: LayerProbe, zones: Mapping[str, Sequence[int]] | Non
     """
     model = probe.model
     zones = default_zones(model) if zones is None else zones
-    n = len(model.lim.layers)
+    n = len(model.lim.layer_ids)
     full = probe.mean_scores()
     removed, drop, skipped = {}, {}, {}
     for name, layers in zones.items():
@@ -295,7 +295,7 @@ def analyze_layers(
         "seed": options.seed,
         "steps": options.steps,
         "cfg": options.cfg,
-        "selected_layers": list(model.lim.layers),
+        "selected_layers": list(model.lim.layer_ids),
         "per_layer": per_layer_scores(probe),
         "similarity": {
             "matrix": sim.tolist(),

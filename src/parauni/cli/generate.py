@@ -39,7 +39,8 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
         else "no connector"
     )
     print(
-        f"  LIM      layers '{lim.layers}': {len(model.lim.layers)} of {vlm.num_layers} {model.lim.layers}; {connector}; "
+        f"  LIM      layers '{lim.layers}': {len(model.lim.layer_ids)} of {vlm.num_layers} {model.lim.layer_ids}; "
+        f"{connector}; "
         f"LayerNorm {'on' if lim.use_layernorm else 'off'}; -> caption_channels {dit.config.caption_channels}"
     )
     dc = dit.config

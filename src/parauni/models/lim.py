@@ -195,9 +195,9 @@ class LayerIntegrationModule(nn.Module):
         super().__init__()
         if not layers or min(layers) < 0 or max(layers) >= num_vlm_layers:
             raise ConfigError(f"layers {layers} do not fit a VLM with {num_vlm_layers} decoder layers")
-        self.layers = list(layers)
+        self.layer_ids = list(layers)  # the selected VLM decoder layers (0-based), from lim.layers' mode
         self.num_vlm_layers = num_vlm_layers
-        self.register_buffer("layer_index", torch.tensor(self.layers, dtype=torch.long), persistent=False)
+        self.register_buffer("layer_index", torch.tensor(self.layer_ids, dtype=torch.long), persistent=False)
         width = connector_hidden or in_dim
         # OpenUni's "proj_enc_proj" layout when the connector is narrower/wider than the VLM.
         self.connector_in = nn.Linear(in_dim, width) if use_connector and width != in_dim else None
@@ -208,6 +208,11 @@ class LayerIntegrationModule(nn.Module):
         )
         self.projector = nn.Linear(width if use_connector else in_dim, out_dim)
         self.norm = nn.LayerNorm(out_dim) if use_layernorm else None
+
+    @property
+    def layers(self) -> list[int]:
+        """:attr:`layer_ids` under its earlier name (the config's ``lim.layers`` is the mode that selects them)."""
+        return self.layer_ids
 
     def per_layer(self, states: torch.Tensor) -> torch.Tensor:
         """Per-layer conditions ``c_i``.
@@ -220,12 +225,12 @@ class LayerIntegrationModule(nn.Module):
         """
         if states.dim() != 4:
             raise ValueError(f"expected query states of shape (B, L, Q, D), got {tuple(states.shape)}")
-        if states.shape[1] == self.num_vlm_layers and len(self.layers) != self.num_vlm_layers:
+        if states.shape[1] == self.num_vlm_layers and len(self.layer_ids) != self.num_vlm_layers:
             states = states.index_select(1, self.layer_index)
-        elif states.shape[1] != len(self.layers):
+        elif states.shape[1] != len(self.layer_ids):
             raise ValueError(
                 f"got states of {states.shape[1]} layers; expected {self.num_vlm_layers} (all) or "
-                f"{len(self.layers)} (the selected ones)"
+                f"{len(self.layer_ids)} (the selected ones)"
             )
         b, n_layers, q, d = states.shape
         x = states.reshape(b * n_layers, q, d)  # layers folded into the batch: one connector call
