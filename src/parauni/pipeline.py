@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config import check_cfg as check_cfg  # re-exported: the guidance rule lives with the others in config
 from .config import check_sampling
 from .diffusion.sampling import check_dpm_steps, sample
 from .errors import ConfigError
