@@ -47,6 +47,7 @@ from ..training.distributed import (
     grad_norm,
     like,
     outside_training,
+    save_model,
 )
 from ..training.loop import MAX_BAD_STEPS, Loop, set_trainable, start_accelerator, trained_tensors, update_ema
 from ..utils.optim import adamw, decay_groups, set_lr, warmup_cosine
@@ -284,7 +285,7 @@ def train_rl(
         if config.save_every and (epoch + 1) % config.save_every == 0 and epoch != config.total_epochs - 1:
             run.loop.save(_checkpoint_state(run, epoch))
     bar.close()
-    run.loop.finish(model, keep_raw=False)
+    save_model(acc, model, out, values=run.loop.ema)  # (Loop.finish without the raw weights beside the EMA)
     log(f"RL: {config.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
     ldam_states = [{k: x.state_dict() for k, x in m.items()} for m in run.ldams]
     return RLResult(
