@@ -19,7 +19,8 @@ from ..errors import ConfigError
 from ..models.parauni import ParaUni
 from ..pipeline import generate
 from ..rl.plots import phase_gains, plot_reward_curves, read_log, reward_names, trigger_summary
-from ..training.trainer import distillation, stage_trainable, train
+from ..training.run import RunOptions, run_stage
+from ..training.trainer import distillation, stage_trainable
 from ..utils.device import default_device
 from ..utils.images import tensor_to_uint8
 from ..utils.run_files import RL_LOG
@@ -189,13 +190,13 @@ def run_demo(
     for stage in (n for n in stages if n < 3):
         t = time.time()
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
-        train(
+        run_stage(
             model,
             source,
             cfg.parauni.stage(stage),
             out / f"stage{stage}",
-            progress=progress,
-            teacher=teacher,
+            RunOptions(progress=progress),
+            teacher,
         )
         timings[f"stage{stage}"] = time.time() - t
         result = evaluate(f"stage{stage}", paraunigen(model))
