@@ -77,6 +77,9 @@ class RLResult:
     history: list[dict]
     config: RLConfig
     ldam: list[dict] = field(default_factory=list)
+    copied: list[str] | None = (
+        None  # frozen parts copied into the folder (``rl.run.run_rl``'s self_contained)
+    )
 
 
 def _zone_positions(model: ParaUni, zone: str) -> list[int]:
