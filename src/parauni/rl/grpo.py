@@ -43,7 +43,6 @@ from ..training.distributed import (
     ModelCalls,
     all_processes_agree,
     backward,
-    configure_deepspeed,
     grad_norm,
     like,
     outside_training,
@@ -182,16 +181,17 @@ class _Epoch:
     skips: list[bool] = field(default_factory=list)
 
 
+def _deepspeed(config: RLConfig) -> dict:
+    """The settings Stage III fixes under DeepSpeed."""
+    return {
+        "train_micro_batch_size_per_gpu": (config.micro_batch, "rl.micro_batch"),
+        "gradient_accumulation_steps": (1, "Stage III accumulates each update's micro-batches itself"),
+        "gradient_clipping": (config.grad_clip, "rl.grad_clip"),
+    }
+
+
 def _samples_per_process(acc, config: RLConfig) -> int:
-    """Configure DeepSpeed for Stage III and split an epoch's samples over the processes."""
-    configure_deepspeed(
-        acc,
-        {
-            "train_micro_batch_size_per_gpu": (config.micro_batch, "rl.micro_batch"),
-            "gradient_accumulation_steps": (1, "Stage III accumulates each update's micro-batches itself"),
-            "gradient_clipping": (config.grad_clip, "rl.grad_clip"),
-        },
-    )
+    """An epoch's samples on each process (they must divide evenly)."""
     n_total = config.samples_per_epoch
     if n_total % acc.num_processes:
         raise ConfigError(
@@ -202,18 +202,15 @@ def _samples_per_process(acc, config: RLConfig) -> int:
 
 
 def _start(model: ParaUni, config: RLConfig, loop: Loop, n_local: int, resume: bool) -> tuple[_Run, int]:
-    """Train ``config.trainable``, keep the reference policy, build the optimiser and LDAMs, resume, prepare.
-    Returns the run and the epoch to start from."""
+    """Build the LDAMs and the policy step, train ``config.trainable`` (keeping the reference policy), build
+    the optimiser, resume, prepare. Returns the run and the epoch to start from."""
+    run = _Run(model, config, loop, [_phase_ldams(model, config, phase) for phase in config.phases], n_local)
+    run.policy = PolicyStep(model, config, [])
     set_trainable(model, config.trainable, config.activation_checkpointing)
     named = trained_tensors(model)
     reference = [p.detach().clone() for p in named.values()]
-    groups = (
-        decay_groups(named.values(), config.weight_decay, decay_1d=True)
-        if config.decay_1d
-        else model.param_groups(config.weight_decay)
-    )
+    groups = decay_groups(named.values(), config.weight_decay, config.decay_1d)  # (ParaUni.param_groups')
     optimizer = adamw(groups, config.lr, config.betas)
-    run = _Run(model, config, loop, [_phase_ldams(model, config, phase) for phase in config.phases], n_local)
     start = 0
     state = loop.resume_from(model, resume, "was rl.trainable changed?")
     if state is not None:
@@ -223,7 +220,6 @@ def _start(model: ParaUni, config: RLConfig, loop: Loop, n_local: int, resume: b
                 ldam.load_state_dict(saved[signal])
         start, run.history = state["epoch"] + 1, state["history"]
         loop.acc.print(f"resuming RL from {loop.ckpt} at epoch {start}")
-    run.policy = PolicyStep(model, config, [])
     loop.prepare(model, ModelCalls(model), optimizer, config.ema)
     # after prepare the parameters may be new objects (FSDP: DTensor shards); the reference follows them
     run.reference = [like(p, r) for p, r in zip(loop.params, reference, strict=True)]
@@ -262,7 +258,8 @@ def train_rl(
         raise ConfigError(
             f"rl phases use rewards {missing} that are not configured; available: {reward_names}"
         )
-    acc = start_accelerator(model, "parauni rl", accelerator, mixed_precision=config.mixed_precision)
+    settings = {"mixed_precision": config.mixed_precision}
+    acc = start_accelerator(model, "parauni rl", accelerator, _deepspeed(config), **settings)
     n_local = _samples_per_process(acc, config)
     run, start = _start(model, config, Loop(acc, Path(out_dir), "epoch", config.keep_last), n_local, resume)
     out = run.loop.out

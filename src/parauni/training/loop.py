@@ -38,7 +38,14 @@ from .checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from .distributed import check_backend, load_optimizer, prepare, save_model, whole_tensors
+from .distributed import (
+    check_backend,
+    configure_deepspeed,
+    load_optimizer,
+    prepare,
+    save_model,
+    whole_tensors,
+)
 
 MAX_BAD_STEPS = 5  # skipped (non-finite) optimizer steps in a row that stop a run
 
@@ -48,13 +55,19 @@ def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def start_accelerator(model: torch.nn.Module, command: str, accelerator=None, **settings):
+def start_accelerator(
+    model: torch.nn.Module, command: str, accelerator=None, deepspeed: dict | None = None, **settings
+):
     """``accelerator``, or an ``accelerate.Accelerator(**settings)`` (which picks up ``accelerate launch``'s
-    processes), checked against ``model`` for the backend ``command`` runs under."""
+    processes), checked against ``model`` for the backend ``command`` runs under; ``deepspeed``: the settings
+    the loop fixes under DeepSpeed (``distributed.configure_deepspeed``), when they are known before the
+    processes are."""
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(**settings)
     check_backend(acc, command, model)
+    if deepspeed is not None:
+        configure_deepspeed(acc, deepspeed)
     return acc
 
 
