@@ -308,9 +308,10 @@ def train(
     micro = _check_inputs(acc, cfg, source, teacher)
     trainable = stage_trainable(cfg.stage, model.config.trainable) if cfg.stage in (1, 2) else None
     set_trainable(model, trainable, cfg.activation_checkpointing)
+    loop = Loop(acc, Path(out_dir), "step", cfg.keep_last)
     model.train()
     optimizer = adamw(model.param_groups(cfg.weight_decay), cfg.lr, cfg.betas)
-    run = _Stage(model, source, cfg, teacher, Loop(acc, Path(out_dir), "step", cfg.keep_last), micro)
+    run = _Stage(model, source, cfg, teacher, loop, micro)
     fingerprint = run_fingerprint(model, cfg, source)
     start = _resume(run, resume, fingerprint)
     run.loop.prepare(model, model, optimizer, cfg.ema)

@@ -7,8 +7,9 @@ The loop is the same for all of them; what differs is the loss of a step, which 
     (``work/checkpoints/step_<N>``, written and verified by :mod:`parauni.training.checkpoint`, as every
     training loop of the library is).
 
-The optimiser and schedule are the package's (:mod:`parauni.utils.optim`). A checkpoint holds the whole
-module (tied weights once), which these models train entirely, on one process.
+The optimiser and schedule are the package's (:mod:`parauni.utils.optim`). The checkpoints are this loop's
+own: the whole module (its tied weights once) and the optimiser, from one process, which is what a killed
+``parauni world pretrain`` resumes from.
 
 Every random draw of a step comes from generators seeded by ``(seed, step)``
 (:func:`parauni.utils.seeds.stream_seed`): ``step_loss`` builds its own, and the loop seeds torch's global
