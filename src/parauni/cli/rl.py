@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..errors import ConfigError
 from .common import (
     add_run_args,
     add_world_stage0_args,
@@ -13,93 +11,22 @@ from .common import (
     route,
 )
 
-DEMO_STAGE2 = "parauni-demo/stage2"  # where `parauni demo` (default --out) writes its Stage-II model
-
 
 def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
-    import dataclasses
-
-    from ..config import apply_overrides, from_dict, load_yaml
-    from ..models.parauni import ParaUni
-    from ..models.references import copy_in
-    from ..rl.config import RewardsConfig, RLConfig
-    from ..rl.grpo import train_rl
-    from ..rl.prompts import PromptSource
-    from ..rl.rewards import CombinedReward, build_rewards
-    from ..training.run_folder import command_line, write_run_record
-    from ..world.reward_models import world_rewards
+    from ..training.run import RunOptions
+    from ..world.rl import RLRequest, run_rl_request
 
     rl_items, rest = route(overrides, "rl")
     reward_items, model_overrides = route(rest, "rewards")
-    check_run_folder(args.out, args.resume, args.overwrite)
-    rl_dict, rewards_dict = dataclasses.asdict(RLConfig()), {}
-    model_dir = args.model
-    if args.world:
-        from ..world.release import existing_stage0
-        from ..world.rl import WorldPromptSource
-
-        wcfg, stage0 = existing_stage0("scratch" if args.cache else args.stage0, args.cache)
-        rl_dict = dataclasses.asdict(wcfg.rl)
-        rewards_dict = {"world": str(stage0)}
-        if not model_dir:  # parauni demo's Stage-II model, in the working directory
-            model_dir = DEMO_STAGE2
-            if not Path(model_dir).is_dir():
-                raise ConfigError(
-                    f"--world without --model trains {model_dir} (parauni demo's Stage-II model, relative to the "
-                    f"working directory {Path.cwd()}), which does not exist; run `parauni demo` here first or "
-                    "give --model DIR"
-                )
-            print(
-                f"RL on {Path(model_dir).resolve()} (parauni demo's Stage-II model; --model DIR for another)"
-            )
-    if not model_dir:
-        raise ConfigError("parauni rl needs --model DIR (a Stage-II model folder), or --world")
-    if args.config:
-        data = load_yaml(args.config)
-        unknown = sorted(set(data) - {"rl", "rewards"})
-        if unknown:
-            raise ConfigError(
-                f"{args.config}: unknown section(s) {unknown}; an RL config has 'rl' and 'rewards'"
-            )
-        rl_dict = {**rl_dict, **data.get("rl", {})}
-        rewards_dict = {**rewards_dict, **data.get("rewards", {})}
-    rl_cfg = from_dict(RLConfig, apply_overrides(rl_dict, rl_items), prefix="rl.")
-    rewards_cfg = from_dict(RewardsConfig, apply_overrides(rewards_dict, reward_items), prefix="rewards.")
-    if args.prompts:
-        prompts = PromptSource.from_file(args.prompts)
-    elif args.world:
-        prompts = WorldPromptSource()
-    else:
-        raise ConfigError("parauni rl needs --prompts FILE (.txt or GenEval-style .jsonl), or --world")
-    model = ParaUni.load(model_dir, model_overrides)
-    shapes = world_rewards(rewards_cfg.world, batch_size=rewards_cfg.batch_size) if rewards_cfg.world else {}
-    rewards = build_rewards(rewards_cfg, shapes)
-    combined = CombinedReward(rewards, {name: 1.0 for name in rewards})
-    print(
-        f"RL: {rl_cfg.total_epochs} epochs over phases "
-        + ", ".join(f"{p.name} ({p.epochs} epochs, {p.rewards}, zone {p.zone})" for p in rl_cfg.phases)
-        + f"; rewards available: {sorted(rewards)}"
-    )
-    result = train_rl(
-        model,
-        lambda images, prompts_, metadata: combined(images, prompts_, metadata)[1],
-        list(rewards),
-        prompts,
-        rl_cfg,
-        args.out,
-        resume=args.resume,
-        progress=not args.quiet,
-    )
+    request = RLRequest(
+        args.out, args.model, args.config, args.prompts, args.world, args.stage0, args.cache,
+        rl_items, reward_items, model_overrides,
+    )  # fmt: skip
+    run = RunOptions(resume=args.resume, progress=not args.quiet, self_contained=args.self_contained)
+    result = run_rl_request(request, run, lambda: check_run_folder(args.out, args.resume, args.overwrite))
+    if result.copied is not None:
+        print(f"copied {', '.join(result.copied) or 'nothing'} into {args.out}: the folder stands alone")
     first, last = result.history[0], result.history[-1]
-    if args.self_contained:
-        copied = copy_in(Path(args.out))
-        print(f"copied {', '.join(copied) or 'nothing'} into {args.out}: the folder stands alone")
-    rewards_now = {
-        k[len("reward_") :]: v for k, v in last.items() if k.startswith("reward_") and not k.endswith("_std")
-    }
-    record = {"stage": 3, "unit": "RL epochs", "steps": len(result.history), "final_rewards": rewards_now}
-    record["data"] = f"RL prompts from {args.prompts or 'the shapes world'}; rewards {sorted(rewards)}"
-    write_run_record(Path(args.out), {**record, "command": command_line(), "settings": {}})
     for key in sorted(k for k in last if k.startswith("reward_") and not k.endswith("_std")):
         print(f"{key[len('reward_') :]}: first epoch {first[key]:.4f} -> last epoch {last[key]:.4f}")
     print(

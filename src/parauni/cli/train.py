@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from ..errors import ConfigError
 from ..utils.files import check_output_dir
 from .common import (
     DATA_HELP,
@@ -19,84 +17,18 @@ from .common import (
 )
 
 
-def model_image_size(config) -> int:
-    """The square training size a model config implies: its sampling size (which training then keeps)."""
-    height, width = config.sampling.height, config.sampling.width
-    if height != width:
-        raise ConfigError(
-            f"the model samples {height}x{width} images but training images are square; give --image-size"
-        )
-    return height
-
-
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from ..config import apply_overrides
-    from ..models.parauni import ParaUni
-    from ..models.references import copy_in
-    from ..training.checkpoint import resume_step
-    from ..training.config import stage_config
-    from ..training.distributed import shut_down_processes
-    from ..training.latents import LatentShardSource, check_latents_fit, encoder_key
-    from ..training.run_folder import write_model_card
-    from ..training.sources import DataOptions, data_kind, training_source
-    from ..training.teacher import lm_teacher
-    from ..training.trainer import train
+    from ..training.run import DataStage, RunOptions, run_stage_on_data
+    from ..training.sources import DataOptions
 
-    train_items, model_overrides = route(overrides, "train")
-    train_dict = apply_overrides({}, train_items)
-    if args.image_size:
-        train_dict["image_size"] = args.image_size
-    kind = data_kind(args.data)
-    stage_config(args.stage, train_dict)  # the training config's errors before any data is read
-    config = ParaUni.load_config(args.model, model_overrides)  # and the model config's
-    check_run_folder(args.out, args.resume, args.overwrite)
-    start = resume_step(args.out) if args.resume else 0
     options = DataOptions(args.image_column, args.caption_column, args.shards_per_group)
-    latents = LatentShardSource(args.data, args.shards_per_group) if kind == "latents" else None
-    if latents is not None:  # extracted latents fix the image size
-        train_dict.setdefault("image_size", latents.image_size)
-    train_dict.setdefault("image_size", model_image_size(config))
-    train_cfg = stage_config(args.stage, train_dict)
-    model = ParaUni.load(args.model, model_overrides)
-    model.check_size(train_cfg.image_size, train_cfg.image_size)
-    # the model folder samples at the size it was trained at
-    model.config.sampling.height = model.config.sampling.width = train_cfg.image_size
-    key = encoder_key(model.vae)
-    if latents is not None:
-        shape = model.latent_shape(train_cfg.image_size, train_cfg.image_size)
-        check_latents_fit(latents, shape, train_cfg.image_size, key)
-        source = latents
-    else:
-        source = training_source(
-            args.data,
-            train_cfg.image_size,
-            encode=model.encode_images,
-            cache_key=key,
-            options=options,
-            progress=not args.quiet,
-            cache_dir=args.cache_dir,
-        )
-    uncaptioned = len(getattr(source, "uncaptioned", ()))
-    print(
-        f"data ({kind}): {len(source)} image-caption pairs from {args.data}"
-        + (f"; skipped {len(source.skipped)} unreadable or corrupt sample(s)" if source.skipped else "")
-        + (f"; left out {uncaptioned} image(s) without a caption" if uncaptioned else "")
-        + f"; training at {train_cfg.image_size} px"
-    )
-    before = len(source.skipped)
-    captions = getattr(source, "captions", None)  # the teacher standardises over them
-    teacher = (
-        lm_teacher(model, seed=train_cfg.seed, captions=captions) if train_cfg.condition_distill > 0 else None
-    )
-    result = train(
-        model, source, train_cfg, args.out, resume=args.resume, progress=not args.quiet, teacher=teacher
-    )
-    if args.self_contained and int(os.environ.get("RANK", "0")) == 0:
-        copied = copy_in(Path(args.out))
-        write_model_card(Path(args.out))
-        print(f"copied {', '.join(copied) or 'nothing'} into {args.out}: the folder stands alone")
-    shut_down_processes()  # under a launcher: every process leaves the group together
-    more = len(source.skipped) - before
+    request = DataStage(args.stage, args.data, args.model, args.out, args.image_size, options, args.cache_dir)
+    request.train_overrides, request.model_overrides = route(overrides, "train")
+    run = RunOptions(resume=args.resume, progress=not args.quiet, self_contained=args.self_contained)
+    report = run_stage_on_data(request, run, lambda: check_run_folder(args.out, args.resume, args.overwrite))
+    result, start, more = report.result, report.start, report.skipped_while_training
+    if report.copied is not None:
+        print(f"copied {', '.join(report.copied) or 'nothing'} into {args.out}: the folder stands alone")
     done = f"{result.steps} steps" if start == 0 else f"steps {start}-{result.steps} of {result.steps}"
     print(
         f"stage {args.stage}: {done} in {result.seconds:.1f} s, final loss {result.final_loss:.4f}; "

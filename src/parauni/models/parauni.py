@@ -36,6 +36,7 @@ from ..diffusion.flow import Distillation, dit_timestep, flow_loss, interpolate
 from ..errors import CheckpointError, ConfigError
 from ..utils.device import default_device
 from ..utils.files import drop_machine_paths, save_safetensors
+from ..utils.optim import decay_groups
 from ..utils.run_files import CONFIG_FILE, WEIGHTS_FILE
 from .components import load_dit, load_vae, load_vlm, portable_path, resolve_path, save_vlm
 from .lim import LayerIntegrationModule, select_layers
@@ -361,12 +362,8 @@ class ParaUni(nn.Module):
 
     # ---------------------------------------------------------------------------------------- training
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: weight decay on matrices (and the queries), none on 1-D parameters."""
-        decay, no_decay = [], []
-        for _, p in self.named_parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """AdamW groups of the trained parameters: weight decay on matrices (and the queries), none on 1-D ones."""
+        return decay_groups(self.parameters(), weight_decay)
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """Per component: trainable and frozen parameter counts (shared tensors counted once)."""

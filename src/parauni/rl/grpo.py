@@ -36,43 +36,34 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import save_yaml
-from ..errors import ConfigError, TrainingDiverged
+from ..errors import ConfigError
 from ..models.lim import zone_layers
 from ..models.parauni import ParaUni
-from ..training.checkpoint import (
-    init_ema,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    resume_checkpoint,
-    save_checkpoint,
-)
 from ..training.distributed import (
     ModelCalls,
     all_processes_agree,
     backward,
-    check_backend,
-    configure_deepspeed,
     grad_norm,
     like,
-    load_optimizer,
     outside_training,
-    prepare,
     save_model,
 )
-from ..training.trainer import MAX_BAD_STEPS, enable_activation_checkpointing, warmup_cosine
-from ..utils.run_files import CHECKPOINT_DIR, RL_LOG
+from ..training.loop import MAX_BAD_STEPS, Loop, set_trainable, start_accelerator, trained_tensors, update_ema
+from ..utils.optim import adamw, decay_groups, set_lr, warmup_cosine
+from ..utils.run_files import RL_LOG
+from ..utils.seeds import Purpose, purpose_generator
 from .config import PhaseConfig, RLConfig
 from .ldam import LDAM, Perturbation
 from .objective import PolicyStep, group_advantages, grpo_loss, prompt_groups, swapped, update_samples
 from .prompts import Prompts
-from .rollout import ConditionCache, Rollout, derived_seed, prompt_conditions, rollout
+from .rollout import ConditionCache, Rollout, prompt_conditions, rollout
+
+__all__ = ["MAX_BAD_STEPS", "RLResult", "RewardFn", "ema_decay", "train_rl"]
 
 # rewards(images (N, 3, H, W) in [-1, 1], prompts, metadata) -> {reward name: N floats}
 RewardFn = Callable[[torch.Tensor, list[str], list[dict | None]], dict[str, list[float]]]
 
 
-# --------------------------------------------------------------------------------------------- the loop
 @dataclass
 class RLResult:
     """What a finished Stage III reports; ``ldam`` holds each phase's final LDAM states ({signal: state}; the
@@ -85,6 +76,9 @@ class RLResult:
     history: list[dict]
     config: RLConfig
     ldam: list[dict] = field(default_factory=list)
+    copied: list[str] | None = (
+        None  # frozen parts copied into the folder (``rl.run.run_rl``'s self_contained)
+    )
 
 
 def _zone_positions(model: ParaUni, zone: str) -> list[int]:
@@ -154,6 +148,88 @@ def _check_same_everywhere(acc, what: str, value) -> None:
         )
 
 
+@dataclass
+class _Run:
+    """One Stage-III run: what every epoch reads."""
+
+    model: ParaUni
+    config: RLConfig
+    loop: Loop
+    ldams: list[dict[str, LDAM]]  # per phase, its LDAMs by signal
+    n_local: int  # samples of an epoch on this process
+    policy: PolicyStep | None = None
+    reference: list[torch.Tensor] = field(default_factory=list)  # the reference policy's trained tensors
+    history: list[dict] = field(default_factory=list)  # the log rows of the epochs done
+
+
+@dataclass
+class _Epoch:
+    """One epoch's values, from the rollout to the log row."""
+
+    index: int
+    phase: PhaseConfig
+    monitors: dict[str, LDAM]
+    perturbation: Perturbation
+    items: list
+    started: float
+    ro: Rollout | None = None
+    cache: ConditionCache | None = None
+    gathered: dict[str, torch.Tensor] = field(default_factory=dict)  # reward name -> (N,) over processes
+    total: torch.Tensor | None = None  # (N,) the phase's weighted reward
+    keep: list[int] | None = None  # local samples the update trains on
+    grad_norms: list[float] = field(default_factory=list)
+    skips: list[bool] = field(default_factory=list)
+
+
+def _deepspeed(config: RLConfig) -> dict:
+    """The settings Stage III fixes under DeepSpeed."""
+    return {
+        "train_micro_batch_size_per_gpu": (config.micro_batch, "rl.micro_batch"),
+        "gradient_accumulation_steps": (1, "Stage III accumulates each update's micro-batches itself"),
+        "gradient_clipping": (config.grad_clip, "rl.grad_clip"),
+    }
+
+
+def _samples_per_process(acc, config: RLConfig) -> int:
+    """An epoch's samples on each process (they must divide evenly)."""
+    n_total = config.samples_per_epoch
+    if n_total % acc.num_processes:
+        raise ConfigError(
+            f"rl.prompts_per_epoch x rl.group_size = {n_total} samples must divide over {acc.num_processes} "
+            "processes"
+        )
+    return n_total // acc.num_processes
+
+
+def _start(model: ParaUni, config: RLConfig, loop: Loop, n_local: int, resume: bool) -> tuple[_Run, int]:
+    """Build the LDAMs and the policy step, train ``config.trainable`` (keeping the reference policy), build
+    the optimiser, resume, prepare. Returns the run and the epoch to start from."""
+    run = _Run(model, config, loop, [_phase_ldams(model, config, phase) for phase in config.phases], n_local)
+    run.policy = PolicyStep(model, config, [])
+    set_trainable(model, config.trainable, config.activation_checkpointing)
+    named = trained_tensors(model)
+    reference = [p.detach().clone() for p in named.values()]
+    groups = decay_groups(named.values(), config.weight_decay, config.decay_1d)  # (ParaUni.param_groups')
+    optimizer = adamw(groups, config.lr, config.betas)
+    start = 0
+    state = loop.resume_from(model, resume, "was rl.trainable changed?")
+    if state is not None:
+        for monitors, saved in zip(run.ldams, state["ldam"], strict=True):
+            saved = {PHASE_SIGNAL: saved} if "rewards" in saved else saved  # written before per-reward LDAM
+            for signal, ldam in monitors.items():
+                ldam.load_state_dict(saved[signal])
+        start, run.history = state["epoch"] + 1, state["history"]
+        loop.acc.print(f"resuming RL from {loop.ckpt} at epoch {start}")
+    loop.prepare(model, ModelCalls(model), optimizer, config.ema)
+    # after prepare the parameters may be new objects (FSDP: DTensor shards); the reference follows them
+    run.reference = [like(p, r) for p, r in zip(loop.params, reference, strict=True)]
+    loop.open_folder(config, "rl_config.yaml")
+    if loop.acc.is_main_process:
+        # the log holds exactly the epochs done: none on a fresh start, the checkpoint's on a resume
+        (loop.out / RL_LOG).write_text("".join(json.dumps(r) + "\n" for r in run.history))
+    return run, start
+
+
 def train_rl(
     model: ParaUni,
     rewards: RewardFn,
@@ -168,6 +244,8 @@ def train_rl(
 ) -> RLResult:
     """Run Stage III and save the final policy to ``out_dir`` (a model folder ``parauni generate`` reads).
 
+    Each epoch is rollout -> rewards -> advantages -> update -> LDAM (see the module's docstring).
+
     Args:
         model: a ParaUni model (Stage II); what trains is ``config.trainable``.
         rewards: scores images -> {reward name: floats}; must return every name of ``reward_names``.
@@ -175,215 +253,167 @@ def train_rl(
         prompts: the RL prompt source.
         resume: continue from the newest epoch checkpoint in ``out_dir``.
     """
-    from accelerate import Accelerator
-
     missing = sorted({r for p in config.phases for r in p.rewards} - set(reward_names))
     if missing:
         raise ConfigError(
             f"rl phases use rewards {missing} that are not configured; available: {reward_names}"
         )
-    out = Path(out_dir)
-    acc = accelerator or Accelerator(mixed_precision=config.mixed_precision)
-    check_backend(acc, "parauni rl", model)
-    configure_deepspeed(
-        acc,
-        {
-            "train_micro_batch_size_per_gpu": (config.micro_batch, "rl.micro_batch"),
-            "gradient_accumulation_steps": (1, "Stage III accumulates each update's micro-batches itself"),
-            "gradient_clipping": (config.grad_clip, "rl.grad_clip"),
-        },
-    )
-    num_processes, rank = acc.num_processes, acc.process_index
-    n_total = config.samples_per_epoch
-    if n_total % num_processes:
-        raise ConfigError(
-            f"rl.prompts_per_epoch x rl.group_size = {n_total} samples must divide over {num_processes} processes"
-        )
-    n_local = n_total // num_processes
-    model.set_trainable(config.trainable)
-    if config.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    params = list(named.values())
-    reference = [p.detach().clone() for p in params]
-    groups = (
-        [{"params": params, "weight_decay": config.weight_decay}]
-        if config.decay_1d
-        else model.param_groups(config.weight_decay)
-    )
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
-    ldams = [_phase_ldams(model, config, phase) for phase in config.phases]
-    start, history, bad_in_a_row = 0, [], 0
-    ckpt = resume_checkpoint(out, "epoch", acc) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, named, rank, "was rl.trainable changed?")
-        for monitors, saved in zip(ldams, state["ldam"], strict=True):
-            saved = {PHASE_SIGNAL: saved} if "rewards" in saved else saved  # written before per-reward LDAM
-            for signal, ldam in monitors.items():
-                ldam.load_state_dict(saved[signal])
-        start, history = state["epoch"] + 1, state["history"]
-        bad_in_a_row = state.get("bad_in_a_row", 0)
-        acc.print(f"resuming RL from {ckpt} at epoch {start}")
-    policy = PolicyStep(model, config, [])
-    wrapped, optimizer = prepare(acc, ModelCalls(model), optimizer, model)
-    if ckpt is not None:
-        load_optimizer(acc, wrapped, optimizer, ckpt, state.get("num_processes", num_processes))
-    # after prepare the parameters may be new objects (FSDP: DTensor shards); the reference and EMA follow them
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    params = list(named.values())
-    reference = [like(p, r) for p, r in zip(params, reference, strict=True)]
-    ema = init_ema(named, ckpt, config.ema)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(config, out / "rl_config.yaml")
-        remove_partial_checkpoints(out / CHECKPOINT_DIR)
-        # the log holds exactly the epochs done: none on a fresh start, the checkpoint's on a resume
-        (out / RL_LOG).write_text("".join(json.dumps(r) + "\n" for r in history))
+    settings = {"mixed_precision": config.mixed_precision}
+    acc = start_accelerator(model, "parauni rl", accelerator, _deepspeed(config), **settings)
+    n_local = _samples_per_process(acc, config)
+    run, start = _start(model, config, Loop(acc, Path(out_dir), "epoch", config.keep_last), n_local, resume)
+    out = run.loop.out
     t0 = time.time()
     bar = tqdm(
         total=config.total_epochs, initial=start, desc="RL", disable=not (progress and acc.is_main_process)
     )
     for epoch in range(start, config.total_epochs):
-        phase_index, phase = _phase_at(config, epoch)
-        monitors = ldams[phase_index]
-        perturbation = Perturbation(list(monitors.values()))
-        policy.zone = perturbation.zone
-        te = time.time()
-        # ---- rollout on this process's share of the epoch's samples
-        items = prompts.epoch(config.seed, epoch, config.prompts_per_epoch)
-        indices = list(range(rank * n_local, (rank + 1) * n_local))
-        groups = [i // config.group_size for i in indices]
-        perturbed = perturbation.active
-        with acc.autocast():  # the same precision as the update's forward, so on-policy ratios stay 1
-            cache = None
-            if ConditionCache.usable(model, config):
-                local_prompts = [items[g][0] for g in groups]
-                cache = outside_training(
-                    acc, wrapped, ConditionCache, model, local_prompts, config.rollout_batch
-                )
-            ro = outside_training(
-                acc,
-                wrapped,
-                rollout,
-                model,
-                [items[g] for g in groups],
-                groups,
-                indices,
-                config,
-                epoch,
-                perturbation if perturbed else None,
-                False,
-                cache,
-            )
-        # ---- rewards, gathered over processes, and advantages
-        names = (
-            sorted({r for p in config.phases for r in p.rewards})
-            if config.log_all_rewards
-            else sorted(phase.rewards)
-        )
-        scores = rewards(ro.images, ro.prompts, ro.metadata)
-        local = {n: torch.tensor(scores[n], dtype=torch.float32, device=model.device) for n in names}
-        gathered = {n: acc.gather(v).cpu() for n, v in local.items()}
-        total = sum(w * gathered[n] for n, w in phase.rewards.items())
-        if config.group_by == "prompt":
-            all_groups = prompt_groups([items[i // config.group_size][0] for i in range(n_total)])
-        else:
-            all_groups = torch.arange(n_total) // config.group_size
-        adv = group_advantages(total, all_groups, config.adv_std, config.adv_clip)
-        ro.advantages = adv[rank * n_local : (rank + 1) * n_local].to(model.device)
-        keep = update_samples(
-            adv,
-            n_local,
-            rank,
-            config.drop_zero_advantage,
-            torch.Generator().manual_seed(derived_seed(config.seed, epoch, 4)),
-        )
-        # ---- policy update
-        stats, grad_norms, skips = _update(
-            wrapped,
-            policy,
-            model,
-            ro,
-            config,
-            phase,
-            params,
-            reference,
-            optimizer,
-            acc,
-            epoch,
-            ema,
-            keep,
-            cache,
-        )
-        for skipped in skips:
-            bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-        # ---- LDAM and the epoch log (identical on every process: inputs are gathered / all-reduced)
-        reward_mean = float(total.mean())
-        grad_norm = float(np.mean(grad_norms)) if grad_norms else float("nan")
-        states = {
-            signal: ldam.update(
-                reward_mean if signal == PHASE_SIGNAL else float(gathered[signal].mean()), grad_norm
-            )
-            for signal, ldam in monitors.items()
-        }
-        ldam_state = _ldam_log(states)
-        _check_same_everywhere(
-            acc,
-            f"LDAM state of phase {phase.name!r} at epoch {epoch}",
-            {k: x.state_dict() for k, x in monitors.items()},
-        )
-        row = {
-            "epoch": epoch,
-            "phase": phase.name,
-            "phase_reward": reward_mean,
-            **{f"reward_{n}": float(v.mean()) for n, v in gathered.items()},
-            **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in gathered.items()},
-            "grad_norm": grad_norm,
-            "samples": n_total,
-            "skipped_updates": sum(skips),
-            "update_samples": len(keep) * num_processes,
-            "lr": _lr(config, epoch, config.inner_epochs - 1, config.updates_per_epoch - 1),
-            "cached_conditions": cache is not None,
-            **stats,
-            "ldam_perturbed": perturbed,
-            "ldam_gamma_used": perturbation.gamma_max if perturbed else 0.0,
-            **{f"ldam_{k}": v for k, v in ldam_state.items()},
-            "seconds": time.time() - te,
-        }
-        history.append(row)
-        for signal, ldam in monitors.items():
-            if states[signal]["triggered"] and acc.is_main_process:
-                watched = "the phase reward" if signal == PHASE_SIGNAL else f"reward {signal!r}"
-                log(
-                    f"RL epoch {epoch}: LDAM trigger {ldam.triggers} on {watched} of phase {phase.name!r}: zone "
-                    f"{ldam.zone_name} (LIM layers {ldam.zone}), gamma {ldam.gamma:.4g}; the next "
-                    f"{config.ldam.perturb_epochs} rollout(s) perturbed"
-                )
-        if acc.is_main_process:
-            with (out / RL_LOG).open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        ep = _rollout(run, epoch, prompts)
+        _rewards_and_advantages(run, ep, rewards)
+        stats = _update(run, ep)
+        row = _ldam_and_row(run, ep, stats, log)
+        run.loop.write_row(out / RL_LOG, row)
         bar.update(1)
-        bar.set_postfix(phase=phase.name, reward=f"{reward_mean:.3f}", gn=f"{grad_norm:.2f}")
-        if bad_in_a_row >= MAX_BAD_STEPS:
-            raise TrainingDiverged(
-                f"{bad_in_a_row} RL updates in a row had a non-finite gradient (last in epoch {epoch}; see "
-                f"{out / RL_LOG}): check the rewards for NaN, lower rl.lr, or use rl.mixed_precision=no / bf16"
-            )
-        last = epoch == config.total_epochs - 1
-        if config.save_every and (epoch + 1) % config.save_every == 0 and not last:
-            state = {
-                "epoch": epoch,
-                "history": history,
-                "ldam": [{k: x.state_dict() for k, x in m.items()} for m in ldams],
-                "bad_in_a_row": bad_in_a_row,
-                "num_processes": num_processes,
-            }
-            save_checkpoint(out, "epoch", acc, wrapped, optimizer, named, state, config.keep_last, ema)
+        bar.set_postfix(
+            phase=ep.phase.name, reward=f"{row['phase_reward']:.3f}", gn=f"{row['grad_norm']:.2f}"
+        )
+        run.loop.check_divergence(
+            "RL updates",
+            f"gradient (last in epoch {epoch}; see {out / RL_LOG}): check the rewards for NaN, lower rl.lr, "
+            "or use rl.mixed_precision=no / bf16",
+        )
+        if config.save_every and (epoch + 1) % config.save_every == 0 and epoch != config.total_epochs - 1:
+            run.loop.save(_checkpoint_state(run, epoch))
     bar.close()
-    save_model(acc, model, out, values=ema)
+    save_model(acc, model, out, values=run.loop.ema)  # (Loop.finish without the raw weights beside the EMA)
     log(f"RL: {config.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
-    ldam_states = [{k: x.state_dict() for k, x in m.items()} for m in ldams]
-    return RLResult(config.total_epochs, out, out / RL_LOG, time.time() - t0, history, config, ldam_states)
+    ldam_states = [{k: x.state_dict() for k, x in m.items()} for m in run.ldams]
+    return RLResult(
+        config.total_epochs, out, out / RL_LOG, time.time() - t0, run.history, config, ldam_states
+    )
+
+
+def _checkpoint_state(run: _Run, epoch: int) -> dict:
+    """What an epoch checkpoint holds besides the tensors: the epoch, the log so far and every LDAM's state."""
+    return {
+        "epoch": epoch,
+        "history": run.history,
+        "ldam": [{k: x.state_dict() for k, x in m.items()} for m in run.ldams],
+        "bad_in_a_row": run.loop.bad_in_a_row,
+        "num_processes": run.loop.acc.num_processes,
+    }
+
+
+# --------------------------------------------------------------------------------------------- one epoch
+def _rollout(run: _Run, epoch: int, prompts: Prompts) -> _Epoch:
+    """The epoch's prompts and the rollout of this process's share of its samples (perturbed by the phase's
+    active LDAMs)."""
+    config, loop, model = run.config, run.loop, run.model
+    acc, rank = loop.acc, loop.acc.process_index
+    phase_index, phase = _phase_at(config, epoch)
+    monitors = run.ldams[phase_index]
+    perturbation = Perturbation(list(monitors.values()))
+    run.policy.zone = perturbation.zone
+    ep = _Epoch(epoch, phase, monitors, perturbation, [], time.time())
+    ep.items = prompts.epoch(config.seed, epoch, config.prompts_per_epoch)
+    indices = list(range(rank * run.n_local, (rank + 1) * run.n_local))
+    groups = [i // config.group_size for i in indices]
+    with acc.autocast():  # the same precision as the update's forward, so on-policy ratios stay 1
+        if ConditionCache.usable(model, config):
+            local_prompts = [ep.items[g][0] for g in groups]
+            ep.cache = outside_training(
+                acc, loop.wrapped, ConditionCache, model, local_prompts, config.rollout_batch
+            )
+        perturbed = perturbation if perturbation.active else None
+        ep.ro = outside_training(
+            acc,
+            loop.wrapped,
+            rollout,
+            model,
+            [ep.items[g] for g in groups],
+            groups,
+            indices,
+            config,
+            epoch,
+            perturbed,
+            False,
+            ep.cache,
+        )
+    return ep
+
+
+def _rewards_and_advantages(run: _Run, ep: _Epoch, rewards: RewardFn) -> None:
+    """Score the rollout, gather the scores over processes, and set the advantages and the samples the update
+    trains on."""
+    config, acc, model = run.config, run.loop.acc, run.model
+    rank, n_local, n_total = acc.process_index, run.n_local, config.samples_per_epoch
+    ro, phase = ep.ro, ep.phase
+    names = (
+        sorted({r for p in config.phases for r in p.rewards})
+        if config.log_all_rewards
+        else sorted(phase.rewards)
+    )
+    scores = rewards(ro.images, ro.prompts, ro.metadata)
+    local = {n: torch.tensor(scores[n], dtype=torch.float32, device=model.device) for n in names}
+    ep.gathered = {n: acc.gather(v).cpu() for n, v in local.items()}
+    ep.total = sum(w * ep.gathered[n] for n, w in phase.rewards.items())
+    if config.group_by == "prompt":
+        all_groups = prompt_groups([ep.items[i // config.group_size][0] for i in range(n_total)])
+    else:
+        all_groups = torch.arange(n_total) // config.group_size
+    adv = group_advantages(ep.total, all_groups, config.adv_std, config.adv_clip)
+    ro.advantages = adv[rank * n_local : (rank + 1) * n_local].to(model.device)
+    generator = purpose_generator(config.seed, ep.index, Purpose.UPDATE_SAMPLES)
+    ep.keep = update_samples(adv, n_local, rank, config.drop_zero_advantage, generator)
+
+
+def _ldam_and_row(run: _Run, ep: _Epoch, stats: dict, log) -> dict:
+    """Feed the epoch's phase reward and gradient norm to the phase's LDAMs (identical on every process: their
+    inputs are gathered or all-reduced) and return the epoch's log row (also kept in the run's history)."""
+    config, acc, phase = run.config, run.loop.acc, ep.phase
+    reward_mean = float(ep.total.mean())
+    norm = float(np.mean(ep.grad_norms)) if ep.grad_norms else float("nan")
+    states = {
+        signal: ldam.update(
+            reward_mean if signal == PHASE_SIGNAL else float(ep.gathered[signal].mean()), norm
+        )
+        for signal, ldam in ep.monitors.items()
+    }
+    ldam_state = _ldam_log(states)
+    _check_same_everywhere(
+        acc,
+        f"LDAM state of phase {phase.name!r} at epoch {ep.index}",
+        {k: x.state_dict() for k, x in ep.monitors.items()},
+    )
+    perturbed = ep.perturbation.active
+    row = {
+        "epoch": ep.index,
+        "phase": phase.name,
+        "phase_reward": reward_mean,
+        **{f"reward_{n}": float(v.mean()) for n, v in ep.gathered.items()},
+        **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in ep.gathered.items()},
+        "grad_norm": norm,
+        "samples": config.samples_per_epoch,
+        "skipped_updates": sum(ep.skips),
+        "update_samples": len(ep.keep) * acc.num_processes,
+        "lr": _lr(config, ep.index, config.inner_epochs - 1, config.updates_per_epoch - 1),
+        "cached_conditions": ep.cache is not None,
+        **stats,
+        "ldam_perturbed": perturbed,
+        "ldam_gamma_used": ep.perturbation.gamma_max if perturbed else 0.0,
+        **{f"ldam_{k}": v for k, v in ldam_state.items()},
+        "seconds": time.time() - ep.started,
+    }
+    run.history.append(row)
+    for signal, ldam in ep.monitors.items():
+        if states[signal]["triggered"] and acc.is_main_process:
+            watched = "the phase reward" if signal == PHASE_SIGNAL else f"reward {signal!r}"
+            log(
+                f"RL epoch {ep.index}: LDAM trigger {ldam.triggers} on {watched} of phase {phase.name!r}: zone "
+                f"{ldam.zone_name} (LIM layers {ldam.zone}), gamma {ldam.gamma:.4g}; the next "
+                f"{config.ldam.perturb_epochs} rollout(s) perturbed"
+            )
+    return row
 
 
 def _step_index(config: RLConfig, epoch: int, inner: int, update: int) -> int:
@@ -413,103 +443,82 @@ def _lr(config: RLConfig, epoch: int, inner: int, update: int) -> float:
     )
 
 
-def _update(
-    wrapped,
-    policy,
-    model,
-    ro: Rollout,
-    config: RLConfig,
-    phase: PhaseConfig,
-    params,
-    reference,
-    optimizer,
-    acc,
-    epoch: int,
-    ema,
-    keep: list[int] | None = None,
-    cache: ConditionCache | None = None,
-) -> tuple[dict, list[float], list[bool]]:
+def _update(run: _Run, ep: _Epoch) -> dict:
     """The policy update of one epoch: inner epochs x updates, each accumulating over micro-batches and the
-    trained steps, on the samples ``keep`` (local indices; default all). Returns the statistics (means over
-    every process), the gradient norm of every optimizer step taken and, per update, whether it was skipped
-    for a non-finite gradient (on every process)."""
-    keep = list(range(len(ro.prompts))) if keep is None else keep
+    trained steps, on the samples ``ep.keep`` (local indices; default all). Returns the statistics (means over
+    every process); records in ``ep`` the gradient norm of every optimizer step taken and, per update, whether
+    it was skipped for a non-finite gradient (on every process)."""
+    config, loop, model = run.config, run.loop, run.model
+    acc = loop.acc
+    keep = list(range(len(ep.ro.prompts))) if ep.keep is None else ep.keep
     if not keep:
-        return {}, [], []
+        return {}
     model.train()
     n = len(keep)
-    steps = config.train_steps
-    if cache is not None:
-        uncond = cache.uncond
+    if ep.cache is not None:
+        uncond = ep.cache.uncond
     else:
         with torch.no_grad(), acc.autocast():  # as in the rollout
-            uncond = outside_training(acc, wrapped, model.condition, model.encode_prompts([None]))
+            uncond = outside_training(acc, loop.wrapped, model.condition, model.encode_prompts([None]))
     kept = torch.tensor(keep, dtype=torch.long)
     totals: dict[str, float] = {}
-    count, grad_norms, skips = 0, [], []
+    count = 0
     for inner in range(config.inner_epochs):
         order = torch.randperm(
-            n, generator=torch.Generator().manual_seed(derived_seed(config.seed, epoch, 3, inner))
+            n, generator=purpose_generator(config.seed, ep.index, Purpose.UPDATE_ORDER, inner)
         )
         chunks = [c for c in kept[order].chunk(min(config.updates_per_epoch, n)) if len(c)]
         for update, chunk in enumerate(chunks):
-            for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps in the last
-                group["lr"] = _lr(config, epoch, inner, update)
-            micro = list(chunk.split(config.micro_batch))
-            n_backward = len(micro) * steps
-            done = 0
-            for mb in micro:
-                idx = mb.tolist()
-                batch = prompt_conditions(model, [ro.prompts[i] for i in idx], cache)
-                eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
-                adv = ro.advantages[idx]
-                for j in range(steps):
-                    x, prev = ro.latents[idx, j], ro.latents[idx, j + 1]
-                    sigma, sigma_next = ro.sigmas[j], ro.sigmas[j + 1]
-                    ref_mean = None
-                    if phase.beta > 0:
-                        with torch.no_grad(), swapped(params, reference), acc.autocast():
-                            _, ref_mean, _ = outside_training(
-                                acc, wrapped, policy, batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma
-                            )
-                    done += 1
-                    last = done == n_backward
-                    with contextlib.nullcontext() if last else acc.no_sync(wrapped):
-                        logp, mean, std = wrapped(
-                            policy, batch, uncond, x, prev, sigma, sigma_next, eps, ro.gamma
-                        )
-                        loss, st = grpo_loss(
-                            logp,
-                            ro.log_probs[idx, j],
-                            adv,
-                            config.clip_range,
-                            mean,
-                            ref_mean,
-                            std,
-                            phase.beta,
-                        )
-                        backward(acc, wrapped, loss / n_backward, last)
-                    for k, v in st.items():
-                        totals[k] = totals.get(k, 0.0) + v
-                    count += 1
+            # before the backward passes: DeepSpeed steps in the last
+            set_lr(loop.optimizer, _lr(config, ep.index, inner, update))
+            count += _accumulate(run, ep, chunk, uncond, totals)
             # the norm is of the reduced gradient; agreeing on it keeps the processes in step regardless.
             # DeepSpeed: the engine stepped (or skipped a non-finite gradient) in the last backward already
-            norm = grad_norm(acc, params, config.grad_clip)
+            norm = grad_norm(acc, loop.params, config.grad_clip)
             finite = all_processes_agree(acc, math.isfinite(norm))
-            if finite:
-                optimizer.step()
-                grad_norms.append(norm)
-            else:
-                acc.print(f"RL epoch {epoch}: non-finite gradient (norm {norm}), update skipped")
-            skips.append(not finite)
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                decay = ema_decay(config, _step_index(config, epoch, inner, update))
-                if decay is not None:
-                    with torch.no_grad():
-                        for e, p in zip(ema.values(), params, strict=True):
-                            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            skipped = loop.step(finite, norm, f"RL epoch {ep.index}: non-finite gradient")
+            if not skipped:
+                ep.grad_norms.append(norm)
+            ep.skips.append(skipped)
+            loop.optimizer.zero_grad(set_to_none=True)
+            decay = ema_decay(config, _step_index(config, ep.index, inner, update))
+            if loop.ema is not None and decay is not None:
+                update_ema(loop.ema, loop.named, decay, form="scale_add")
     model.eval()
     local = torch.tensor([totals[k] / max(1, count) for k in sorted(totals)], device=acc.device)
     means = acc.gather(local[None]).mean(dim=0).tolist() if totals else []
-    return dict(zip(sorted(totals), means, strict=True)), grad_norms, skips
+    return dict(zip(sorted(totals), means, strict=True))
+
+
+def _accumulate(run: _Run, ep: _Epoch, chunk: torch.Tensor, uncond: torch.Tensor, totals: dict) -> int:
+    """Backward of the policy loss of one update's samples ``chunk`` over its micro-batches and trained steps
+    (the gradient all-reduced once, in the last); adds the loss statistics to ``totals``. Returns the number
+    of backward passes."""
+    config, loop, ro, beta = run.config, run.loop, ep.ro, ep.phase.beta
+    acc, wrapped, policy = loop.acc, loop.wrapped, run.policy
+    micro = list(chunk.split(config.micro_batch))
+    n_backward = len(micro) * config.train_steps
+    done = 0
+    for mb in micro:
+        idx = mb.tolist()
+        batch = prompt_conditions(run.model, [ro.prompts[i] for i in idx], ep.cache)
+        eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
+        adv = ro.advantages[idx]
+        for j in range(config.train_steps):
+            x, prev = ro.latents[idx, j], ro.latents[idx, j + 1]
+            args = (batch, uncond, x, prev, ro.sigmas[j], ro.sigmas[j + 1], eps, ro.gamma)
+            ref_mean = None
+            if beta > 0:
+                with torch.no_grad(), swapped(loop.params, run.reference), acc.autocast():
+                    _, ref_mean, _ = outside_training(acc, wrapped, policy, *args)
+            done += 1
+            last = done == n_backward
+            with contextlib.nullcontext() if last else acc.no_sync(wrapped):
+                logp, mean, std = wrapped(policy, *args)
+                loss, st = grpo_loss(
+                    logp, ro.log_probs[idx, j], adv, config.clip_range, mean, ref_mean, std, beta
+                )
+                backward(acc, wrapped, loss / n_backward, last)
+            for k, v in st.items():
+                totals[k] = totals.get(k, 0.0) + v
+    return done

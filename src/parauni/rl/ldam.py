@@ -115,22 +115,19 @@ def ldam_gamma(rewards: list[float], grad_norms: list[float], gamma0: float) -> 
     return gamma0 * ((max(grad_norms) - min(grad_norms)) + (max(rewards) - min(rewards)))
 
 
-def reward_gate(rewards: list[float], drop_epochs: int) -> bool:
-    """True when the reward fell in each of the last ``drop_epochs`` epochs (needs drop_epochs + 1 values)."""
-    if len(rewards) < drop_epochs + 1:
-        return False
-    tail = rewards[-(drop_epochs + 1) :]
-    return all(b < a for a, b in zip(tail[:-1], tail[1:], strict=True))
+def drop_streak(rewards: list[float], before: int = 0) -> int:
+    """The drop streak ``r_s`` after the rounds ``rewards``: how many rounds in a row, up to the last, fell below
+    the round before. ``before``: the streak at ``rewards[0]`` (earlier rounds that the list does not hold)."""
+    streak = before
+    for a, b in zip(rewards[:-1], rewards[1:], strict=True):
+        streak = streak + 1 if b < a else 0
+    return streak
 
 
-def _trailing_drops(rewards: list[float]) -> int:
-    """The drop streak ``r_s`` of a reward history: how many of its last rounds fell below the round before."""
-    n = 0
-    for a, b in zip(rewards[-2::-1], rewards[::-1], strict=False):
-        if not b < a:
-            break
-        n += 1
-    return n
+def reward_gate(rewards: list[float], drop_epochs: int, before: int = 0) -> bool:
+    """The reward gate: True when the reward fell in each of the last ``drop_epochs`` rounds of ``rewards``
+    (its drop streak, continuing ``before``, reaches ``drop_epochs``)."""
+    return drop_streak(rewards, before) >= drop_epochs
 
 
 def grad_norm_gate(grad_norms: list[float], window: int, sigmas: float) -> bool:
@@ -180,8 +177,8 @@ class LDAM:
     def _record(self, reward: float, grad_norm: float) -> None:
         """Append this round's finite values and advance the drop streak ``r_s``."""
         if math.isfinite(reward):
-            fell = bool(self.rewards) and reward < self.rewards[-1]
-            self.drop_streak = self.drop_streak + 1 if fell else 0
+            before = self.drop_streak if self.rewards else 0
+            self.drop_streak = drop_streak([*self.rewards[-1:], reward], before)
             self.rewards.append(float(reward))
         if math.isfinite(grad_norm):
             self.grad_norms.append(float(grad_norm))
@@ -210,7 +207,7 @@ class LDAM:
             self.cooling_left -= 1
         self._record(reward, grad_norm)
         gates = {
-            "reward_gate": self.drop_streak >= c.drop_epochs,
+            "reward_gate": reward_gate(self.rewards[-1:], c.drop_epochs, before=self.drop_streak),
             "grad_gate": grad_norm_gate(self.grad_norms, c.window, c.grad_sigmas),
         }
         fired = c.enabled and self._gates_fire(gates) and not cooling
@@ -245,7 +242,7 @@ class LDAM:
     def load_state_dict(self, state: dict) -> None:
         for key in ("rewards", "grad_norms", "gamma", "active_left", "cooling_left", "triggers"):
             setattr(self, key, state[key])
-        self.drop_streak = state.get("drop_streak", _trailing_drops(self.rewards))
+        self.drop_streak = state.get("drop_streak", drop_streak(self.rewards))
 
     # ------------------------------------------------------------------------------------------ noise
     def noise(

@@ -1,6 +1,6 @@
 """Stage III's rollouts: the policy's conditions (cached once per prompt and epoch) and SDE sampling with
 CFG that keeps every latent and log-probability (:func:`rollout`); all randomness derives from
-``(seed, epoch, sample index)`` (:func:`derived_seed`), so a rollout is the same on any number of processes.
+``(seed, epoch, purpose, sample index)`` (:func:`parauni.utils.seeds.purpose_seed`), so a rollout is the same on any number of processes.
 """
 
 from __future__ import annotations
@@ -15,21 +15,9 @@ from ..diffusion.sampling import SDEStep, denoise, flow_match_sigmas, flow_sigma
 from ..models.parauni import ParaUni
 from ..models.vlm import PromptBatch
 from ..pipeline import initial_noise
+from ..utils.seeds import Purpose, purpose_generators, purpose_seed
 from .config import RLConfig
 from .ldam import LDAM, Perturbation, perturbation_scale
-
-
-def derived_seed(*parts: int) -> int:
-    """One 62-bit seed from integer parts (seed, epoch, purpose, sample index): the same on every process."""
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p) + 1) % (2**62)
-    return h
-
-
-def seeded_generators(*prefix: int, indices: list[int]) -> list[torch.Generator]:
-    """One CPU generator per sample index, seeded with ``derived_seed(*prefix, index)``."""
-    return [torch.Generator().manual_seed(derived_seed(*prefix, i)) for i in indices]
 
 
 # --------------------------------------------------------------------------------------------- conditions
@@ -195,17 +183,18 @@ def rollout(
                 model.queries.shape[0],
                 model.lim.projector.out_features,
             )
-            eps = ldam.noise(per_shape, seeded_generators(config.seed, epoch, 2, indices=idx))
+            eps = ldam.noise(per_shape, purpose_generators(config.seed, epoch, Purpose.LDAM_NOISE, idx))
         cond = policy_condition(model, src, eps, gamma, ldam.zone if ldam is not None else [])
-        # the initial noise: one per sample, or one per prompt draw with rl.same_latent (seed part 5 keeps the
+        # the initial noise: one per sample, or one per prompt draw with rl.same_latent (a purpose of its own keeps the
         # per-sample streams of the default unchanged)
         keys = (
-            [(5, g) for g in groups[start : start + len(chunk)]]
+            [(Purpose.SHARED_LATENT, g) for g in groups[start : start + len(chunk)]]
             if config.same_latent
-            else [(0, i) for i in idx]
+            else [(Purpose.INITIAL_NOISE, i) for i in idx]
         )
-        x = initial_noise(shape, [derived_seed(config.seed, epoch, *k) for k in keys], model.device)
-        step = SDEStep(config.eta, float(sigmas[1]), seeded_generators(config.seed, epoch, 1, indices=idx))
+        x = initial_noise(shape, [purpose_seed(config.seed, epoch, *k) for k in keys], model.device)
+        sde = purpose_generators(config.seed, epoch, Purpose.SDE_NOISE, idx)
+        step = SDEStep(config.eta, float(sigmas[1]), sde)
         uncond = uncond_one.expand_as(cond)
         final, outs = denoise(
             functools.partial(cfg_velocity, model, cond=cond, uncond=uncond, scale=config.cfg),

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..models.parauni import ParaUni
 from ..pipeline import generate
 from ..rl.plots import phase_gains, plot_reward_curves, read_log, reward_names, trigger_summary
-from ..training.trainer import train
+from ..training.run import RunOptions, run_stage
 from ..utils.device import default_device
 from ..utils.images import tensor_to_uint8
 from ..utils.run_files import RL_LOG
@@ -157,13 +157,13 @@ class _DemoRun:
             t = time.time()
             source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
             out = self.out / f"stage{stage}"
-            train(
+            run_stage(
                 self.model,
                 source,
                 cfg.parauni.stage(stage),
                 out,
-                progress=self.progress,
-                teacher=self.teacher,
+                RunOptions(progress=self.progress),
+                self.teacher,
             )
             self.timings[f"stage{stage}"] = time.time() - t
             label = f"ParaUni Stage {'I' * stage} (all layers)"

@@ -7,10 +7,15 @@ The loop is the same for all of them; what differs is the loss of a step, which 
     (``work/checkpoints/step_<N>``, written and verified by :mod:`parauni.training.checkpoint`, as every
     training loop of the library is).
 
-Every random draw of a step comes from generators seeded by ``(seed, step)`` (``step_loss`` builds its own;
-the loop seeds torch's global generator, which dropout uses, the same way), so a run killed at any point and
-resumed from its last checkpoint ends with the same weights as one that was never interrupted.
-"""
+The optimiser and schedule are the package's (:mod:`parauni.utils.optim`). The checkpoints are this loop's
+own: the whole module (its tied weights once) and the optimiser, from one process, which is what a killed
+``parauni world pretrain`` resumes from.
+
+Every random draw of a step comes from generators seeded by ``(seed, step)``
+(:func:`parauni.utils.seeds.stream_seed`): ``step_loss`` builds its own, and the loop seeds torch's global
+generator the same way, because dropout layers and any draw inside a model read only that one. So a run
+killed at any point and resumed from its last checkpoint ends with the same weights as one that was never
+interrupted."""
 
 from __future__ import annotations
 
@@ -34,20 +39,17 @@ from ..training.checkpoint import (
     remove_partial_checkpoints,
 )
 from ..training.distributed import OPTIMIZER_FILE
-from ..training.trainer import warmup_cosine
 from ..utils.files import read_json
+from ..utils.optim import adamw as build_adamw
+from ..utils.optim import decay_groups, set_lr, warmup_cosine
 from ..utils.run_files import CHECKPOINT_DIR, WEIGHTS_FILE
+from ..utils.seeds import stream_seed
 from .config import FitConfig
 
 
 def adamw(module: nn.Module, s: FitConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (none on biases, norms and other 1-D tensors)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas))
+    return build_adamw(decay_groups(module.parameters(), s.weight_decay), s.lr, s.betas)
 
 
 def _save(work: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
@@ -98,9 +100,9 @@ def fit(
     t0, start = time.time(), state["step"]
     bar = tqdm(total=schedule.steps, initial=start, desc=f"stage 0: {name}", disable=not progress)
     for step in range(start, schedule.steps):
-        torch.manual_seed(seed * 1_000_003 + step)
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, schedule.lr, schedule.warmup, schedule.steps)
+        # the global generator, not one passed in: dropout and any other draw of the model read it
+        torch.manual_seed(stream_seed(seed, step))
+        set_lr(opt, warmup_cosine(step, schedule.lr, schedule.warmup, schedule.steps))
         loss, metrics = step_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()

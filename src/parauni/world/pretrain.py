@@ -30,7 +30,7 @@ from pathlib import Path
 from ..config import LIMConfig, ModelConfig, SamplingConfig, from_dict
 from ..errors import MissingFileError, ParaUniError
 from ..training.checkpoint import RAW_FILE
-from ..training.trainer import train
+from ..training.run import RunOptions, run_stage
 from ..utils.device import default_device
 from ..utils.run_files import CHECKPOINT_DIR, TRAIN_LOG
 from .config import STREAM_OFFSETS, WorldConfig, stage0_base, world_config
@@ -188,7 +188,9 @@ def _phase_t2i(cfg: WorldConfig, folder: Path, tokenizer, progress: bool, log) -
     text = train_text_encoder(t2i, cfg, progress, folder / WORK_DIR / "text_encoder")
     source = WorldSource(cfg.seed + STREAM_OFFSETS["t2i"], cfg.image_size)
     t0 = time.time()
-    result = train(t2i, source, cfg.t2i.train, folder / "t2i", resume=True, progress=progress)
+    result = run_stage(
+        t2i, source, cfg.t2i.train, folder / "t2i", RunOptions(resume=True, progress=progress)
+    ).result
     log_rows = [json.loads(line) for line in (folder / "t2i" / TRAIN_LOG).read_text().splitlines()]
     m = {
         "final_loss": result.final_loss,

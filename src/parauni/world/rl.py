@@ -14,17 +14,22 @@ norm is above the mean of the 3 rounds before it, cooling 3 rounds. Its firing r
 
 from __future__ import annotations
 
-from dataclasses import replace
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..config import TrainableConfig
-from ..rl.config import PhaseConfig, RLConfig
-from ..rl.grpo import train_rl
-from ..rl.prompts import PromptItem
-from ..rl.rewards import CombinedReward
+from ..errors import ConfigError
+from ..rl.config import PhaseConfig, RewardsConfig, RLConfig
+from ..rl.prompts import PromptItem, PromptSource
+from ..rl.rewards import build_rewards
+from ..rl.run import rl_configs, run_rl
 from ..scoring.geneval_rules import GENEVAL_TAGS
+from ..training.run import RunOptions
+from ..training.run_folder import command_line, write_run_record
 from .captions import metadata_for
 from .reward_models import world_rewards
 
@@ -73,20 +78,95 @@ def run_world_rl(
 ):
     """Stage III of ``model`` (a world Stage-II ParaUni) with the world's rewards (the world config's ``rl``,
     :func:`parauni.world.config.world_rl_defaults`); returns the RLResult."""
-    rewards = world_rewards(stage0)
-    combined = CombinedReward(rewards, {name: 1.0 for name in rewards})
+    options = RunOptions(resume=resume, progress=progress, log=log)
+    return run_rl(model, world_rewards(stage0), WorldPromptSource(), cfg, out_dir, options)
 
-    def score(images, prompts, metadata):
-        return combined(images, prompts, metadata)[1]
 
-    return train_rl(
-        model,
-        score,
-        list(rewards),
-        WorldPromptSource(),
-        cfg,
-        out_dir,
-        resume=resume,
-        progress=progress,
-        log=log,
+# ------------------------------------------------------------------------------------------------ parauni rl
+DEMO_STAGE2 = "parauni-demo/stage2"  # where `parauni demo` (default --out) writes its Stage-II model
+
+
+@dataclass
+class RLRequest:
+    """A Stage-III run as ``parauni rl`` asks for it: on the user's prompts and rewards, or (``world``) on the
+    shapes world's, with its defaults."""
+
+    out: str  # the run folder
+    model: str | None = None  # the Stage-II model folder (with world: default parauni demo's)
+    config: str | None = None  # a YAML file with 'rl' (RLConfig) and 'rewards' (RewardsConfig) sections
+    prompts: str | None = None  # .txt (one a line) or GenEval-style .jsonl
+    world: bool = False  # the shapes world's prompts, rewards and RL defaults
+    stage0: str = "release"  # with world: the Stage-0 models ('release', 'scratch', a folder or Hub id)
+    cache: str | None = None  # with world: the scratch Stage-0 cache (implies stage0='scratch')
+    rl_overrides: list[str] = field(default_factory=list)  # RL config overrides, key=value
+    reward_overrides: list[str] = field(default_factory=list)  # rewards config overrides, key=value
+    model_overrides: list[str] = field(default_factory=list)  # model config overrides, --section.key=value
+
+
+def _defaults(request: RLRequest, log) -> tuple[dict, dict, str | None]:
+    """The RL and rewards config defaults (the library's, or the world's) and the model folder."""
+    if not request.world:
+        return dataclasses.asdict(RLConfig()), {}, request.model
+    from .release import existing_stage0
+
+    wcfg, stage0 = existing_stage0("scratch" if request.cache else request.stage0, request.cache)
+    model_dir = request.model
+    if not model_dir:  # parauni demo's Stage-II model, in the working directory
+        model_dir = DEMO_STAGE2
+        if not Path(model_dir).is_dir():
+            raise ConfigError(
+                f"--world without --model trains {model_dir} (parauni demo's Stage-II model, relative to the "
+                f"working directory {Path.cwd()}), which does not exist; run `parauni demo` here first or "
+                "give --model DIR"
+            )
+        log(f"RL on {Path(model_dir).resolve()} (parauni demo's Stage-II model; --model DIR for another)")
+    return dataclasses.asdict(wcfg.rl), {"world": str(stage0)}, model_dir
+
+
+def _rewards(cfg: RewardsConfig) -> dict:
+    """The reward models of ``cfg`` by name (the world's when ``cfg.world`` names a Stage-0 folder)."""
+    shapes = world_rewards(cfg.world, batch_size=cfg.batch_size) if cfg.world else {}
+    return build_rewards(cfg, shapes)
+
+
+def _record(request: RLRequest, result, rewards: dict) -> None:
+    """The run record of a finished ``parauni rl`` (its final rewards, data and command)."""
+    last = result.history[-1]
+    rewards_now = {
+        k[len("reward_") :]: v for k, v in last.items() if k.startswith("reward_") and not k.endswith("_std")
+    }
+    record = {"stage": 3, "unit": "RL epochs", "steps": len(result.history), "final_rewards": rewards_now}
+    record["data"] = f"RL prompts from {request.prompts or 'the shapes world'}; rewards {sorted(rewards)}"
+    write_run_record(Path(request.out), {**record, "command": command_line(), "settings": {}})
+
+
+def run_rl_request(request: RLRequest, options: RunOptions, check_out: Callable[[], None] | None = None):
+    """``parauni rl``: ``check_out()`` (the caller's check of the run folder), the configs (defaults, then the
+    YAML, then the overrides), the prompts, the model and the rewards, then :func:`parauni.rl.run.run_rl` and
+    the run record. Returns the RLResult."""
+    from ..models.parauni import ParaUni
+
+    if check_out is not None:
+        check_out()
+    rl_dict, rewards_dict, model_dir = _defaults(request, options.log)
+    if not model_dir:
+        raise ConfigError("parauni rl needs --model DIR (a Stage-II model folder), or --world")
+    config, rewards_cfg = rl_configs(
+        rl_dict, rewards_dict, request.config, request.rl_overrides, request.reward_overrides
     )
+    if request.prompts:
+        prompts = PromptSource.from_file(request.prompts)
+    elif request.world:
+        prompts = WorldPromptSource()
+    else:
+        raise ConfigError("parauni rl needs --prompts FILE (.txt or GenEval-style .jsonl), or --world")
+    model = ParaUni.load(model_dir, request.model_overrides)
+    rewards = _rewards(rewards_cfg)
+    options.log(
+        f"RL: {config.total_epochs} epochs over phases "
+        + ", ".join(f"{p.name} ({p.epochs} epochs, {p.rewards}, zone {p.zone})" for p in config.phases)
+        + f"; rewards available: {sorted(rewards)}"
+    )
+    result = run_rl(model, rewards, prompts, config, request.out, options)
+    _record(request, result, rewards)
+    return result

@@ -21,6 +21,7 @@ from ..diffusion.sampling import sample
 from ..pipeline import initial_noise
 from ..utils.files import drop_machine_paths
 from ..utils.images import tensor_to_uint8
+from ..utils.optim import decay_groups
 
 BOS = "<|im_start|>"
 CONFIG_FILE = "t2i_config.json"
@@ -120,9 +121,8 @@ class TextToImage(nn.Module):
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """AdamW groups of the trained parameters: weight decay on matrices, none on 1-D ones."""
+        return decay_groups(self.parameters(), weight_decay)
 
     @torch.no_grad()
     def generate(
