@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointError, ConfigError
 from ..utils.files import read_json, save_safetensors
-from ..utils.run_files import CHECKPOINT_DIR, TRAIN_LOG
+from ..utils.run_files import CHECKPOINT_DIR, TRAIN_LOG, launcher_rank
 from .distributed import like, save_optimizer, whole_tensors
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -355,6 +355,6 @@ def trim_train_log(folder: str | Path, start: int) -> None:
     """Drop the log rows of steps >= ``start`` (a killed run logged them after its last checkpoint), so a
     resumed run's log holds every step once. The launcher's first process writes the log, so only it trims."""
     log = Path(folder) / TRAIN_LOG
-    if log.is_file() and int(os.environ.get("RANK", "0")) == 0:
+    if log.is_file() and launcher_rank() == 0:
         kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] < start]
         log.write_text("".join(line + "\n" for line in kept))

@@ -5,12 +5,12 @@ train`` asks for: a model preset or folder and a data path, whose sizes and data
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..utils.run_files import launcher_rank
 from .config import TrainConfig
 from .sources import DataOptions
 from .trainer import TrainResult
@@ -41,7 +41,7 @@ def _copy_in(out: Path) -> list[str] | None:
     from ..models.references import copy_in
     from .run_folder import write_model_card
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launcher_rank() != 0:
         return None
     copied = copy_in(out)
     write_model_card(out)

@@ -44,7 +44,7 @@ from ..errors import ConfigError
 from ..eval.reconstruct import reconstruct_folder, side_by_side
 from ..models.parauni import ParaUni
 from ..scoring.geneval_rules import GENEVAL_TAGS
-from ..training.trainer import train
+from ..training.run import RunOptions, run_stage
 from .captions import WorldStream, make_eval_metadata
 from .config import STREAM_OFFSETS, WorldConfig
 from .demo import paraunigen, world_teacher
@@ -182,7 +182,9 @@ def _train_stages(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, u
             model = ParaUni.from_config(_model_config(cfg, stage0, row, seed))
         tc = dataclasses.replace(cfg.parauni.stage(stage), seed=seed * 1000 + stage)
         source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"] + SEED_STRIDE * seed, cfg.image_size)
-        result = train(model, source, tc, folder, resume=True, progress=progress, teacher=teacher)
+        result = run_stage(
+            model, source, tc, folder, RunOptions(resume=True, progress=progress), teacher
+        ).result
         (folder / "done.json").write_text(json.dumps({"seconds": result.seconds, "loss": result.final_loss}))
     return model
 

@@ -35,6 +35,7 @@ from ..rl.rewards import (
 )
 from ..scoring.clip import CLIPEmbedder
 from ..utils.images import pil_to_tensor
+from ..utils.seeds import stream_seed
 from .captions import (
     COUNTS,
     WorldStream,
@@ -331,7 +332,7 @@ def train_world_aesthetic(
     stream = WorldStream(cfg.seed + STREAM_OFFSETS["aesthetic"], cfg.image_size)
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, step))
         images = _images(stream.batch(step * r.aesthetic_train.batch_size, r.aesthetic_train.batch_size))
         better, worse = _ranking_pairs(images, gen)
         with torch.no_grad():

@@ -39,8 +39,8 @@ def world_geneval_rl(base: RLConfig) -> RLConfig:
     world's RL config) with one ``geneval`` phase and the cheapest setting per sample of those measured
     (docs/world.md, "Stage III on the world"): the whole DiT (the paper's table) at lr 3e-4, 32 prompts x 4 images
     an epoch in one on-policy update, the first half of the steps trained (the last steps carry most of the
-    gradient's norm and little of the layout the credit scores), no KL term, LDAM off, 18 epochs (about 8 min on
-    one loaded core). None of the settings measured raised ShapesEval in that time; see the docs for why."""
+    gradient's norm and little of the layout the credit scores), no KL term, LDAM off, 18 epochs. Its measured
+    effect and cost are in the docs."""
     return replace(
         base,
         phases=[PhaseConfig("geneval", {"geneval": 1.0}, epochs=18, zone="deep", beta=0.0)],

@@ -14,6 +14,7 @@ from ..config import CONDITIONAL_TEMPLATE
 from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
 from ..utils.images import pil_to_tensor
+from ..utils.seeds import stream_seed
 from .captions import WorldStream, binding_twin, world_vocabulary
 from .config import STREAM_OFFSETS, WorldConfig, transformer_sizes
 from .fit import fit
@@ -225,7 +226,7 @@ def train_world_autoencoder(
     source = WorldSource(cfg.seed + STREAM_OFFSETS["ae"], cfg.image_size)
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, step))
         x, _ = source.examples(list(range(step * a.train.batch_size, (step + 1) * a.train.batch_size)))
         x = x.to(ae.device)
         z = ae.encode(x).latent
