@@ -59,6 +59,12 @@ def cmd_reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this family's commands on the ``parauni`` sub-command parser."""
+    _add_demo(sub)
+    _add_reproduce(sub)
+    _add_world(sub)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="train and measure the whole pipeline on the embedded shapes world",
@@ -93,6 +99,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     p.set_defaults(fn=cmd_demo)
 
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce",
         help="the paper's ablation table on the shapes world (rows x seeds, resumable)",
@@ -119,6 +127,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     p.set_defaults(fn=cmd_reproduce)
 
+
+def _add_world(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("world", help="the shapes world's own models")
     worlds = p.add_subparsers(dest="world_command", required=True)
     p = worlds.add_parser(

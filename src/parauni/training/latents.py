@@ -135,36 +135,59 @@ class ExtractResult:
     skipped: int
 
 
+@dataclass
+class ExtractOptions:
+    """How :func:`extract_latents` encodes: what the plan records, and this process's share."""
+
+    image_size: int  # the side the source's pixels are resized to
+    encoder_key: (
+        str  # identifies the encoder (:func:`encoder_key` of its VAE), checked on resume and by training
+    )
+    shard_size: int = 1024  # samples per output shard
+    batch_size: int = 32  # images per encoder call
+    dtype: str = "float32"  # the stored latents' dtype
+    rank: int = (
+        0  # this process's index among num_processes (it writes shards rank, rank + num_processes, ...)
+    )
+    num_processes: int = 1
+    progress: bool = True  # a progress bar
+
+
 def extract_latents(
     source: ShardedSource,
     encode: Encoder,
     out: str | Path,
-    *,
-    image_size: int,
-    encoder_key: str,
-    shard_size: int = 1024,
-    batch_size: int = 32,
-    dtype: str = "float32",
-    rank: int = 0,
-    num_processes: int = 1,
-    progress: bool = True,
+    options: ExtractOptions | None = None,
+    **fields,
 ) -> ExtractResult:
     """Encode this process's output shards (j = rank, rank + num_processes, ...) of ``source`` into ``out``.
 
     Args:
         source: a pixel source (tar shards, a Hugging Face dataset, image files) read in its unshuffled order.
         encode: pixels (B, 3, S, S) -> latents (B, C, h, w), e.g. :func:`vae_encoder`.
-        encoder_key: identifies ``encode`` (:func:`encoder_key` of its VAE), checked on resume and by training.
+        options: an :class:`ExtractOptions`, or its fields as keywords (``image_size=..., encoder_key=...``).
     Call :func:`finish_extraction` once every process is done.
     """
+    if options is not None and fields:
+        raise TypeError(
+            f"extract_latents takes options or their fields as keywords, not both ({sorted(fields)})"
+        )
+    o = options or ExtractOptions(**fields)
+    rank, num_processes, shard_size, batch_size, dtype = (
+        o.rank,
+        o.num_processes,
+        o.shard_size,
+        o.batch_size,
+        o.dtype,
+    )
     if not 0 <= rank < num_processes:
         raise ValueError(f"rank {rank} must be in [0, {num_processes})")
     out = Path(out)
-    plan = make_plan(source, image_size, encoder_key, shard_size, dtype)
+    plan = make_plan(source, o.image_size, o.encoder_key, shard_size, dtype)
     _check_plan(out, plan)
     mine = range(rank, plan["num_shards"], num_processes)
     written = reused = skipped = 0
-    for j in tqdm(mine, desc=f"extracting latents (process {rank})", disable=not progress):
+    for j in tqdm(mine, desc=f"extracting latents (process {rank})", disable=not o.progress):
         final = out / f"{shard_name(j)}.safetensors"
         if final.is_file():
             reused += 1
