@@ -438,7 +438,7 @@ def _update(
         return {}, [], []
     model.train()
     n = len(keep)
-    steps = config.train_steps
+    steps = config.trained_steps
     if cache is not None:
         uncond = cache.uncond
     else:
@@ -456,14 +456,14 @@ def _update(
             for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps in the last
                 group["lr"] = _lr(config, epoch, inner, update)
             micro = list(chunk.split(config.micro_batch))
-            n_backward = len(micro) * steps
+            n_backward = len(micro) * len(steps)
             done = 0
             for mb in micro:
                 idx = mb.tolist()
                 batch = prompt_conditions(model, [ro.prompts[i] for i in idx], cache)
                 eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
                 adv = ro.advantages[idx]
-                for j in range(steps):
+                for j in steps:
                     x, prev = ro.latents[idx, j], ro.latents[idx, j + 1]
                     sigma, sigma_next = ro.sigmas[j], ro.sigmas[j + 1]
                     ref_mean = None

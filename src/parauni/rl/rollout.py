@@ -205,7 +205,12 @@ def rollout(
             else [(0, i) for i in idx]
         )
         x = initial_noise(shape, [derived_seed(config.seed, epoch, *k) for k in keys], model.device)
-        step = SDEStep(config.eta, float(sigmas[1]), seeded_generators(config.seed, epoch, 1, indices=idx))
+        step = SDEStep(
+            config.eta,
+            float(sigmas[1]),
+            seeded_generators(config.seed, epoch, 1, indices=idx),
+            config.stochastic_steps,
+        )
         uncond = uncond_one.expand_as(cond)
         final, outs = denoise(
             functools.partial(cfg_velocity, model, cond=cond, uncond=uncond, scale=config.cfg),
