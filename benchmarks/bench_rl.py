@@ -4,6 +4,7 @@
                                   [--shapeseval-before 0.429] [--timing-epochs 0]
     python benchmarks/bench_rl.py --mode ldam --seeds 0 1 2 [--recipe demo|geneval] [--rl phases.0.epochs=20]
     python benchmarks/bench_rl.py --mode monitor --seeds 0 1 2          # LDAM per reward vs the phase signal
+    python benchmarks/bench_rl.py --mode sanity --seeds 0 [--rl phases.0.epochs=6]   # can RL learn brightness?
     python benchmarks/bench_rl.py --quick --seeds 0     # the quick world, a fresh Stage-II model (smoke test)
     python benchmarks/bench_rl.py --gate-rates [--gate-rounds 1000 --gate-phases 100]   # synthetic gate rates
 
@@ -19,6 +20,11 @@ overrides (`--world.eval.per_tag=20`) change the world config; `--rl key=value` 
    of the RL time, the triggers, each reward's end value (mean of the last 2 epochs), ShapesEval and its gain
    over the Stage-II model. `--mode geneval` then prints whether the issue-26 target is met: a gain of 0.05 or
    more, beyond 2 std of the seeds, in at most 600 s of RL a run.
+
+`--mode sanity` checks that RL can learn at all: the mean brightness of the image as the only reward (the world's
+RL defaults otherwise, KL and LDAM off, constant lr), run once at the recipe's lr and once at lr 0 with the
+same seed (the same prompts and noise every epoch); it prints the per-epoch difference of the two runs' mean
+brightness against the per-sample std. No ShapesEval.
 
 Whether LDAM helps on the world is a finding, whichever way it goes; nothing here fails on a miss.
 """
@@ -61,6 +67,7 @@ MODES = {
         "LDAM off": ["ldam.enabled=false"],
     },
     "geneval": {"RL": []},
+    "sanity": {},
 }
 
 
@@ -124,6 +131,50 @@ def _run(args, cfg, stage0: Path, w, out: Path):
     return model, result.history, time.time() - t
 
 
+def brightness(images, prompts, metadata) -> dict[str, list[float]]:
+    """The sanity reward: each image's mean pixel value (images in [-1, 1])."""
+    return {"bright": images.float().mean(dim=(1, 2, 3)).tolist()}
+
+
+def sanity(args, base, out: Path) -> dict:
+    """RL on the brightness alone at ``base.lr`` and at lr 0 (same seed); per epoch, the difference of the means."""
+    from parauni.rl.config import PhaseConfig
+    from parauni.rl.grpo import train_rl
+    from parauni.world.rl import WorldPromptSource
+
+    phase = PhaseConfig("bright", {"bright": 1.0}, base.phases[0].epochs, "deep", beta=0.0)
+    rows = {}
+    for label, lr in (("RL", base.lr), ("lr 0", 0.0)):
+        w = dataclasses.replace(
+            base,
+            phases=[phase],
+            lr=lr,
+            lr_schedule="constant",
+            seed=args.seeds[0],
+            ldam=dataclasses.replace(base.ldam, enabled=False),
+        )
+        t = time.time()
+        result = train_rl(
+            ParaUni.from_pretrained(args.stage2),
+            brightness,
+            ["bright"],
+            WorldPromptSource(),
+            w,
+            out / f"sanity_{label.replace(' ', '')}",
+            progress=False,
+            log=lambda *a: None,
+        )
+        rows[label] = result.history
+        print(f"{label} (lr {lr:g}): {time.time() - t:.0f} s")
+    diff = [a["reward_bright"] - b["reward_bright"] for a, b in zip(rows["RL"], rows["lr 0"], strict=True)]
+    spread = float(np.mean([r["reward_bright_std"] for r in rows["lr 0"]]))
+    print("brightness, RL minus lr 0, per epoch: " + " ".join(f"{d:+.4f}" for d in diff))
+    print(
+        f"per-sample std of the brightness: {spread:.4f}; last epoch's gain in stds: {diff[-1] / spread:+.2f}"
+    )
+    return {"difference": diff, "sample_std": spread}
+
+
 def epoch_timing(args, cfg, stage0: Path, out: Path) -> dict:
     """Seconds per RL epoch with the VLM run at every call (before) and once per prompt and epoch (after)."""
     result = {}
@@ -176,7 +227,8 @@ def main() -> None:
         choices=list(MODES),
         default="ldam",
         help="ldam: LDAM on vs off; monitor: LDAM per reward vs on the phase's combined reward vs off; geneval: one "
-        "run a seed (with --recipe geneval: the ShapesEval credit alone, the +0.05 target)",
+        "run a seed (with --recipe geneval: the ShapesEval credit alone, the +0.05 target); sanity: the brightness "
+        "reward at the recipe's lr against lr 0 (the first seed only)",
     )
     parser.add_argument(
         "--recipe",
@@ -225,6 +277,12 @@ def main() -> None:
         f"{cfg.rl.prompts_per_epoch} prompts x {cfg.rl.group_size} images"
     )
     results: dict = {"runs": [], "world_rl": dataclasses.asdict(cfg.rl)}
+    base = world_geneval_rl(cfg.rl) if args.recipe == "geneval" else cfg.rl
+    base = with_overrides(base, args.rl)
+    if args.mode == "sanity":
+        results["sanity"] = sanity(args, base, out)
+        (out / "bench_rl.json").write_text(json.dumps(results, indent=2))
+        return
     if args.timing_epochs > 0:
         timing = epoch_timing(args, cfg, stage0, out)
         results["epoch_timing"] = timing
@@ -249,8 +307,6 @@ def main() -> None:
         t = time.time()
         results["shapeseval_before"] = shapeseval(ParaUni.from_pretrained(args.stage2))
         print(f"ShapesEval before RL: overall {results['shapeseval_before']:.3f} ({time.time() - t:.0f} s)")
-    base = world_geneval_rl(cfg.rl) if args.recipe == "geneval" else cfg.rl
-    base = with_overrides(base, args.rl)
     variants = MODES[args.mode]
     results["rl"] = dataclasses.asdict(base)
     print(

@@ -231,3 +231,37 @@ def test_same_latent_shares_the_initial_noise_within_a_group(make_tiny, same):
     assert torch.equal(x0[0], x0[1]) == same and torch.equal(x0[2], x0[3]) == same
     assert not torch.equal(x0[0], x0[2])
     assert not torch.equal(ro.latents[0, -1], ro.latents[1, -1])  # the SDE noise still differs
+
+
+def test_sde_window_makes_the_other_steps_deterministic_and_trains_only_the_window(make_tiny, tmp_path):
+    from parauni.rl.rollout import rollout
+
+    model = make_tiny()
+    cfg = _cfg(steps=4, sde_window=2, sde_window_start=1, same_latent=True, ldam=LDAMConfig(enabled=False))
+    assert cfg.trained_steps == [1, 2] and cfg.stochastic_steps == [False, True, True, False]
+    assert _cfg().trained_steps == [0, 1] and _cfg().stochastic_steps is None  # 0.99 of 3 steps
+    items = [("a red circle", None)] * 2
+    ro = rollout(model, items, [0, 0], [0, 1], cfg, epoch=0, ldam=None)
+    assert (ro.log_probs[:, [0, 3]] == 0).all() and (ro.log_probs[:, [1, 2]] != 0).all()
+    lat = ro.latents
+    assert torch.equal(lat[0, 1], lat[1, 1])  # the same start and a deterministic first step
+    assert not torch.equal(lat[0, 2], lat[1, 2])  # the window's noise differs per image
+    calls = []
+    import parauni.rl.grpo as grpo
+
+    loss = grpo.grpo_loss
+
+    def spy(logp, old, *a, **kw):
+        calls.append(old.clone())
+        return loss(logp, old, *a, **kw)
+
+    grpo.grpo_loss = spy
+    try:
+        train_rl(model, _bright, ["bright", "dark"], PromptSource(items), cfg, tmp_path,
+                 progress=False, log=lambda *a: None)  # fmt: skip
+    finally:
+        grpo.grpo_loss = loss
+    assert calls and all((c != 0).all() for c in calls)  # only the window's (stochastic) steps are trained
+    assert len(calls) == cfg.phases[0].epochs * cfg.updates_per_epoch * 2  # the window's 2 steps per update
+    with pytest.raises(ConfigError, match="sde_window"):
+        _cfg(steps=4, sde_window=3, sde_window_start=2)

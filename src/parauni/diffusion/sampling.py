@@ -14,7 +14,7 @@ Classifier-free guidance is a wrapper around the velocity function (:func:`guide
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,18 +151,34 @@ class SDEStep:
     """The rollout's step function: :func:`sde_step` with per-image seeded noise.
 
     ``generators`` holds one ``torch.Generator`` per image, so an image's trajectory depends only on its own
-    seed (not on the batch it was drawn in or the number of processes).
+    seed (not on the batch it was drawn in or the number of processes). ``stochastic`` (one flag per step,
+    default all true) makes the unflagged steps deterministic Euler steps (log-probability 0): the SDE window
+    of Flow-GRPO-Fast and MixGRPO, where only the window's steps explore and are trained.
     """
 
-    def __init__(self, eta: float, sigma_max: float, generators: list[torch.Generator]) -> None:
+    def __init__(
+        self,
+        eta: float,
+        sigma_max: float,
+        generators: list[torch.Generator],
+        stochastic: Sequence[bool] | None = None,
+    ) -> None:
         self.eta = eta
         self.sigma_max = float(sigma_max)
         self.generators = generators
+        self.stochastic = stochastic
+        self.index = 0
 
     def __call__(
         self, x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
     ) -> StepOutput:
+        # every step draws its noise, so an image's stream is the same whichever steps are stochastic
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in self.generators]).to(x.device)
+        sde = self.stochastic is None or self.stochastic[self.index]
+        self.index += 1
+        if not sde:
+            out = euler_step(x, v, sigma, sigma_next)
+            return StepOutput(out.sample, log_prob=torch.zeros(x.shape[0], device=x.device))
         return sde_step(x, v, sigma, sigma_next, eta=self.eta, sigma_max=self.sigma_max, noise=noise)
 
 

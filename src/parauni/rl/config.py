@@ -91,6 +91,17 @@ class RLConfig:
     )
     width: int | None = field(default=None, metadata={"help": "image width (default: the model's sampling)"})
     timestep_fraction: float = field(default=0.99, metadata={"help": "fraction of the steps trained on"})
+    sde_window: int = field(
+        default=0,
+        metadata={
+            "help": "steps of the rollout that are stochastic and trained (0 = every step, Flow-GRPO's): the "
+            "others are deterministic Euler steps, so each group's reward spread comes from the window's noise "
+            "alone (Flow-GRPO-Fast's and MixGRPO's SDE window)"
+        },
+    )
+    sde_window_start: int = field(
+        default=0, metadata={"help": "the first step of the SDE window (0 = the first sampling step)"}
+    )
     adv_std: str = field(default="global", metadata={"help": "advantage std: 'global' (batch) or 'group'"})
     group_by: str = field(
         default="prompt",
@@ -208,6 +219,15 @@ class RLConfig:
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ConfigError(f"rl.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if self.sde_window < 0 or self.sde_window_start < 0:
+            raise ConfigError(
+                f"rl.sde_window={self.sde_window} and rl.sde_window_start={self.sde_window_start} must be >= 0"
+            )
+        if self.sde_window and self.sde_window_start + self.sde_window > self.train_steps:
+            raise ConfigError(
+                f"rl.sde_window_start + rl.sde_window = {self.sde_window_start + self.sde_window} must be at most "
+                f"the {self.train_steps} trained steps (rl.steps x rl.timestep_fraction)"
+            )
         if self.eta <= 0:
             raise ConfigError(f"rl.eta={self.eta} must be > 0: the policy needs a stochastic step")
         if not self.phases:
@@ -224,6 +244,21 @@ class RLConfig:
     def train_steps(self) -> int:
         """How many of the sampling steps are trained on (the last is skipped at fraction 0.99)."""
         return max(1, int(self.steps * self.timestep_fraction))
+
+    @property
+    def trained_steps(self) -> list[int]:
+        """The indices of the sampling steps the update trains on: the SDE window, or the first train_steps."""
+        if self.sde_window:
+            return list(range(self.sde_window_start, self.sde_window_start + self.sde_window))
+        return list(range(self.train_steps))
+
+    @property
+    def stochastic_steps(self) -> list[bool] | None:
+        """Per sampling step, whether the rollout samples it stochastically (None: every step)."""
+        if not self.sde_window:
+            return None
+        window = set(self.trained_steps)
+        return [i in window for i in range(self.steps)]
 
     @property
     def total_epochs(self) -> int:

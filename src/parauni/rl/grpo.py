@@ -497,14 +497,15 @@ def _accumulate(run: _Run, ep: _Epoch, chunk: torch.Tensor, uncond: torch.Tensor
     config, loop, ro, beta = run.config, run.loop, ep.ro, ep.phase.beta
     acc, wrapped, policy = loop.acc, loop.wrapped, run.policy
     micro = list(chunk.split(config.micro_batch))
-    n_backward = len(micro) * config.train_steps
+    steps = config.trained_steps
+    n_backward = len(micro) * len(steps)
     done = 0
     for mb in micro:
         idx = mb.tolist()
         batch = prompt_conditions(run.model, [ro.prompts[i] for i in idx], ep.cache)
         eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
         adv = ro.advantages[idx]
-        for j in range(config.train_steps):
+        for j in steps:
             x, prev = ro.latents[idx, j], ro.latents[idx, j + 1]
             args = (batch, uncond, x, prev, ro.sigmas[j], ro.sigmas[j + 1], eps, ro.gamma)
             ref_mean = None

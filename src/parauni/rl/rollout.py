@@ -194,7 +194,7 @@ def rollout(
         )
         x = initial_noise(shape, [purpose_seed(config.seed, epoch, *k) for k in keys], model.device)
         sde = purpose_generators(config.seed, epoch, Purpose.SDE_NOISE, idx)
-        step = SDEStep(config.eta, float(sigmas[1]), sde)
+        step = SDEStep(config.eta, float(sigmas[1]), sde, config.stochastic_steps)
         uncond = uncond_one.expand_as(cond)
         final, outs = denoise(
             functools.partial(cfg_velocity, model, cond=cond, uncond=uncond, scale=config.cfg),
