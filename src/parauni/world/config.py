@@ -60,7 +60,7 @@ def world_rl_defaults() -> RLConfig:
         group_size=4,
         steps=10,
         cfg=2.0,
-        lr=3e-3,
+        lr=1e-3,
         updates_per_epoch=1,
         micro_batch=16,
         rollout_batch=64,
