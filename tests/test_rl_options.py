@@ -265,3 +265,82 @@ def test_sde_window_makes_the_other_steps_deterministic_and_trains_only_the_wind
     assert len(calls) == cfg.phases[0].epochs * cfg.updates_per_epoch * 2  # the window's 2 steps per update
     with pytest.raises(ConfigError, match="sde_window"):
         _cfg(steps=4, sde_window=3, sde_window_start=2)
+
+
+# ------------------------------------------------------------------------------------------- DiffusionNFT
+def test_nft_loss_has_no_gradient_on_policy_at_half_optimality_and_follows_r_otherwise():
+    from parauni.rl.nft import forward_noised, nft_loss, optimality
+
+    torch.manual_seed(0)
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    sigma = torch.tensor([0.2, 0.5, 0.9])
+    x_t = forward_noised(x0, sigma, noise)
+    assert torch.allclose(x_t[1], 0.5 * x0[1] + 0.5 * noise[1])
+    v_old = torch.randn(3, 4, 2, 2)
+    assert torch.allclose(optimality(torch.tensor([-9.0, 0.0, 2.5]), 5.0), torch.tensor([0.0, 0.5, 0.75]))
+
+    def grad(r):
+        v = v_old.clone().requires_grad_(True)
+        loss, stats = nft_loss(v, v_old, x_t, x0, sigma, torch.full((3,), r), beta=1.0)
+        loss.backward()
+        return v.grad, stats
+
+    g, stats = grad(0.5)
+    assert g.abs().max() < 1e-6 and stats["old_deviation"] == 0
+    target = noise - x0  # the flow-matching velocity of the sample: r = 1 moves v toward it, r = 0 away
+    for r, sign in ((1.0, 1), (0.0, -1)):
+        g, _ = grad(r)
+        step = -g  # a gradient-descent step
+        assert sign * (step * (target - v_old)).sum() > 0
+
+
+def test_nft_config_checks():
+    assert _cfg(objective="nft", eta=0.0).stochastic_steps == [False, False, False]
+    with pytest.raises(ConfigError, match="rl.eta=0.0"):
+        _cfg(eta=0.0)
+    with pytest.raises(ConfigError, match="rl.objective"):
+        _cfg(objective="ppo")
+    with pytest.raises(ConfigError, match="nft_beta"):
+        _cfg(objective="nft", nft_beta=0.0)
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_nft_run_trains_the_lora_at_the_rollout_times_against_the_rollout_policy(
+    make_tiny, tmp_path, updates
+):
+    import parauni.rl.grpo as grpo
+
+    cfg = _cfg(
+        objective="nft", eta=0.0, updates_per_epoch=updates, ldam=LDAMConfig(enabled=False), ema=0.0
+    )
+    items = [("a red circle", None), ("two crosses", None)]
+    calls = []
+    loss = grpo.nft_loss
+
+    def spy(v, v_old, x_t, x0, sigma, r, beta):
+        calls.append((sigma.clone(), r.clone(), float((v.detach() - v_old).abs().max())))
+        return loss(v, v_old, x_t, x0, sigma, r, beta)
+
+    model = make_tiny()
+    model.set_trainable(cfg.trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grpo.nft_loss = spy
+    try:
+        train_rl(model, _bright, ["bright", "dark"], PromptSource(items), cfg, tmp_path / "a",
+                 progress=False, log=lambda *a: None)  # fmt: skip
+    finally:
+        grpo.nft_loss = loss
+    # 2 epochs x len(trained_steps) = 2 times per micro-batch; every sigma is one of the rollout's
+    assert calls and len(calls) % 2 == 0
+    from parauni.rl.rollout import rollout_sigmas
+
+    sigmas = set(rollout_sigmas(cfg)[: cfg.steps].tolist())
+    assert all(set(s.tolist()) <= sigmas for s, _, _ in calls)
+    assert all(((r >= 0) & (r <= 1)).all() for _, r, _ in calls)
+    assert calls[0][2] == 0  # the first step of an epoch is on the rollout policy
+    if updates == 2:  # the second step compares with the rollout's weights, which it has left
+        assert any(dev > 0 for _, _, dev in calls)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    rows = [json.loads(line) for line in (tmp_path / "a" / RL_LOG).read_text().splitlines()]
+    assert "nft_loss" in rows[0] and "optimality_mean" in rows[0]

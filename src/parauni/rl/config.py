@@ -75,7 +75,10 @@ class RLConfig:
             "noise of std 0.006) or 'uniform' (the Euler sampler's flow_sigmas: last sigma 0.25, noise 0.2)"
         },
     )
-    eta: float = field(default=0.7, metadata={"help": "SDE noise level"})
+    eta: float = field(
+        default=0.7,
+        metadata={"help": "SDE noise level (0, with rl.objective=nft only: the deterministic ODE sampler)"},
+    )
     same_latent: bool = field(
         default=False,
         metadata={
@@ -101,6 +104,21 @@ class RLConfig:
     )
     sde_window_start: int = field(
         default=0, metadata={"help": "the first step of the SDE window (0 = the first sampling step)"}
+    )
+    objective: str = field(
+        default="grpo",
+        metadata={
+            "help": "'grpo' (Flow-GRPO's clipped policy gradient on the SDE steps' log-probabilities, the "
+            "paper's) or 'nft' (DiffusionNFT's flow matching on the rollout's clean images, weighted by the "
+            "advantage; not in the paper: parauni.rl.nft). With nft, rl.steps x rl.timestep_fraction is the "
+            "number of random times each image is trained at, and rl.clip_range and rl.kl_std are unused"
+        },
+    )
+    nft_beta: float = field(
+        default=1.0,
+        metadata={
+            "help": "with rl.objective=nft: DiffusionNFT's beta, how far the implicit +/- policies step"
+        },
     )
     adv_std: str = field(default="global", metadata={"help": "advantage std: 'global' (batch) or 'group'"})
     group_by: str = field(
@@ -200,6 +218,7 @@ class RLConfig:
         check_choice("rl.schedule", self.schedule, ("flow_match", "uniform"))
         check_choice("rl.group_by", self.group_by, ("prompt", "index"))
         check_choice("rl.kl_std", self.kl_std, ("flow_grpo", "step"))
+        check_choice("rl.objective", self.objective, ("grpo", "nft"))
         check_choice("rl.lr_schedule", self.lr_schedule, ("cosine", "constant"))
         check_choice("rl.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for name in (
@@ -228,8 +247,13 @@ class RLConfig:
                 f"rl.sde_window_start + rl.sde_window = {self.sde_window_start + self.sde_window} must be at most "
                 f"the {self.train_steps} trained steps (rl.steps x rl.timestep_fraction)"
             )
-        if self.eta <= 0:
-            raise ConfigError(f"rl.eta={self.eta} must be > 0: the policy needs a stochastic step")
+        if self.eta < 0 or (self.eta == 0 and self.objective == "grpo"):
+            raise ConfigError(
+                f"rl.eta={self.eta} must be > 0: Flow-GRPO's policy needs a stochastic step (rl.eta=0 samples "
+                "with the ODE, for rl.objective=nft only)"
+            )
+        if self.nft_beta <= 0:
+            raise ConfigError(f"rl.nft_beta={self.nft_beta} must be > 0")
         if not self.phases:
             raise ConfigError("rl.phases is empty; give at least one reward phase")
         if not 0 <= self.ema < 1:
@@ -255,6 +279,8 @@ class RLConfig:
     @property
     def stochastic_steps(self) -> list[bool] | None:
         """Per sampling step, whether the rollout samples it stochastically (None: every step)."""
+        if self.eta == 0:
+            return [False] * self.steps
         if not self.sde_window:
             return None
         window = set(self.trained_steps)

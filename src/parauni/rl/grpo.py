@@ -54,6 +54,7 @@ from ..utils.run_files import RL_LOG
 from ..utils.seeds import Purpose, purpose_generator
 from .config import PhaseConfig, RLConfig
 from .ldam import LDAM, Perturbation
+from .nft import forward_noised, nft_loss, optimality, training_times, velocity_kl
 from .objective import PolicyStep, group_advantages, grpo_loss, prompt_groups, swapped, update_samples
 from .prompts import Prompts
 from .rollout import ConditionCache, Rollout, prompt_conditions, rollout
@@ -177,6 +178,9 @@ class _Epoch:
     gathered: dict[str, torch.Tensor] = field(default_factory=dict)  # reward name -> (N,) over processes
     total: torch.Tensor | None = None  # (N,) the phase's weighted reward
     keep: list[int] | None = None  # local samples the update trains on
+    inner: int = 0  # the inner epoch the update is in
+    old: list[torch.Tensor] | None = None  # rl.objective=nft: the rollout policy's trained tensors (None: the
+    # update's only step, where they are the current ones)
     grad_norms: list[float] = field(default_factory=list)
     skips: list[bool] = field(default_factory=list)
 
@@ -463,7 +467,11 @@ def _update(run: _Run, ep: _Epoch) -> dict:
     kept = torch.tensor(keep, dtype=torch.long)
     totals: dict[str, float] = {}
     count = 0
+    accumulate = _accumulate_nft if config.objective == "nft" else _accumulate
+    if config.objective == "nft" and config.inner_epochs * min(config.updates_per_epoch, n) > 1:
+        ep.old = [p.detach().clone() for p in loop.params]
     for inner in range(config.inner_epochs):
+        ep.inner = inner
         order = torch.randperm(
             n, generator=purpose_generator(config.seed, ep.index, Purpose.UPDATE_ORDER, inner)
         )
@@ -471,7 +479,7 @@ def _update(run: _Run, ep: _Epoch) -> dict:
         for update, chunk in enumerate(chunks):
             # before the backward passes: DeepSpeed steps in the last
             set_lr(loop.optimizer, _lr(config, ep.index, inner, update))
-            count += _accumulate(run, ep, chunk, uncond, totals)
+            count += accumulate(run, ep, chunk, uncond, totals)
             # the norm is of the reduced gradient; agreeing on it keeps the processes in step regardless.
             # DeepSpeed: the engine stepped (or skipped a non-finite gradient) in the last backward already
             norm = grad_norm(acc, loop.params, config.grad_clip)
@@ -523,3 +531,52 @@ def _accumulate(run: _Run, ep: _Epoch, chunk: torch.Tensor, uncond: torch.Tensor
             for k, v in st.items():
                 totals[k] = totals.get(k, 0.0) + v
     return done
+
+
+def _accumulate_nft(run: _Run, ep: _Epoch, chunk: torch.Tensor, uncond: torch.Tensor, totals: dict) -> int:
+    """``rl.objective=nft``: backward of DiffusionNFT's loss (:mod:`parauni.rl.nft`) of one update's samples
+    ``chunk``, each at ``len(rl.trained_steps)`` random times of the rollout's schedule with fresh forward noise
+    (the gradient all-reduced once, in the last); adds the loss statistics to ``totals``. Returns the number of
+    backward passes."""
+    config, loop, ro, beta = run.config, run.loop, ep.ro, ep.phase.beta
+    acc, wrapped, velocity = loop.acc, loop.wrapped, run.policy.velocity
+    micro, count = list(chunk.split(config.micro_batch)), len(config.trained_steps)
+    n_backward, done = len(micro) * count, 0
+    for mb in micro:
+        idx = mb.tolist()
+        ids = [acc.process_index * run.n_local + i for i in idx]  # global sample indices: the seeds
+        seed = (config.seed, ep.index)
+        times = training_times(
+            config.steps, count, [purpose_generator(*seed, Purpose.NFT_TIMES, i, ep.inner) for i in ids]
+        )
+        noises = [purpose_generator(*seed, Purpose.NFT_NOISE, i, ep.inner) for i in ids]
+        batch = prompt_conditions(run.model, [ro.prompts[i] for i in idx], ep.cache)
+        eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
+        x0, r = ro.latents[idx, -1], optimality(ro.advantages[idx], config.adv_clip)
+        for k in range(count):
+            sigma = ro.sigmas[times[:, k].to(ro.sigmas.device)]
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noises]).to(x0)
+            args = (batch, uncond, forward_noised(x0, sigma, noise), sigma, eps, ro.gamma)
+            v_old = _velocity_under(run, ep.old, args) if ep.old is not None else None
+            v_ref = _velocity_under(run, run.reference, args) if beta > 0 else None
+            done += 1
+            last = done == n_backward
+            with contextlib.nullcontext() if last else acc.no_sync(wrapped):
+                v = wrapped(velocity, *args)
+                loss, st = nft_loss(
+                    v, v.detach() if v_old is None else v_old, args[2], x0, sigma, r, config.nft_beta
+                )
+                if v_ref is not None:
+                    kl = velocity_kl(v, v_ref)
+                    loss, st["kl"] = loss + beta * kl, float(kl.detach())
+                backward(acc, wrapped, loss / n_backward, last)
+            for key, value in st.items():
+                totals[key] = totals.get(key, 0.0) + value
+    return done
+
+
+def _velocity_under(run: _Run, values: list[torch.Tensor], args: tuple) -> torch.Tensor:
+    """The policy's guided velocity (no gradient) with the trained tensors set to ``values`` for the call."""
+    loop = run.loop
+    with torch.no_grad(), swapped(loop.params, values), loop.acc.autocast():
+        return outside_training(loop.acc, loop.wrapped, run.policy.velocity, *args)

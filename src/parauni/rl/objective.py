@@ -135,11 +135,16 @@ class PolicyStep(nn.Module):
         # the SDE's noise scale is set at the first step below pure noise, as the rollouts have it
         self.sigma_max = float(rollout_sigmas(config)[1])
 
-    def forward(self, src: PromptConditions, uncond, x, prev, sigma, sigma_next, eps, gamma: float):
-        m, c = self.model, self.config
+    def velocity(self, src: PromptConditions, uncond, x, sigma, eps, gamma: float) -> torch.Tensor:
+        """(B, C, h, w) the guided velocity at ``x`` (B, C, h, w) and ``sigma`` (scalar or (B,)), with CFG
+        (unconditional branch detached) and LDAM's perturbation ``eps``/``gamma`` on the zone."""
+        cond = policy_condition(self.model, src, eps, gamma, self.zone)
         t = sigma.expand(x.shape[0])
-        cond = policy_condition(m, src, eps, gamma, self.zone)
-        v = cfg_velocity(m, x, t, cond, uncond.expand_as(cond), c.cfg)
+        return cfg_velocity(self.model, x, t, cond, uncond.expand_as(cond), self.config.cfg)
+
+    def forward(self, src: PromptConditions, uncond, x, prev, sigma, sigma_next, eps, gamma: float):
+        c = self.config
+        v = self.velocity(src, uncond, x, sigma, eps, gamma)
         out = sde_step(x, v, sigma, sigma_next, eta=c.eta, sigma_max=self.sigma_max, prev_sample=prev)
         std = out.std if c.kl_std == "step" else kl_std(sigma, sigma_next, c.eta, self.sigma_max, c.kl_std)
         return out.log_prob, out.mean, std

@@ -28,6 +28,8 @@ class Purpose(IntEnum):
     UPDATE_ORDER = 3  # the shuffle of the samples in an inner epoch of the update
     UPDATE_SAMPLES = 4  # which samples the update keeps (rl.drop_zero_advantage)
     SHARED_LATENT = 5  # the starting latent shared by a prompt draw's group (rl.same_latent)
+    NFT_TIMES = 6  # the times a sample is trained at (rl.objective=nft), per sample and inner epoch
+    NFT_NOISE = 7  # the forward process's noise of a sample (rl.objective=nft), per sample and inner epoch
 
 
 def stream_seed(seed: int, position: int) -> int:
