@@ -310,9 +310,7 @@ def test_nft_run_trains_the_lora_at_the_rollout_times_against_the_rollout_policy
 ):
     import parauni.rl.grpo as grpo
 
-    cfg = _cfg(
-        objective="nft", eta=0.0, updates_per_epoch=updates, ldam=LDAMConfig(enabled=False), ema=0.0
-    )
+    cfg = _cfg(objective="nft", eta=0.0, updates_per_epoch=updates, ldam=LDAMConfig(enabled=False), ema=0.0)
     items = [("a red circle", None), ("two crosses", None)]
     calls = []
     loss = grpo.nft_loss
