@@ -48,7 +48,15 @@ from ..training.distributed import (
     outside_training,
     save_model,
 )
-from ..training.loop import MAX_BAD_STEPS, Loop, set_trainable, start_accelerator, trained_tensors, update_ema
+from ..training.loop import (
+    MAX_BAD_STEPS,
+    Loop,
+    LoopSettings,
+    set_trainable,
+    start_accelerator,
+    trained_tensors,
+    update_ema,
+)
 from ..utils.optim import adamw, decay_groups, set_lr, warmup_cosine
 from ..utils.run_files import RL_LOG
 from ..utils.seeds import Purpose, purpose_generator
@@ -185,13 +193,23 @@ class _Epoch:
     skips: list[bool] = field(default_factory=list)
 
 
-def _deepspeed(config: RLConfig) -> dict:
-    """The settings Stage III fixes under DeepSpeed."""
-    return {
+def _loop_settings(config: RLConfig) -> LoopSettings:
+    """The loop core's settings: epochs, checkpoints, EMA, and what Stage III fixes under DeepSpeed."""
+    deepspeed = {
         "train_micro_batch_size_per_gpu": (config.micro_batch, "rl.micro_batch"),
         "gradient_accumulation_steps": (1, "Stage III accumulates each update's micro-batches itself"),
         "gradient_clipping": (config.grad_clip, "rl.grad_clip"),
     }
+    return LoopSettings(
+        "epoch",
+        config.total_epochs,
+        config.save_every,
+        config.keep_last,
+        config.ema,
+        config,
+        "rl_config.yaml",
+        deepspeed,
+    )
 
 
 def _samples_per_process(acc, config: RLConfig) -> int:
@@ -224,10 +242,10 @@ def _start(model: ParaUni, config: RLConfig, loop: Loop, n_local: int, resume: b
                 ldam.load_state_dict(saved[signal])
         start, run.history = state["epoch"] + 1, state["history"]
         loop.acc.print(f"resuming RL from {loop.ckpt} at epoch {start}")
-    loop.prepare(model, ModelCalls(model), optimizer, config.ema)
+    loop.prepare(model, ModelCalls(model), optimizer)
     # after prepare the parameters may be new objects (FSDP: DTensor shards); the reference follows them
     run.reference = [like(p, r) for p, r in zip(loop.params, reference, strict=True)]
-    loop.open_folder(config, "rl_config.yaml")
+    loop.open_folder()
     if loop.acc.is_main_process:
         # the log holds exactly the epochs done: none on a fresh start, the checkpoint's on a resume
         (loop.out / RL_LOG).write_text("".join(json.dumps(r) + "\n" for r in run.history))
@@ -262,10 +280,9 @@ def train_rl(
         raise ConfigError(
             f"rl phases use rewards {missing} that are not configured; available: {reward_names}"
         )
-    settings = {"mixed_precision": config.mixed_precision}
-    acc = start_accelerator(model, "parauni rl", accelerator, _deepspeed(config), **settings)
+    acc = start_accelerator(model, "parauni rl", accelerator, mixed_precision=config.mixed_precision)
     n_local = _samples_per_process(acc, config)
-    run, start = _start(model, config, Loop(acc, Path(out_dir), "epoch", config.keep_last), n_local, resume)
+    run, start = _start(model, config, Loop(acc, Path(out_dir), _loop_settings(config)), n_local, resume)
     out = run.loop.out
     t0 = time.time()
     bar = tqdm(
@@ -286,7 +303,7 @@ def train_rl(
             f"gradient (last in epoch {epoch}; see {out / RL_LOG}): check the rewards for NaN, lower rl.lr, "
             "or use rl.mixed_precision=no / bf16",
         )
-        if config.save_every and (epoch + 1) % config.save_every == 0 and epoch != config.total_epochs - 1:
+        if run.loop.checkpoint_due(epoch):
             run.loop.save(_checkpoint_state(run, epoch))
     bar.close()
     save_model(acc, model, out, values=run.loop.ema)  # (Loop.finish without the raw weights beside the EMA)
