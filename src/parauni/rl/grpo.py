@@ -48,7 +48,15 @@ from ..training.distributed import (
     outside_training,
     save_model,
 )
-from ..training.loop import MAX_BAD_STEPS, Loop, set_trainable, start_accelerator, trained_tensors, update_ema
+from ..training.loop import (
+    MAX_BAD_STEPS,
+    Loop,
+    LoopSettings,
+    set_trainable,
+    start_accelerator,
+    trained_tensors,
+    update_ema,
+)
 from ..utils.optim import adamw, decay_groups, set_lr, warmup_cosine
 from ..utils.run_files import RL_LOG
 from ..utils.seeds import Purpose, purpose_generator
@@ -155,10 +163,11 @@ class _Run:
 
     model: ParaUni
     config: RLConfig
-    loop: Loop
     ldams: list[dict[str, LDAM]]  # per phase, its LDAMs by signal
+    policy: PolicyStep
+    loop: Loop
     n_local: int  # samples of an epoch on this process
-    policy: PolicyStep | None = None
+    epochs: range  # the epochs to run: after a resume, from the one after the checkpoint's
     reference: list[torch.Tensor] = field(default_factory=list)  # the reference policy's trained tensors
     history: list[dict] = field(default_factory=list)  # the log rows of the epochs done
 
@@ -185,53 +194,71 @@ class _Epoch:
     skips: list[bool] = field(default_factory=list)
 
 
-def _deepspeed(config: RLConfig) -> dict:
-    """The settings Stage III fixes under DeepSpeed."""
-    return {
+# --------------------------------------------------------------------------------------------- the run
+def _loop_settings(config: RLConfig) -> LoopSettings:
+    """The loop core's settings: epochs, checkpoints, EMA, and what Stage III fixes under DeepSpeed."""
+    deepspeed = {
         "train_micro_batch_size_per_gpu": (config.micro_batch, "rl.micro_batch"),
         "gradient_accumulation_steps": (1, "Stage III accumulates each update's micro-batches itself"),
         "gradient_clipping": (config.grad_clip, "rl.grad_clip"),
     }
+    return LoopSettings(
+        "epoch",
+        config.total_epochs,
+        config.save_every,
+        config.keep_last,
+        config.ema,
+        config,
+        "rl_config.yaml",
+        deepspeed,
+    )
 
 
-def _samples_per_process(acc, config: RLConfig) -> int:
-    """An epoch's samples on each process (they must divide evenly)."""
+def _start(model: ParaUni, config: RLConfig, out: Path, resume: bool, accelerator) -> _Run:
+    """Stage III's setup: first what is Stage III's own (the LDAMs, the loop's settings, the policy step), then
+    the loop core, which takes plain values: the accelerator, the trained parts (``config.trainable``; the
+    reference policy kept), the optimiser, resume, prepare and the run folder."""
+    ldams = [_phase_ldams(model, config, phase) for phase in config.phases]
+    settings = _loop_settings(config)
+    policy = PolicyStep(model, config, [])
+    acc = start_accelerator(model, "parauni rl", accelerator, mixed_precision=config.mixed_precision)
     n_total = config.samples_per_epoch
     if n_total % acc.num_processes:
         raise ConfigError(
             f"rl.prompts_per_epoch x rl.group_size = {n_total} samples must divide over {acc.num_processes} "
             "processes"
         )
-    return n_total // acc.num_processes
-
-
-def _start(model: ParaUni, config: RLConfig, loop: Loop, n_local: int, resume: bool) -> tuple[_Run, int]:
-    """Build the LDAMs and the policy step, train ``config.trainable`` (keeping the reference policy), build
-    the optimiser, resume, prepare. Returns the run and the epoch to start from."""
-    run = _Run(model, config, loop, [_phase_ldams(model, config, phase) for phase in config.phases], n_local)
-    run.policy = PolicyStep(model, config, [])
     set_trainable(model, config.trainable, config.activation_checkpointing)
+    loop = Loop(acc, out, settings)
     named = trained_tensors(model)
     reference = [p.detach().clone() for p in named.values()]
     groups = decay_groups(named.values(), config.weight_decay, config.decay_1d)  # (ParaUni.param_groups')
     optimizer = adamw(groups, config.lr, config.betas)
-    start = 0
-    state = loop.resume_from(model, resume, "was rl.trainable changed?")
-    if state is not None:
-        for monitors, saved in zip(run.ldams, state["ldam"], strict=True):
-            saved = {PHASE_SIGNAL: saved} if "rewards" in saved else saved  # written before per-reward LDAM
-            for signal, ldam in monitors.items():
-                ldam.load_state_dict(saved[signal])
-        start, run.history = state["epoch"] + 1, state["history"]
-        loop.acc.print(f"resuming RL from {loop.ckpt} at epoch {start}")
-    loop.prepare(model, ModelCalls(model), optimizer, config.ema)
+    run = _Run(model, config, ldams, policy, loop, n_total // acc.num_processes, range(config.total_epochs))
+    _resume(run, resume)
+    loop.prepare(model, ModelCalls(model), optimizer)
     # after prepare the parameters may be new objects (FSDP: DTensor shards); the reference follows them
     run.reference = [like(p, r) for p, r in zip(loop.params, reference, strict=True)]
-    loop.open_folder(config, "rl_config.yaml")
-    if loop.acc.is_main_process:
+    loop.open_folder()
+    if acc.is_main_process:
         # the log holds exactly the epochs done: none on a fresh start, the checkpoint's on a resume
         (loop.out / RL_LOG).write_text("".join(json.dumps(r) + "\n" for r in run.history))
-    return run, start
+    return run
+
+
+def _resume(run: _Run, resume: bool) -> None:
+    """Load the newest intact checkpoint when ``resume``: the trained tensors (by the loop), every LDAM's
+    state, the log so far and the epoch to start from."""
+    loop = run.loop
+    state = loop.resume_from(run.model, resume, "was rl.trainable changed?")
+    if state is None:
+        return
+    for monitors, saved in zip(run.ldams, state["ldam"], strict=True):
+        saved = {PHASE_SIGNAL: saved} if "rewards" in saved else saved  # written before per-reward LDAM
+        for signal, ldam in monitors.items():
+            ldam.load_state_dict(saved[signal])
+    run.epochs, run.history = range(state["epoch"] + 1, run.epochs.stop), state["history"]
+    loop.acc.print(f"resuming RL from {loop.ckpt} at epoch {run.epochs.start}")
 
 
 def train_rl(
@@ -262,34 +289,33 @@ def train_rl(
         raise ConfigError(
             f"rl phases use rewards {missing} that are not configured; available: {reward_names}"
         )
-    settings = {"mixed_precision": config.mixed_precision}
-    acc = start_accelerator(model, "parauni rl", accelerator, _deepspeed(config), **settings)
-    n_local = _samples_per_process(acc, config)
-    run, start = _start(model, config, Loop(acc, Path(out_dir), "epoch", config.keep_last), n_local, resume)
-    out = run.loop.out
-    t0 = time.time()
+    run = _start(model, config, Path(out_dir), resume, accelerator)
+    loop, out, t0 = run.loop, run.loop.out, time.time()
     bar = tqdm(
-        total=config.total_epochs, initial=start, desc="RL", disable=not (progress and acc.is_main_process)
+        total=config.total_epochs,
+        initial=run.epochs.start,
+        desc="RL",
+        disable=not (progress and loop.acc.is_main_process),
     )
-    for epoch in range(start, config.total_epochs):
+    for epoch in run.epochs:
         ep = _rollout(run, epoch, prompts)
         _rewards_and_advantages(run, ep, rewards)
         stats = _update(run, ep)
         row = _ldam_and_row(run, ep, stats, log)
-        run.loop.write_row(out / RL_LOG, row)
+        loop.write_row(out / RL_LOG, row)
         bar.update(1)
         bar.set_postfix(
             phase=ep.phase.name, reward=f"{row['phase_reward']:.3f}", gn=f"{row['grad_norm']:.2f}"
         )
-        run.loop.check_divergence(
+        loop.check_divergence(
             "RL updates",
             f"gradient (last in epoch {epoch}; see {out / RL_LOG}): check the rewards for NaN, lower rl.lr, "
             "or use rl.mixed_precision=no / bf16",
         )
-        if config.save_every and (epoch + 1) % config.save_every == 0 and epoch != config.total_epochs - 1:
-            run.loop.save(_checkpoint_state(run, epoch))
+        if loop.checkpoint_due(epoch):
+            loop.save(_checkpoint_state(run, epoch))
     bar.close()
-    save_model(acc, model, out, values=run.loop.ema)  # (Loop.finish without the raw weights beside the EMA)
+    save_model(loop.acc, model, out, values=loop.ema)  # (Loop.finish without the raw weights beside the EMA)
     log(f"RL: {config.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
     ldam_states = [{k: x.state_dict() for k, x in m.items()} for m in run.ldams]
     return RLResult(

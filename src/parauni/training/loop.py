@@ -8,8 +8,10 @@ schedule builders, metrics):
 
 * the accelerator and the backend checks (:func:`start_accelerator`); the trained parts and activation
   checkpointing (:func:`set_trainable`); the optimiser and schedule (:mod:`parauni.utils.optim`);
-* resume and checkpoints: the newest intact checkpoint's tensors, optimiser state and EMA
-  (:meth:`Loop.resume_from`, :meth:`Loop.prepare`, :meth:`Loop.save`);
+* what the loop core takes of a run's config, as plain values each loop resolves once (:class:`LoopSettings`);
+* resume and checkpoints: the newest intact checkpoint's tensors, optimiser state and EMA, and when a
+  checkpoint is due (:meth:`Loop.resume_from`, :meth:`Loop.prepare`, :meth:`Loop.checkpoint_due`,
+  :meth:`Loop.save`);
 * the EMA of the trained tensors (:func:`update_ema`);
 * the step guard: an optimizer step is taken only when the loss and gradient are finite on every process, and
   :data:`MAX_BAD_STEPS` skipped steps in a row stop the run (:meth:`Loop.step`, :meth:`Loop.check_divergence`);
@@ -22,7 +24,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,19 +59,13 @@ def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def start_accelerator(
-    model: torch.nn.Module, command: str, accelerator=None, deepspeed: dict | None = None, **settings
-):
+def start_accelerator(model: torch.nn.Module, command: str, accelerator=None, **settings):
     """``accelerator``, or an ``accelerate.Accelerator(**settings)`` (which picks up ``accelerate launch``'s
-    processes), checked against ``model`` for the backend ``command`` runs under; ``deepspeed``: the settings
-    the loop fixes under DeepSpeed (``distributed.configure_deepspeed``), when they are known before the
-    processes are."""
+    processes), checked against ``model`` for the backend ``command`` runs under."""
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(**settings)
     check_backend(acc, command, model)
-    if deepspeed is not None:
-        configure_deepspeed(acc, deepspeed)
     return acc
 
 
@@ -118,19 +116,35 @@ def update_ema(
             ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop core takes of a run's config, as plain values: each loop resolves its config into one."""
+
+    unit: str  # what the run counts and a checkpoint is numbered by: "step" or "epoch"
+    total: int  # the run's length in units
+    save_every: int  # a checkpoint after every save_every-th unit but the last (0: none)
+    keep_last: int  # how many checkpoints are kept
+    ema: float  # the EMA's decay (0: none)
+    config: Any  # the run's config (a dataclass), written into the run folder as ``config_file``
+    config_file: str
+    # DeepSpeed config key -> (the loop's value, the option it comes from): ``distributed.configure_deepspeed``
+    deepspeed: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+
 class Loop:
     """What one training run shares with every other: its checkpoints, prepared model and optimiser, EMA, step
     guard, log rows and final save.
 
     Args:
-        acc: the run's ``accelerate.Accelerator`` (see :func:`start_accelerator`).
+        acc: the run's ``accelerate.Accelerator`` (see :func:`start_accelerator`); under DeepSpeed its
+            micro-batch, accumulation and clipping are set to ``settings.deepspeed`` here, before ``prepare``.
         out: the run folder (the model folder the run writes; ``checkpoints/`` inside it).
-        unit: what a checkpoint counts, "step" or "epoch".
-        keep_last: how many checkpoints are kept.
+        settings: the run's length, checkpoints, EMA and config.
     """
 
-    def __init__(self, acc, out: Path, unit: str, keep_last: int) -> None:
-        self.acc, self.out, self.unit, self.keep_last = acc, Path(out), unit, keep_last
+    def __init__(self, acc, out: Path, settings: LoopSettings) -> None:
+        self.acc, self.out, self.settings = acc, Path(out), settings
+        configure_deepspeed(acc, settings.deepspeed)
         self.ckpt: Path | None = None  # the checkpoint resumed from
         self.resumed: dict | None = None  # its state
         self.bad_in_a_row = 0
@@ -144,7 +158,7 @@ class Loop:
         """Load the trained tensors of the newest intact checkpoint into ``model`` when ``resume``; returns its
         state (None: a fresh start). ``check(ckpt)`` runs first (e.g. that the run is the same); ``hint`` is
         said when the tensors do not fit."""
-        self.ckpt = resume_checkpoint(self.out, self.unit, self.acc) if resume else None
+        self.ckpt = resume_checkpoint(self.out, self.settings.unit, self.acc) if resume else None
         if self.ckpt is None:
             return None
         if check is not None:
@@ -154,10 +168,11 @@ class Loop:
         self.resumed = state
         return state
 
-    def prepare(self, model, calls, optimizer, ema: float):
+    def prepare(self, model, calls, optimizer):
         """Prepare ``calls`` (the module whose forward trains) and ``optimizer`` for the processes, restore the
-        optimiser state of a resumed run, and start the EMA (``ema`` its decay; 0 = none). Returns the wrapped
-        module. The trained tensors are collected again afterwards: under FSDP they are new (DTensor shards)."""
+        optimiser state of a resumed run, and start the EMA (``settings.ema`` its decay; 0 = none). Returns the
+        wrapped module. The trained tensors are collected again afterwards: under FSDP they are new (DTensor
+        shards)."""
         self.wrapped, self.optimizer = prepare(self.acc, calls, optimizer, model)
         if self.ckpt is not None:
             saved = self.resumed.get("num_processes", self.acc.num_processes)
@@ -166,21 +181,27 @@ class Loop:
         self.params = list(self.named.values())
         if not self.params:
             raise ConfigError("nothing to train: no parameter of the model requires a gradient")
-        self.ema = init_ema(self.named, self.ckpt, ema)
+        self.ema = init_ema(self.named, self.ckpt, self.settings.ema)
         return self.wrapped
+
+    def checkpoint_due(self, i: int) -> bool:
+        """Whether a checkpoint is written after unit ``i`` (0-based): after every ``save_every``-th, but not
+        after the last (the model folder holds it)."""
+        every = self.settings.save_every
+        return bool(every) and (i + 1) % every == 0 and i + 1 < self.settings.total
 
     def save(self, state: dict) -> None:
         """Write a checkpoint of the trained tensors, optimiser, EMA, RNGs and ``state`` (``state[unit]``
         numbers it); every process calls it."""
         save_checkpoint(
             self.out,
-            self.unit,
+            self.settings.unit,
             self.acc,
             self.wrapped,
             self.optimizer,
             self.named,
             state,
-            self.keep_last,
+            self.settings.keep_last,
             self.ema,
         )
 
@@ -197,7 +218,8 @@ class Loop:
             skipped = False
         else:
             self.bad_in_a_row += 1
-            self.acc.print(f"{where} (norm {norm}), {'step' if self.unit == 'step' else 'update'} skipped")
+            what = "step" if self.settings.unit == "step" else "update"
+            self.acc.print(f"{where} (norm {norm}), {what} skipped")
             return True
         if not skipped:
             self.bad_in_a_row = 0
@@ -210,12 +232,12 @@ class Loop:
             raise TrainingDiverged(f"{self.bad_in_a_row} {events} in a row had a non-finite {rest}")
 
     # ---------------------------------------------------------------------------------- folder and log
-    def open_folder(self, config, config_file: str) -> None:
+    def open_folder(self) -> None:
         """On the main process: create the run folder, write the run's config and remove the partial
         checkpoints a killed run left."""
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_yaml(config, self.out / config_file)
+            save_yaml(self.settings.config, self.out / self.settings.config_file)
             remove_partial_checkpoints(self.out / CHECKPOINT_DIR)
 
     def write_row(self, log: Path, row: dict) -> None:

@@ -36,10 +36,11 @@ from ..utils.run_files import TRAIN_LOG as LOG_FILE
 from ..utils.seeds import stream_seed
 from .checkpoint import trim_train_log
 from .config import TrainConfig
-from .distributed import all_processes_agree, configure_deepspeed, grad_norm
+from .distributed import all_processes_agree, grad_norm
 from .loop import (
     MAX_BAD_STEPS,
     Loop,
+    LoopSettings,
     enable_activation_checkpointing,
     set_trainable,
     start_accelerator,
@@ -142,8 +143,8 @@ class _Stage:
 
 
 def _check_inputs(acc, cfg: TrainConfig, source, teacher: Teacher | None) -> int:
-    """Check that ``source`` and ``teacher`` serve ``cfg`` and the batch divides over the processes; configure
-    DeepSpeed. Returns the micro-batch (examples per process and micro-step)."""
+    """Check that ``source`` and ``teacher`` serve ``cfg`` and the batch divides over the processes. Returns
+    the micro-batch (examples per process and micro-step)."""
     if cfg.distill_twins > 0 and not callable(getattr(source, "twin", None)):
         raise ConfigError(
             f"train.distill_twins={cfg.distill_twins} needs a data source with twin(caption) -> caption "
@@ -160,16 +161,20 @@ def _check_inputs(acc, cfg: TrainConfig, source, teacher: Teacher | None) -> int
             f"train.batch_size={cfg.batch_size} is not divisible by {acc.num_processes} process(es) x "
             f"train.grad_accum={cfg.grad_accum}"
         )
-    micro = cfg.batch_size // (acc.num_processes * cfg.grad_accum)
-    configure_deepspeed(
-        acc,
-        {
-            "train_micro_batch_size_per_gpu": (micro, "train.batch_size / (processes x train.grad_accum)"),
-            "gradient_accumulation_steps": (cfg.grad_accum, "train.grad_accum"),
-            "gradient_clipping": (cfg.grad_clip, "train.grad_clip"),
-        },
+    return cfg.batch_size // (acc.num_processes * cfg.grad_accum)
+
+
+def _loop_settings(cfg: TrainConfig, micro: int) -> LoopSettings:
+    """The loop core's settings: steps, checkpoints, EMA, and the micro-batch, accumulation and clipping that
+    DeepSpeed takes from the loop."""
+    deepspeed = {
+        "train_micro_batch_size_per_gpu": (micro, "train.batch_size / (processes x train.grad_accum)"),
+        "gradient_accumulation_steps": (cfg.grad_accum, "train.grad_accum"),
+        "gradient_clipping": (cfg.grad_clip, "train.grad_clip"),
+    }
+    return LoopSettings(
+        "step", cfg.steps, cfg.save_every, cfg.keep_last, cfg.ema, cfg, "train_config.yaml", deepspeed
     )
-    return micro
 
 
 def _schedule(cfg: TrainConfig) -> dict:
@@ -266,7 +271,7 @@ def _open_log(run: _Stage, start: int) -> Path:
     """The run folder and its log, which holds exactly the steps before ``start``."""
     loop = run.loop
     log_path = loop.out / LOG_FILE
-    loop.open_folder(run.cfg, "train_config.yaml")
+    loop.open_folder()
     if loop.acc.is_main_process:
         if start == 0 and log_path.exists():
             log_path.unlink()
@@ -308,13 +313,13 @@ def train(
     micro = _check_inputs(acc, cfg, source, teacher)
     trainable = stage_trainable(cfg.stage, model.config.trainable) if cfg.stage in (1, 2) else None
     set_trainable(model, trainable, cfg.activation_checkpointing)
-    loop = Loop(acc, Path(out_dir), "step", cfg.keep_last)
+    loop = Loop(acc, Path(out_dir), _loop_settings(cfg, micro))
     model.train()
     optimizer = adamw(model.param_groups(cfg.weight_decay), cfg.lr, cfg.betas)
     run = _Stage(model, source, cfg, teacher, loop, micro)
     fingerprint = run_fingerprint(model, cfg, source)
     start = _resume(run, resume, fingerprint)
-    run.loop.prepare(model, model, optimizer, cfg.ema)
+    run.loop.prepare(model, model, optimizer)
     log_path = _open_log(run, start)
     t0, row = time.time(), {"loss": float("nan")}
     bar = tqdm(
@@ -338,7 +343,7 @@ def train(
             f"loss or gradient (last at step {step}; see {log_path}); lower train.lr, or use "
             "train.mixed_precision=no / bf16 instead of fp16",
         )
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        if run.loop.checkpoint_due(step):
             run.loop.save(_checkpoint_state(run, step, row["lr"], fingerprint))
     bar.close()
     run.loop.finish(model, keep_raw=True)  # the last raw weights beside the EMA ones that the folder gets
