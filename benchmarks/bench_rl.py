@@ -1,8 +1,9 @@
 """Stage III on the shapes world: what RL moves, LDAM on vs off, LDAM per reward vs on the phase signal.
 
+    python benchmarks/bench_rl.py --mode geneval --recipe nft --seeds 0 1 2 --stage2 parauni-demo/stage2
     python benchmarks/bench_rl.py --mode geneval --recipe geneval --seeds 0 1 2 --stage2 parauni-demo/stage2
                                   [--shapeseval-before 0.429] [--timing-epochs 0]
-    python benchmarks/bench_rl.py --mode ldam --seeds 0 1 2 [--recipe demo|geneval] [--rl phases.0.epochs=20]
+    python benchmarks/bench_rl.py --mode ldam --seeds 0 1 2 [--recipe demo|geneval|nft] [--rl phases.0.epochs=20]
     python benchmarks/bench_rl.py --mode monitor --seeds 0 1 2          # LDAM per reward vs the phase signal
     python benchmarks/bench_rl.py --mode sanity --seeds 0 [--rl phases.0.epochs=6]   # can RL learn brightness?
     python benchmarks/bench_rl.py --quick --seeds 0     # the quick world, a fresh Stage-II model (smoke test)
@@ -227,14 +228,15 @@ def main() -> None:
         choices=list(MODES),
         default="ldam",
         help="ldam: LDAM on vs off; monitor: LDAM per reward vs on the phase's combined reward vs off; geneval: one "
-        "run a seed (with --recipe geneval: the ShapesEval credit alone, the +0.05 target); sanity: the brightness "
+        "run a seed (with --recipe geneval or nft: the ShapesEval credit alone, the +0.05 target); sanity: the brightness "
         "reward at the recipe's lr against lr 0 (the first seed only)",
     )
     parser.add_argument(
         "--recipe",
-        choices=["demo", "geneval"],
+        choices=["demo", "geneval", "nft"],
         default="demo",
-        help="the RL config: the demo's curriculum (world.rl) or the ShapesEval-credit recipe (parauni.world.rl)",
+        help="the RL config (parauni.world.rl.RECIPES): the demo's curriculum (world.rl), the ShapesEval-credit "
+        "recipe with Flow-GRPO (geneval) or with DiffusionNFT (nft)",
     )
     parser.add_argument(
         "--rl",
@@ -254,7 +256,7 @@ def main() -> None:
     from parauni.world.demo import paraunigen
     from parauni.world.pretrain import run_stage0, world_model_config
     from parauni.world.release import world_stage0
-    from parauni.world.rl import world_geneval_rl
+    from parauni.world.rl import RECIPES
     from parauni.world.shapeseval import run_shapeseval
 
     if args.quick:  # the quick world (trained from scratch, cached) with the overrides applied on top of it
@@ -277,7 +279,7 @@ def main() -> None:
         f"{cfg.rl.prompts_per_epoch} prompts x {cfg.rl.group_size} images"
     )
     results: dict = {"runs": [], "world_rl": dataclasses.asdict(cfg.rl)}
-    base = world_geneval_rl(cfg.rl) if args.recipe == "geneval" else cfg.rl
+    base = RECIPES[args.recipe](cfg.rl)
     base = with_overrides(base, args.rl)
     if args.mode == "sanity":
         results["sanity"] = sanity(args, base, out)

@@ -219,6 +219,18 @@ def test_world_geneval_recipe_optimises_the_credit_alone():
     assert recipe.samples_per_epoch == 128 and recipe.train_steps == 5 and recipe.phases[0].beta == 0
 
 
+def test_world_nft_recipe_is_the_credit_recipe_with_diffusionnft_and_ode_rollouts():
+    from parauni.world.config import world_rl_defaults
+    from parauni.world.rl import RECIPES, world_geneval_rl
+
+    base = world_rl_defaults()
+    recipe = RECIPES["nft"](base)
+    assert recipe.objective == "nft" and recipe.eta == 0 and recipe.stochastic_steps == [False] * recipe.steps
+    assert [list(p.rewards) for p in recipe.phases] == [["geneval"]] and not recipe.ldam.enabled
+    assert recipe.trainable == world_geneval_rl(base).trainable and base.objective == "grpo"
+    assert RECIPES["demo"](base) is base and RECIPES["geneval"](base) == world_geneval_rl(base)
+
+
 @pytest.mark.parametrize("same", [True, False])
 def test_same_latent_shares_the_initial_noise_within_a_group(make_tiny, same):
     from parauni.rl.rollout import rollout

@@ -56,6 +56,31 @@ def world_geneval_rl(base: RLConfig) -> RLConfig:
     )
 
 
+def world_nft_rl(base: RLConfig) -> RLConfig:
+    """:func:`world_geneval_rl` with DiffusionNFT's objective in place of Flow-GRPO's (``rl.objective=nft``, not
+    in the paper): rollouts with the deterministic ODE (the sampler ShapesEval uses), 32 prompts x 8 images an
+    epoch, each image trained at 4 random times of the schedule, lr 5e-4, 26 epochs. Its measured effect and
+    cost are in docs/world.md ("Stage III on the world")."""
+    return replace(
+        world_geneval_rl(base),
+        phases=[PhaseConfig("geneval", {"geneval": 1.0}, epochs=26, zone="deep", beta=0.0)],
+        objective="nft",
+        eta=0.0,
+        group_size=8,
+        timestep_fraction=0.4,
+        lr=5e-4,
+    )
+
+
+RECIPES: dict[str, Callable[[RLConfig], RLConfig]] = {
+    "demo": lambda base: base,
+    "geneval": world_geneval_rl,
+    "nft": world_nft_rl,
+}
+"""The world's Stage-III recipes by name, each made from the world's RL config: the demo's curriculum, the
+ShapesEval credit with Flow-GRPO, and the credit with DiffusionNFT."""
+
+
 class WorldPromptSource:
     """Endless GenEval-format prompts of the shapes world, drawn uniformly over the six tags (a
     :class:`parauni.rl.prompts.Prompts`)."""
