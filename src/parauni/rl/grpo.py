@@ -9,7 +9,8 @@ One epoch, read top to bottom:
     advantages: (r - mean of the prompt's group) / (std + 1e-4), clipped to +-5 (gathered over processes)
     update: for the trained steps (the first 99%), recompute the step's log-probability under the current
             policy (same stored condition noise) -> clipped policy loss + beta x KL to the reference policy;
-            accumulate, clip the gradient norm, AdamW step (``updates_per_epoch`` times per pass)
+            accumulate, clip the gradient norm, AdamW step (``updates_per_epoch`` times per pass); with
+            ``rl.objective=nft``, DiffusionNFT's flow-matching loss on the final latents instead (:mod:`.nft`)
     LDAM: record the phase reward's epoch mean and the gradient norm; maybe trigger a perturbation
 
 All randomness of an epoch derives from ``(seed, epoch, sample index)``, so the run is the same on any number
