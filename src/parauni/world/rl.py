@@ -58,9 +58,10 @@ def world_geneval_rl(base: RLConfig) -> RLConfig:
 
 def world_nft_rl(base: RLConfig) -> RLConfig:
     """:func:`world_geneval_rl` with DiffusionNFT's objective in place of Flow-GRPO's (``rl.objective=nft``, not
-    in the paper): rollouts with the deterministic ODE (the sampler ShapesEval uses), 32 prompts x 8 images an
-    epoch, each image trained at 4 random times of the schedule, lr 3e-4 (as the Flow-GRPO recipe), 24 epochs. Its measured effect and
-    cost are in docs/world.md ("Stage III on the world")."""
+    in the paper): deterministic Euler rollouts (ShapesEval samples deterministically too, with DPM-Solver++),
+    32 prompts x 8 images an epoch, each image trained at 4 random times of the schedule, lr 3e-4 (as the
+    Flow-GRPO recipe), 24 epochs. Its measured effect and cost are in docs/world.md ("Stage III on the
+    world")."""
     return replace(
         world_geneval_rl(base),
         phases=[PhaseConfig("geneval", {"geneval": 1.0}, epochs=24, zone="deep", beta=0.0)],
