@@ -13,7 +13,7 @@ the forward process, by flow matching on the rollout's clean images: for a sampl
 where ``w`` is the (detached) mean absolute x0-error of each side, the paper's adaptive weight. On the old
 policy (``v = v_old``) a sample of ``r = 1/2`` gives no gradient; above it the policy moves toward the image,
 below it away. Every term is a dense regression target, so no likelihood and no stochastic sampler is needed:
-``rl.eta=0`` samples the rollouts with the deterministic ODE the evaluation uses.
+``rl.eta=0`` samples the rollouts with the deterministic ODE (Euler steps), as an evaluation samples.
 """
 
 from __future__ import annotations
