@@ -29,7 +29,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -494,7 +494,6 @@ def _update(run: _Run, ep: _Epoch) -> dict:
     kept = torch.tensor(keep, dtype=torch.long)
     totals: dict[str, float] = {}
     count = 0
-    accumulate = _accumulate_nft if config.objective == "nft" else _accumulate
     if config.objective == "nft" and config.inner_epochs * min(config.updates_per_epoch, n) > 1:
         ep.old = [p.detach().clone() for p in loop.params]
     for inner in range(config.inner_epochs):
@@ -506,7 +505,7 @@ def _update(run: _Run, ep: _Epoch) -> dict:
         for update, chunk in enumerate(chunks):
             # before the backward passes: DeepSpeed steps in the last
             set_lr(loop.optimizer, _lr(config, ep.index, inner, update))
-            count += accumulate(run, ep, chunk, uncond, totals)
+            count += _accumulate(run, ep, chunk, uncond, totals)
             # the norm is of the reduced gradient; agreeing on it keeps the processes in step regardless.
             # DeepSpeed: the engine stepped (or skipped a non-finite gradient) in the last backward already
             norm = grad_norm(acc, loop.params, config.grad_clip)
@@ -526,80 +525,85 @@ def _update(run: _Run, ep: _Epoch) -> dict:
 
 
 def _accumulate(run: _Run, ep: _Epoch, chunk: torch.Tensor, uncond: torch.Tensor, totals: dict) -> int:
-    """Backward of the policy loss of one update's samples ``chunk`` over its micro-batches and trained steps
-    (the gradient all-reduced once, in the last); adds the loss statistics to ``totals``. Returns the number
-    of backward passes."""
-    config, loop, ro, beta = run.config, run.loop, ep.ro, ep.phase.beta
-    acc, wrapped, policy = loop.acc, loop.wrapped, run.policy
+    """Backward of the objective's loss on one update's samples ``chunk``, over its micro-batches and each
+    one's terms (:func:`_grpo_terms` or :func:`_nft_terms`), the gradient all-reduced once, in the last
+    backward; adds the loss statistics to ``totals``. Returns the number of backward passes."""
+    config, acc, wrapped = run.config, run.loop.acc, run.loop.wrapped
+    terms = _nft_terms if config.objective == "nft" else _grpo_terms
     micro = list(chunk.split(config.micro_batch))
-    steps = config.trained_steps
-    n_backward = len(micro) * len(steps)
-    done = 0
+    n_backward, done = len(micro) * len(config.trained_steps), 0
     for mb in micro:
-        idx = mb.tolist()
-        batch = prompt_conditions(run.model, [ro.prompts[i] for i in idx], ep.cache)
-        eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
-        adv = ro.advantages[idx]
-        for j in steps:
-            x, prev = ro.latents[idx, j], ro.latents[idx, j + 1]
-            args = (batch, uncond, x, prev, ro.sigmas[j], ro.sigmas[j + 1], eps, ro.gamma)
-            ref_mean = None
-            if beta > 0:
-                with torch.no_grad(), swapped(loop.params, run.reference), acc.autocast():
-                    _, ref_mean, _ = outside_training(acc, wrapped, policy, *args)
+        for loss_of in terms(run, ep, mb.tolist(), uncond):
             done += 1
             last = done == n_backward
             with contextlib.nullcontext() if last else acc.no_sync(wrapped):
-                logp, mean, std = wrapped(policy, *args)
-                loss, st = grpo_loss(
-                    logp, ro.log_probs[idx, j], adv, config.clip_range, mean, ref_mean, std, beta
-                )
-                backward(acc, wrapped, loss / n_backward, last)
-            for k, v in st.items():
-                totals[k] = totals.get(k, 0.0) + v
-    return done
-
-
-def _accumulate_nft(run: _Run, ep: _Epoch, chunk: torch.Tensor, uncond: torch.Tensor, totals: dict) -> int:
-    """``rl.objective=nft``: backward of DiffusionNFT's loss (:mod:`parauni.rl.nft`) of one update's samples
-    ``chunk``, each at ``len(rl.trained_steps)`` random times of the rollout's schedule with fresh forward noise
-    (the gradient all-reduced once, in the last); adds the loss statistics to ``totals``. Returns the number of
-    backward passes."""
-    config, loop, ro, beta = run.config, run.loop, ep.ro, ep.phase.beta
-    acc, wrapped, velocity = loop.acc, loop.wrapped, run.policy.velocity
-    micro, count = list(chunk.split(config.micro_batch)), len(config.trained_steps)
-    n_backward, done = len(micro) * count, 0
-    for mb in micro:
-        idx = mb.tolist()
-        ids = [acc.process_index * run.n_local + i for i in idx]  # global sample indices: the seeds
-        seed = (config.seed, ep.index)
-        times = training_times(
-            config.steps, count, [purpose_generator(*seed, Purpose.NFT_TIMES, i, ep.inner) for i in ids]
-        )
-        noises = [purpose_generator(*seed, Purpose.NFT_NOISE, i, ep.inner) for i in ids]
-        batch = prompt_conditions(run.model, [ro.prompts[i] for i in idx], ep.cache)
-        eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
-        x0, r = ro.latents[idx, -1], optimality(ro.advantages[idx], config.adv_clip)
-        for k in range(count):
-            sigma = ro.sigmas[times[:, k].to(ro.sigmas.device)]
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noises]).to(x0)
-            args = (batch, uncond, forward_noised(x0, sigma, noise), sigma, eps, ro.gamma)
-            v_old = _velocity_under(run, ep.old, args) if ep.old is not None else None
-            v_ref = _velocity_under(run, run.reference, args) if beta > 0 else None
-            done += 1
-            last = done == n_backward
-            with contextlib.nullcontext() if last else acc.no_sync(wrapped):
-                v = wrapped(velocity, *args)
-                loss, st = nft_loss(
-                    v, v.detach() if v_old is None else v_old, args[2], x0, sigma, r, config.nft_beta
-                )
-                if v_ref is not None:
-                    kl = velocity_kl(v, v_ref)
-                    loss, st["kl"] = loss + beta * kl, float(kl.detach())
+                loss, st = loss_of()
                 backward(acc, wrapped, loss / n_backward, last)
             for key, value in st.items():
                 totals[key] = totals.get(key, 0.0) + value
     return done
+
+
+Term = Callable[[], tuple[torch.Tensor, dict[str, float]]]  # the forward of one backward pass: (loss, stats)
+
+
+def _grpo_terms(run: _Run, ep: _Epoch, idx: list[int], uncond: torch.Tensor) -> Iterator[Term]:
+    """Flow-GRPO's terms of the samples ``idx``: one per trained step, the clipped policy loss of the step's
+    recomputed log-probability (+ beta x KL to the reference policy, whose forward runs before the term's)."""
+    config, loop, ro, beta = run.config, run.loop, ep.ro, ep.phase.beta
+    acc, wrapped, policy = loop.acc, loop.wrapped, run.policy
+    batch = prompt_conditions(run.model, [ro.prompts[i] for i in idx], ep.cache)
+    eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
+    adv = ro.advantages[idx]
+    for j in config.trained_steps:
+        x, prev = ro.latents[idx, j], ro.latents[idx, j + 1]
+        args = (batch, uncond, x, prev, ro.sigmas[j], ro.sigmas[j + 1], eps, ro.gamma)
+        ref_mean = None
+        if beta > 0:
+            with torch.no_grad(), swapped(loop.params, run.reference), acc.autocast():
+                _, ref_mean, _ = outside_training(acc, wrapped, policy, *args)
+
+        def term(args=args, j=j, ref_mean=ref_mean) -> tuple[torch.Tensor, dict[str, float]]:
+            logp, mean, std = wrapped(policy, *args)
+            return grpo_loss(logp, ro.log_probs[idx, j], adv, config.clip_range, mean, ref_mean, std, beta)
+
+        yield term
+
+
+def _nft_terms(run: _Run, ep: _Epoch, idx: list[int], uncond: torch.Tensor) -> Iterator[Term]:
+    """DiffusionNFT's terms of the samples ``idx`` (:mod:`parauni.rl.nft`): each image at
+    ``len(rl.trained_steps)`` random times of the rollout's schedule with fresh forward noise, against the
+    rollout policy's velocity (+ beta x the velocity's KL to the reference policy)."""
+    config, loop, ro, beta = run.config, run.loop, ep.ro, ep.phase.beta
+    acc, wrapped, velocity = loop.acc, loop.wrapped, run.policy.velocity
+    count = len(config.trained_steps)
+    ids = [acc.process_index * run.n_local + i for i in idx]  # global sample indices: the seeds
+    seed = (config.seed, ep.index)
+    times = training_times(
+        config.steps, count, [purpose_generator(*seed, Purpose.NFT_TIMES, i, ep.inner) for i in ids]
+    )
+    noises = [purpose_generator(*seed, Purpose.NFT_NOISE, i, ep.inner) for i in ids]
+    batch = prompt_conditions(run.model, [ro.prompts[i] for i in idx], ep.cache)
+    eps = ro.ldam_eps[idx] if ro.ldam_eps is not None else None
+    x0, r = ro.latents[idx, -1], optimality(ro.advantages[idx], config.adv_clip)
+    for k in range(count):
+        sigma = ro.sigmas[times[:, k].to(ro.sigmas.device)]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noises]).to(x0)
+        args = (batch, uncond, forward_noised(x0, sigma, noise), sigma, eps, ro.gamma)
+        v_old = _velocity_under(run, ep.old, args) if ep.old is not None else None
+        v_ref = _velocity_under(run, run.reference, args) if beta > 0 else None
+
+        def term(args=args, sigma=sigma, v_old=v_old, v_ref=v_ref) -> tuple[torch.Tensor, dict[str, float]]:
+            v = wrapped(velocity, *args)
+            loss, st = nft_loss(
+                v, v.detach() if v_old is None else v_old, args[2], x0, sigma, r, config.nft_beta
+            )
+            if v_ref is not None:
+                kl = velocity_kl(v, v_ref)
+                loss, st["kl"] = loss + beta * kl, float(kl.detach())
+            return loss, st
+
+        yield term
 
 
 def _velocity_under(run: _Run, values: list[torch.Tensor], args: tuple) -> torch.Tensor:
