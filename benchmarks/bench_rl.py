@@ -122,6 +122,11 @@ def _pm(values: list[float], fmt: str = ".3f") -> str:
     return f"{np.mean(values):{fmt}} +- {np.std(values):{fmt}}"
 
 
+def _tags(result: dict) -> str:
+    """ShapesEval's per-tag scores on one line."""
+    return " ".join(f"{tag} {score:.2f}" for tag, score in result["tags"].items())
+
+
 def _run(args, cfg, stage0: Path, w, out: Path):
     """One RL run from the Stage-II weights; returns (model, history, seconds)."""
     from parauni.world.rl import run_world_rl
@@ -296,19 +301,22 @@ def main() -> None:
         )
     rows_eval = make_eval_metadata(cfg.eval.per_tag, seed=cfg.seed)
 
-    def shapeseval(model) -> float:
+    def shapeseval(model) -> dict:
         e = cfg.eval
         return run_shapeseval(
             paraunigen(model), rows_eval, e.images_per_prompt, e.batch_size, seed=cfg.seed, progress=False
-        )["overall"]
+        )
 
     if args.shapeseval_before is not None:
         results["shapeseval_before"] = args.shapeseval_before
         print(f"ShapesEval before RL: overall {args.shapeseval_before:.3f} (given)")
     elif not args.no_eval:
         t = time.time()
-        results["shapeseval_before"] = shapeseval(ParaUni.from_pretrained(args.stage2))
-        print(f"ShapesEval before RL: overall {results['shapeseval_before']:.3f} ({time.time() - t:.0f} s)")
+        before = shapeseval(ParaUni.from_pretrained(args.stage2))
+        results["shapeseval_before"], results["shapeseval_before_tags"] = before["overall"], before["tags"]
+        print(
+            f"ShapesEval before RL: overall {before['overall']:.3f} ({time.time() - t:.0f} s); {_tags(before)}"
+        )
     variants = MODES[args.mode]
     results["rl"] = dataclasses.asdict(base)
     print(
@@ -334,13 +342,17 @@ def main() -> None:
                 "triggers": sum(int(r.get("ldam_triggered", False)) for r in rows),
                 "trigger_zones": trigger_summary(rows),
             }
+            tags = ""
             if not args.no_eval:
-                run["shapeseval_after"] = shapeseval(model)
+                after = shapeseval(model)
+                run["shapeseval_after"], run["shapeseval_after_tags"] = after["overall"], after["tags"]
+                tags = f"\n    {_tags(after)}"
             results["runs"].append(run)
             gains = "  ".join(f"{p}: {a:.4f} -> {b:.4f}" for p, (a, b) in run["phase_gain"].items())
             print(
                 f"seed {seed} {label:<10} {seconds:6.0f} s  triggers {run['trigger_zones']}  {gains}"
-                + (f"  ShapesEval after {run['shapeseval_after']:.3f}" if "shapeseval_after" in run else ""),
+                + (f"  ShapesEval after {run['shapeseval_after']:.3f}" if "shapeseval_after" in run else "")
+                + tags,
                 flush=True,
             )
     print(f"\nmean +- std over seeds {args.seeds} (rewards: mean of the last 2 epochs):")

@@ -142,6 +142,12 @@ def test_shapeseval_reward_gives_full_credit_to_ground_truth_renders():
     assert scores == [1.0, 1.0, 1.0]
     noise = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert max(ShapesEvalReward()(noise, [r["prompt"] for r in rows], rows)) < 0.5
+    # the strict reward is ShapesEval's own rule: 1 for the renders, 0 where the partial credit is partial
+    strict = ShapesEvalReward(strict=True)
+    assert strict(images, [r["prompt"] for r in rows], rows) == [1.0, 1.0, 1.0]
+    wrong = rows[:2] + [counting_row("square", 2)]  # three squares drawn, two asked
+    partial = ShapesEvalReward()(images, [r["prompt"] for r in wrong], wrong)
+    assert 0 < partial[2] < 1 and strict(images, [r["prompt"] for r in wrong], wrong)[2] == 0.0
     with pytest.raises(ValueError, match="metadata"):
         GenEvalReward(lambda image: [], color_from_detection)(images, [r["prompt"] for r in rows], [None] * 3)
 
@@ -158,7 +164,7 @@ def test_world_reward_models_train_save_and_score(tmp_path):
     metrics = pretrain(cfg, tmp_path, phases=["rewards"], progress=False, log=lambda *a: None)["rewards"]
     assert 0 <= metrics["heldout_retrieval_top1"] <= 1 and "aesthetic" in metrics
     rewards = world_rewards(tmp_path)
-    assert sorted(rewards) == ["aesthetic", "clip", "geneval"]
+    assert sorted(rewards) == ["aesthetic", "clip", "geneval", "geneval_strict"]
     rows = [colors_row("circle", "red"), two_object_row("square", "cross")]
     images = _images(2, 32)
     for reward in rewards.values():

@@ -314,15 +314,46 @@ def test_nft_config_checks():
         _cfg(objective="ppo")
     with pytest.raises(ConfigError, match="nft_beta"):
         _cfg(objective="nft", nft_beta=0.0)
+    with pytest.raises(ConfigError, match="rl.sampler=dpm gives no log-probabilities"):
+        _cfg(sampler="dpm")
+    with pytest.raises(ConfigError, match="rl.sampler"):
+        _cfg(objective="nft", sampler="ddim")
 
 
-@pytest.mark.parametrize("updates", [1, 2])
+def test_dpm_rollout_draws_what_the_models_dpm_sampler_draws(make_tiny):
+    from parauni.diffusion.sampling import sample
+    from parauni.rl.rollout import rollout
+
+    model = make_tiny()
+    cfg = _cfg(objective="nft", eta=0.0, sampler="dpm")
+    items = [("a red circle", None), ("two crosses", None)]
+    ro = rollout(model, items, [0, 1], [0, 1], cfg, epoch=0, ldam=None)
+    assert ro.log_probs is None and ro.latents.shape[1] == cfg.steps + 1
+    with torch.no_grad():
+        cond = model.condition(model.encode_prompts([p for p, _ in items]))
+        uncond = model.condition(model.encode_prompts([None])).expand_as(cond)
+        want = sample(model.velocity, cond, uncond, ro.latents[:, 0], sampler="dpm", steps=cfg.steps,
+                      shift=cfg.shift, cfg=cfg.cfg)  # fmt: skip
+    torch.testing.assert_close(ro.latents[:, -1], want, atol=1e-5, rtol=1e-4)
+    euler = rollout(model, items, [0, 1], [0, 1], _cfg(objective="nft", eta=0.0), epoch=0, ldam=None)
+    assert torch.equal(euler.latents[:, 0], ro.latents[:, 0])
+    assert not torch.allclose(euler.latents[:, -1], ro.latents[:, -1])
+
+
+@pytest.mark.parametrize("updates,sampler", [(1, "sde"), (2, "sde"), (1, "dpm")])
 def test_nft_run_trains_the_lora_at_the_rollout_times_against_the_rollout_policy(
-    make_tiny, tmp_path, updates
+    make_tiny, tmp_path, updates, sampler
 ):
     import parauni.rl.grpo as grpo
 
-    cfg = _cfg(objective="nft", eta=0.0, updates_per_epoch=updates, ldam=LDAMConfig(enabled=False), ema=0.0)
+    cfg = _cfg(
+        objective="nft",
+        eta=0.0,
+        sampler=sampler,
+        updates_per_epoch=updates,
+        ldam=LDAMConfig(enabled=False),
+        ema=0.0,
+    )
     items = [("a red circle", None), ("two crosses", None)]
     calls = []
     loss = grpo.nft_loss

@@ -79,6 +79,14 @@ class RLConfig:
         default=0.7,
         metadata={"help": "SDE noise level (0, with rl.objective=nft only: the deterministic ODE sampler)"},
     )
+    sampler: str = field(
+        default="sde",
+        metadata={
+            "help": "rollout sampler: 'sde' (Flow-GRPO's SDE steps on rl.schedule's sigmas; at rl.eta=0 Euler ODE "
+            "steps) or 'dpm' (DPM-Solver++ at rl.steps and rl.shift, the sampler SANA and ShapesEval draw with; "
+            "rl.objective=nft only, since it has no log-probabilities)"
+        },
+    )
     same_latent: bool = field(
         default=False,
         metadata={
@@ -219,6 +227,7 @@ class RLConfig:
         check_choice("rl.group_by", self.group_by, ("prompt", "index"))
         check_choice("rl.kl_std", self.kl_std, ("flow_grpo", "step"))
         check_choice("rl.objective", self.objective, ("grpo", "nft"))
+        check_choice("rl.sampler", self.sampler, ("sde", "dpm"))
         check_choice("rl.lr_schedule", self.lr_schedule, ("cosine", "constant"))
         check_choice("rl.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for name in (
@@ -251,6 +260,11 @@ class RLConfig:
             raise ConfigError(
                 f"rl.eta={self.eta} must be > 0: Flow-GRPO's policy needs a stochastic step (rl.eta=0 samples "
                 "with the ODE, for rl.objective=nft only)"
+            )
+        if self.sampler == "dpm" and self.objective != "nft":
+            raise ConfigError(
+                "rl.sampler=dpm gives no log-probabilities, which Flow-GRPO's policy gradient needs; use it "
+                "with rl.objective=nft, or rl.sampler=sde"
             )
         if self.nft_beta <= 0:
             raise ConfigError(f"rl.nft_beta={self.nft_beta} must be > 0")

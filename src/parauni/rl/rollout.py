@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.sampling import SDEStep, denoise, flow_match_sigmas, flow_sigmas
+from ..diffusion.sampling import SDEStep, StepFn, denoise, flow_match_sigmas, flow_sigmas, make_sampler
 from ..models.parauni import ParaUni
 from ..models.vlm import PromptBatch
 from ..pipeline import initial_noise
@@ -85,9 +85,19 @@ def prompt_conditions(model: ParaUni, prompts: list[str], cache: ConditionCache 
 
 
 def rollout_sigmas(config: RLConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """(steps + 1,) sigmas of the rollout: ``rl.schedule`` 'flow_match' (Flow-GRPO's) or 'uniform'."""
+    """(steps + 1,) sigmas of the rollout: with ``rl.sampler=dpm`` DPM-Solver++'s times, otherwise
+    ``rl.schedule`` 'flow_match' (Flow-GRPO's) or 'uniform'."""
+    if config.sampler == "dpm":
+        return make_sampler("dpm", config.steps, config.shift, device)[0]
     make = flow_match_sigmas if config.schedule == "flow_match" else flow_sigmas
     return make(config.steps, config.shift, device=device)
+
+
+def _step_function(config: RLConfig, sigmas: torch.Tensor, generators: list[torch.Generator]) -> StepFn:
+    """One rollout batch's step function: a fresh DPM-Solver++ (it keeps a history) or the SDE step."""
+    if config.sampler == "dpm":
+        return make_sampler("dpm", config.steps, config.shift, sigmas.device)[1]
+    return SDEStep(config.eta, float(sigmas[1]), generators, config.stochastic_steps)
 
 
 # --------------------------------------------------------------------------------------------- rollout
@@ -99,7 +109,7 @@ class Rollout:
     metadata: list[dict | None]
     groups: torch.Tensor  # (n,) index of the prompt in the epoch
     latents: torch.Tensor  # (n, T + 1, C, h, w): x_0 (noise) .. x_T
-    log_probs: torch.Tensor  # (n, T)
+    log_probs: torch.Tensor | None  # (n, T); None with rl.sampler=dpm (no likelihood)
     sigmas: torch.Tensor  # (T + 1,)
     ldam_eps: torch.Tensor | None  # (n, |zone|, Q, C) or None
     gamma: float | torch.Tensor  # LDAM's scale: a float or one per layer of the zone, (|zone|,)
@@ -154,7 +164,8 @@ def rollout(
     progress: bool = False,
     cache: ConditionCache | None = None,
 ) -> Rollout:
-    """Sample the given global sample ``indices`` (their prompts ``items``) with the SDE sampler + CFG.
+    """Sample the given global sample ``indices`` (their prompts ``items``) with the SDE sampler (or
+    ``rl.sampler=dpm``: DPM-Solver++) + CFG.
 
     ``ldam``: the perturbation of this rollout (an active LDAM, or a :class:`Perturbation` of several), or None.
 
@@ -193,8 +204,7 @@ def rollout(
             else [(Purpose.INITIAL_NOISE, i) for i in idx]
         )
         x = initial_noise(shape, [purpose_seed(config.seed, epoch, *k) for k in keys], model.device)
-        sde = purpose_generators(config.seed, epoch, Purpose.SDE_NOISE, idx)
-        step = SDEStep(config.eta, float(sigmas[1]), sde, config.stochastic_steps)
+        step = _step_function(config, sigmas, purpose_generators(config.seed, epoch, Purpose.SDE_NOISE, idx))
         uncond = uncond_one.expand_as(cond)
         final, outs = denoise(
             functools.partial(cfg_velocity, model, cond=cond, uncond=uncond, scale=config.cfg),
@@ -204,7 +214,8 @@ def rollout(
             record=True,
         )
         lat.append(torch.stack([x.float()] + [o.sample.float() for o in outs], dim=1))
-        logp.append(torch.stack([o.log_prob for o in outs], dim=1))
+        if config.sampler == "sde":
+            logp.append(torch.stack([o.log_prob for o in outs], dim=1))
         if eps is not None:
             eps_all.append(eps)
         images.append(model.decode_latents(final).cpu())
@@ -213,7 +224,7 @@ def rollout(
         metadata=[m for _, m in items],
         groups=torch.tensor(groups),
         latents=torch.cat(lat),
-        log_probs=torch.cat(logp),
+        log_probs=torch.cat(logp) if logp else None,
         sigmas=sigmas,
         ldam_eps=torch.cat(eps_all) if eps_all else None,
         gamma=gamma,

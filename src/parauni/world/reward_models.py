@@ -9,7 +9,7 @@ The paper's rewards need models trained on natural images; the world trains its 
   L2-normalised image embeddings, trained to rank clean renders above degraded ones (blur, Gaussian noise,
   pixel jitter; and milder above stronger), so its score falls as an image degrades (`WorldAesthetic`).
 * "geneval": ShapesEval's partial credit, Flow-GRPO's GenEval reward with the world's detector
-  (`ShapesEvalReward`).
+  (`ShapesEvalReward`); "geneval_strict": the same detector under ShapesEval's own all-or-nothing rule.
 
 Scoring reuses `parauni.scoring.clip.CLIPEmbedder` and `parauni.rl.rewards` (`CLIPScore`, `Aesthetic`,
 `GenEvalReward`); Stage 0 (`parauni.world.pretrain.run_stage0`) trains and saves the models with `save_world_reward_models`.
@@ -436,10 +436,12 @@ class ShapesEvalReward(GenEvalReward):
 
 
 def world_rewards(stage0_dir: str | Path, batch_size: int = 64) -> dict[str, Reward]:
-    """The world's rewards by name: "aesthetic", "clip" (sharing one world CLIP) and "geneval"."""
+    """The world's rewards by name: "aesthetic", "clip" (sharing one world CLIP), "geneval" (ShapesEval's
+    partial credit) and "geneval_strict" (1 when ShapesEval's own rule accepts the image, else 0)."""
     embedder = load_world_clip(stage0_dir)
     return {
         "aesthetic": WorldAesthetic.from_folder(stage0_dir, batch_size, embedder=embedder),
         "clip": WorldCLIPScore(embedder, batch_size),
         "geneval": ShapesEvalReward(batch_size=batch_size),
+        "geneval_strict": ShapesEvalReward(strict=True, batch_size=batch_size),
     }
