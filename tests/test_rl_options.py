@@ -314,6 +314,9 @@ def test_nft_config_checks():
         _cfg(objective="ppo")
     with pytest.raises(ConfigError, match="nft_beta"):
         _cfg(objective="nft", nft_beta=0.0)
+    assert _cfg(objective="nft", eta=0.0, nft_time_range=0.5).nft_time_steps == 2  # round(3 x 0.5)
+    with pytest.raises(ConfigError, match="nft_time_range=0.3 must be in"):
+        _cfg(objective="nft", eta=0.0, nft_time_range=0.3)  # 1 time for the 2 trained at
     with pytest.raises(ConfigError, match="rl.sampler=dpm gives no log-probabilities"):
         _cfg(sampler="dpm")
     with pytest.raises(ConfigError, match="rl.sampler"):
@@ -340,9 +343,11 @@ def test_dpm_rollout_draws_what_the_models_dpm_sampler_draws(make_tiny):
     assert not torch.allclose(euler.latents[:, -1], ro.latents[:, -1])
 
 
-@pytest.mark.parametrize("updates,sampler", [(1, "sde"), (2, "sde"), (1, "dpm")])
+@pytest.mark.parametrize(
+    "updates,sampler,time_range", [(1, "sde", 1.0), (2, "sde", 1.0), (1, "dpm", 1.0), (1, "sde", 0.67)]
+)
 def test_nft_run_trains_the_lora_at_the_rollout_times_against_the_rollout_policy(
-    make_tiny, tmp_path, updates, sampler
+    make_tiny, tmp_path, updates, sampler, time_range
 ):
     import parauni.rl.grpo as grpo
 
@@ -350,6 +355,7 @@ def test_nft_run_trains_the_lora_at_the_rollout_times_against_the_rollout_policy
         objective="nft",
         eta=0.0,
         sampler=sampler,
+        nft_time_range=time_range,
         updates_per_epoch=updates,
         ldam=LDAMConfig(enabled=False),
         ema=0.0,
@@ -375,8 +381,9 @@ def test_nft_run_trains_the_lora_at_the_rollout_times_against_the_rollout_policy
     assert calls and len(calls) % 2 == 0
     from parauni.rl.rollout import rollout_sigmas
 
-    sigmas = set(rollout_sigmas(cfg)[: cfg.steps].tolist())
+    sigmas = set(rollout_sigmas(cfg)[: cfg.nft_time_steps].tolist())  # time_range 0.67: the first 2 of 3
     assert all(set(s.tolist()) <= sigmas for s, _, _ in calls)
+    assert {x for s, _, _ in calls for x in s.tolist()} == sigmas  # 2 epochs x 2 samples x 2 times cover them
     assert all(((r >= 0) & (r <= 1)).all() for _, r, _ in calls)
     assert calls[0][2] == 0  # the first step of an epoch is on the rollout policy
     if updates == 2:  # the second step compares with the rollout's weights, which it has left

@@ -122,6 +122,14 @@ class RLConfig:
             "number of random times each image is trained at, and rl.clip_range and rl.kl_std are unused"
         },
     )
+    nft_time_range: float = field(
+        default=1.0,
+        metadata={
+            "help": "with rl.objective=nft: the fraction of the rollout's times, from the noisiest, that the "
+            "training times are drawn from (1 = all of them, DiffusionNFT's; 0.5 = the first half, where the "
+            "layout is set)"
+        },
+    )
     nft_beta: float = field(
         default=1.0,
         metadata={
@@ -266,6 +274,12 @@ class RLConfig:
                 "rl.sampler=dpm gives no log-probabilities, which Flow-GRPO's policy gradient needs; use it "
                 "with rl.objective=nft, or rl.sampler=sde"
             )
+        if not 0 < self.nft_time_range <= 1 or self.nft_time_steps < self.train_steps:
+            raise ConfigError(
+                f"rl.nft_time_range={self.nft_time_range} must be in (0, 1] and cover at least the "
+                f"{self.train_steps} times each image is trained at (rl.steps x rl.timestep_fraction); its "
+                f"{self.nft_time_steps} of rl.steps={self.steps} do not"
+            )
         if self.nft_beta <= 0:
             raise ConfigError(f"rl.nft_beta={self.nft_beta} must be > 0")
         if not self.phases:
@@ -277,6 +291,11 @@ class RLConfig:
         t = self.trainable
         if not (t.queries or t.lim or t.dit or t.dit_lora_rank > 0):
             raise ConfigError("rl.trainable trains nothing; enable dit, dit_lora_rank, lim or queries")
+
+    @property
+    def nft_time_steps(self) -> int:
+        """How many of the rollout's times, from the noisiest, rl.objective=nft draws its training times from."""
+        return round(self.steps * self.nft_time_range)
 
     @property
     def train_steps(self) -> int:

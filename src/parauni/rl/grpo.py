@@ -580,7 +580,7 @@ def _nft_terms(run: _Run, ep: _Epoch, idx: list[int], uncond: torch.Tensor) -> I
     ids = [acc.process_index * run.n_local + i for i in idx]  # global sample indices: the seeds
     seed = (config.seed, ep.index)
     times = training_times(
-        config.steps, count, [purpose_generator(*seed, Purpose.NFT_TIMES, i, ep.inner) for i in ids]
+        config.nft_time_steps, count, [purpose_generator(*seed, Purpose.NFT_TIMES, i, ep.inner) for i in ids]
     )
     noises = [purpose_generator(*seed, Purpose.NFT_NOISE, i, ep.inner) for i in ids]
     batch = prompt_conditions(run.model, [ro.prompts[i] for i in idx], ep.cache)

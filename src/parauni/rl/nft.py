@@ -68,6 +68,6 @@ def velocity_kl(v: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
 
 
 def training_times(steps: int, count: int, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B, count) indices into the rollout's sigmas (0 .. steps - 1): per sample, ``count`` distinct times drawn
-    from its own generator, as DiffusionNFT permutes the sampler's times per sample."""
+    """(B, count) indices into the rollout's sigmas (0 .. steps - 1, the noisiest first): per sample, ``count``
+    distinct times drawn from its own generator, as DiffusionNFT permutes the sampler's times per sample."""
     return torch.stack([torch.randperm(steps, generator=g)[:count] for g in generators])
