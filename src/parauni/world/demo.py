@@ -140,6 +140,11 @@ class _DemoRun:
             + " ".join(f"{k} {v:.2f}" for k, v in result["tags"].items())
             + f" ({len(self.rows) * e.images_per_prompt} images)"
         )
+        if result["attribution"]:
+            self.log(
+                "  colour attribution images: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in result["attribution"].items())
+            )
         self.scores[name], self.samples[label] = result, result["samples"]
 
     def train(self, cfg: WorldConfig, stage0: Path, stages: tuple[int, ...]) -> None:
@@ -204,7 +209,12 @@ class _DemoRun:
         self.timings["total"] = time.time() - self.start
         metrics = {
             "shapeseval": {
-                k: {"overall": v["overall"], "tags": v["tags"], "counts": v["counts"]}
+                k: {
+                    "overall": v["overall"],
+                    "tags": v["tags"],
+                    "counts": v["counts"],
+                    "attribution": v["attribution"],
+                }
                 for k, v in self.scores.items()
             },
             "timings": self.timings,

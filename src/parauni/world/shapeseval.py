@@ -22,14 +22,46 @@ GenerateFn = Callable[[list[str], int], np.ndarray]
 
 
 def score_images(images: np.ndarray, rows: list[dict], detector: ShapesDetector | None = None) -> list[dict]:
-    """Score uint8 images (N, H, W, 3) against their metadata rows; one result dict per image."""
+    """Score uint8 images (N, H, W, 3) against their metadata rows; one result dict per image, with the kept
+    objects it shows as ``drawn``: [[class, colour], ...]."""
     detector = detector or ShapesDetector()
     results = []
     for image, row in zip(images, rows, strict=True):
         kept = filter_detections(detector(image), row["tag"])
         correct, reason = evaluate_image(kept, row, detector.classify_colors)
-        results.append({"tag": row["tag"], "prompt": row["prompt"], "correct": correct, "reason": reason})
+        drawn = sorted([cls, c] for cls, found in kept.items() for c in detector.classify_colors(found, cls))
+        results.append(
+            {"tag": row["tag"], "prompt": row["prompt"], "correct": correct, "reason": reason, "drawn": drawn}
+        )
     return results
+
+
+ATTRIBUTION_KINDS = ("correct", "bound wrongly", "shape missing", "colour missing", "both missing")
+
+
+def attribution_failures(results: list[dict], rows: list[dict]) -> dict[str, float] | None:
+    """What the colour-attribution images show, as fractions of them (None without such rows): correct; every
+    asked shape and colour drawn but paired wrongly ("bound wrongly"); the asked colours drawn but an asked
+    shape missing ("shape missing"); the shapes drawn but a colour missing; both missing. ``results`` are
+    :func:`run_shapeseval`'s (``index`` into ``rows``)."""
+    counts = dict.fromkeys(ATTRIBUTION_KINDS, 0)
+    for r in results:
+        row = rows[r["index"]]
+        if row["tag"] != "color_attr":
+            continue
+        shapes = {c["class"] for c in row["include"]} <= {cls for cls, _ in r["drawn"]}
+        colours = {c["color"] for c in row["include"]} <= {col for _, col in r["drawn"]}
+        if r["correct"]:
+            kind = "correct"
+        elif shapes and colours:
+            kind = "bound wrongly"
+        else:
+            kind = {(False, True): "shape missing", (True, False): "colour missing"}.get(
+                (shapes, colours), "both missing"
+            )
+        counts[kind] += 1
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()} if total else None
 
 
 def run_shapeseval(
@@ -52,7 +84,8 @@ def run_shapeseval(
             ``"samples"`` (for grids).
 
     Returns:
-        {"overall", "tags", "counts", "results": [...], "samples": {tag: [(prompt, [images])]}}.
+        {"overall", "tags", "counts", "attribution" (:func:`attribution_failures`), "results": [...],
+        "samples": {tag: [(prompt, [images])]}}.
     """
     detector = ShapesDetector()
     jobs = [(i, k) for i in range(len(rows)) for k in range(images_per_prompt)]
@@ -87,4 +120,9 @@ def run_shapeseval(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {**summary, "results": results, "samples": samples}
+    return {
+        **summary,
+        "attribution": attribution_failures(results, rows),
+        "results": results,
+        "samples": samples,
+    }
