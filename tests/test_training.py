@@ -475,3 +475,49 @@ def test_distill_twins_join_the_step_and_reach_the_teacher(make_tiny, tmp_path, 
     )
     assert math.isfinite(result.final_loss)
     assert all(len(c) == 8 and c[4:] == [x.replace("number", "No.") for x in c[:4]] for c in seen)
+
+
+# ------------------------------------------------------------------------------------------- lim.whiten
+WHITEN = ["lim.whiten=true", "lim.whiten_captions=12"]
+
+
+def test_whitening_makes_each_layers_prompt_variation_white(make_tiny):
+    model = make_tiny(WHITEN)
+    lim = model.lim
+    n, layers, q, d = 200, len(lim.layer_ids), model.queries.shape[0], model.queries.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-1, 0.9, d)  # variances 10^3.8 apart (within lim.whiten_floor, 10^-4)
+    states = torch.randn(n, layers, q, d, generator=gen) * scales + torch.randn(layers, q, d, generator=gen)
+    plain = lim.per_layer(states)  # not fitted yet: the identity
+    lim.whiten = False
+    assert torch.equal(plain, lim.per_layer(states))
+    lim.whiten = True
+    lim.fit_whitening(states)
+    assert lim.whitened and int(lim.whiten_samples) == n
+    z = (
+        torch.einsum("blqd,lde->blqe", states - lim.whiten_mean, lim.whiten_matrix)
+        .transpose(0, 1)
+        .flatten(1, 2)
+    )
+    cov = z.mT @ z / z.shape[1]  # (L_sel, D, D)
+    torch.testing.assert_close(cov, torch.eye(d).expand_as(cov), atol=0.05, rtol=0)
+    with pytest.raises(ConfigError, match="lim.whiten=true"):
+        make_tiny().lim.fit_whitening(states)
+
+
+def test_stage1_with_whitening_fits_before_training_saves_and_resumes(make_tiny, tmp_path):
+    fresh = make_tiny(WHITEN)
+    assert not fresh.lim.whitened
+    full, result = _tiny_run(make_tiny, tmp_path, steps=6, out="full", save_every=3, model=fresh)
+    assert full.lim.whitened and int(full.lim.whiten_samples) == 12
+    loaded = ParaUni.from_pretrained(result.model_dir)
+    for name in ("whiten_mean", "whiten_matrix", "whiten_samples"):
+        assert torch.equal(getattr(loaded.lim, name), getattr(full.lim, name)), name
+    _tiny_run(make_tiny, tmp_path, steps=6, out="broken", save_every=3, model=make_tiny(WHITEN))
+    for name in ("model.safetensors", "config.yaml"):
+        (tmp_path / "broken" / name).unlink()
+    resumed, _ = _tiny_run(
+        make_tiny, tmp_path, steps=6, out="broken", resume=True, save_every=3, model=make_tiny(WHITEN)
+    )
+    a, b = full.trained_state_dict(), resumed.trained_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and "lim.whiten_matrix" in a

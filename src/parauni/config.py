@@ -124,6 +124,22 @@ class LIMConfig:
     connector_intermediate: int = field(default=8960, metadata={"help": "connector MLP width"})
     connector_heads: int = field(default=24, metadata={"help": "connector attention heads"})
     use_layernorm: bool = field(default=True, metadata={"help": "shared LayerNorm before the mean on/off"})
+    whiten: bool = field(
+        default=False,
+        metadata={
+            "help": "whiten each selected layer's query states before the connector: subtract their mean per "
+            "query and multiply by the inverse square root of their covariance over prompts, both estimated "
+            "once from lim.whiten_captions training captions when training starts (not in the paper; "
+            "docs/world.md, 'What colour attribution loses')"
+        },
+    )
+    whiten_captions: int = field(
+        default=512, metadata={"help": "with lim.whiten: captions its statistics are from"}
+    )
+    whiten_floor: float = field(
+        default=1e-4,
+        metadata={"help": "with lim.whiten: the covariance's eigenvalues are raised to this x the largest"},
+    )
     layers: str = field(default="all", metadata={"help": f"layer selection, one of {LAYER_MODES}"})
     layer_list: list[int] = field(default_factory=list, metadata={"help": "layers for layers=list (0-based)"})
     interval: int = field(default=2, metadata={"help": "stride for layers=interval"})
@@ -146,6 +162,11 @@ class LIMConfig:
         lo, hi = (list(self.zone_bounds) + [None, None])[:2]
         if len(self.zone_bounds) != 2 or not (0.0 < lo < hi < 1.0):
             raise ConfigError(f"lim.zone_bounds={self.zone_bounds} must be two fractions 0 < a < b < 1")
+        if self.whiten_captions < 2 or not 0 < self.whiten_floor <= 1:
+            raise ConfigError(
+                f"lim.whiten_captions={self.whiten_captions} must be >= 2 and lim.whiten_floor={self.whiten_floor} "
+                "in (0, 1]"
+            )
         if self.use_connector and self.connector_layers < 1:
             raise ConfigError("lim.connector_layers must be >= 1 (or set lim.use_connector=false)")
 

@@ -191,6 +191,8 @@ class LayerIntegrationModule(nn.Module):
         connector_layers: int = 6,
         connector_heads: int = 24,
         use_layernorm: bool = True,
+        whiten_queries: int = 0,
+        whiten_floor: float = 1e-4,
     ) -> None:
         super().__init__()
         if not layers or min(layers) < 0 or max(layers) >= num_vlm_layers:
@@ -208,6 +210,56 @@ class LayerIntegrationModule(nn.Module):
         )
         self.projector = nn.Linear(width if use_connector else in_dim, out_dim)
         self.norm = nn.LayerNorm(out_dim) if use_layernorm else None
+        self.whiten = whiten_queries > 0
+        self.whiten_floor = whiten_floor
+        if self.whiten:  # identity until fit_whitening; saved with the LIM
+            n = len(self.layer_ids)
+            self.register_buffer("whiten_mean", torch.zeros(n, whiten_queries, in_dim))
+            self.register_buffer("whiten_matrix", torch.eye(in_dim).repeat(n, 1, 1))
+            self.register_buffer("whiten_samples", torch.zeros((), dtype=torch.long))
+
+    @property
+    def whitened(self) -> bool:
+        """Whether the whitening statistics have been estimated (``lim.whiten`` only)."""
+        return self.whiten and int(self.whiten_samples) > 0
+
+    @torch.no_grad()
+    def fit_whitening(self, states: torch.Tensor) -> None:
+        """Estimate the whitening of the query states from ``states`` (N, L or L_sel, Q, D) of N prompts.
+
+        Per selected layer l: the mean over prompts of each query's state (Q, D), and ``W_l = C_l^(-1/2)`` of
+        the covariance C_l (D, D) of the states' deviations from it, pooled over the queries, with its
+        eigenvalues raised to ``whiten_floor`` x the largest. The frozen VLM spreads what tells prompts apart
+        very unevenly (on the shapes world the largest direction holds 10^3-10^4 x the median's variance, and
+        a shape word moves the states 10^-4 as much as a colour word): the connector then learns the large
+        directions first and the small ones hardly at all; whitened, every direction starts alike.
+        """
+        if not self.whiten:
+            raise ConfigError("fit_whitening needs a LIM built with lim.whiten=true")
+        states = self._selected(states).float()
+        if states.shape[0] < 2:
+            raise ValueError(f"fit_whitening needs the states of at least 2 prompts, got {states.shape[0]}")
+        mean = states.mean(0)  # (L_sel, Q, D)
+        dev = (states - mean).transpose(0, 1).flatten(1, 2)  # (L_sel, N * Q, D)
+        cov = dev.mT @ dev / dev.shape[1]
+        lam, vec = torch.linalg.eigh(cov)  # ascending, (L_sel, D), (L_sel, D, D)
+        lam = lam.clamp_min(lam[:, -1:] * self.whiten_floor)
+        self.whiten_matrix.copy_(vec @ torch.diag_embed(lam.rsqrt()) @ vec.mT)
+        self.whiten_mean.copy_(mean)
+        self.whiten_samples.fill_(states.shape[0])
+
+    def _selected(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, L_sel, Q, D): the selected layers of states of all L layers (or already selected ones)."""
+        if states.dim() != 4:
+            raise ValueError(f"expected query states of shape (B, L, Q, D), got {tuple(states.shape)}")
+        if states.shape[1] == self.num_vlm_layers and len(self.layer_ids) != self.num_vlm_layers:
+            return states.index_select(1, self.layer_index)
+        if states.shape[1] != len(self.layer_ids):
+            raise ValueError(
+                f"got states of {states.shape[1]} layers; expected {self.num_vlm_layers} (all) or "
+                f"{len(self.layer_ids)} (the selected ones)"
+            )
+        return states
 
     @property
     def layers(self) -> list[int]:
@@ -223,15 +275,10 @@ class LayerIntegrationModule(nn.Module):
         Returns:
             (B, L_sel, Q, C).
         """
-        if states.dim() != 4:
-            raise ValueError(f"expected query states of shape (B, L, Q, D), got {tuple(states.shape)}")
-        if states.shape[1] == self.num_vlm_layers and len(self.layer_ids) != self.num_vlm_layers:
-            states = states.index_select(1, self.layer_index)
-        elif states.shape[1] != len(self.layer_ids):
-            raise ValueError(
-                f"got states of {states.shape[1]} layers; expected {self.num_vlm_layers} (all) or "
-                f"{len(self.layer_ids)} (the selected ones)"
-            )
+        states = self._selected(states)
+        if self.whiten:
+            m, w = self.whiten_mean.to(states.dtype), self.whiten_matrix.to(states.dtype)
+            states = torch.einsum("blqd,lde->blqe", states - m, w)
         b, n_layers, q, d = states.shape
         x = states.reshape(b * n_layers, q, d)  # layers folded into the batch: one connector call
         if self.connector_in is not None:

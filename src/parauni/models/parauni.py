@@ -152,6 +152,8 @@ def new_queries_and_lim(
         connector_layers=lim.connector_layers,
         connector_heads=lim.connector_heads,
         use_layernorm=lim.use_layernorm,
+        whiten_queries=lim.num_queries if lim.whiten else 0,
+        whiten_floor=lim.whiten_floor,
     )
     return queries, module
 
@@ -302,6 +304,18 @@ class ParaUni(nn.Module):
     def _vlm_query_states(self, batch: PromptBatch) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.queries.requires_grad):
             return self.vlm.query_states(batch, self.queries)
+
+    @torch.no_grad()
+    def fit_whitening(self, captions: list[str], batch_size: int = 64) -> None:
+        """Estimate ``lim.whiten``'s statistics from the query states of ``captions`` (with the queries as
+        they are now); see :meth:`LayerIntegrationModule.fit_whitening`."""
+        states = torch.cat(
+            [
+                self.query_states(self.encode_prompts(captions[i : i + batch_size]))
+                for i in range(0, len(captions), batch_size)
+            ]
+        )
+        self.lim.fit_whitening(states)
 
     def per_layer_conditions(self, batch: PromptBatch) -> torch.Tensor:
         """(B, L_sel, Q, C): the LIM's output for each selected layer, before the mean (LDAM perturbs these)."""

@@ -181,6 +181,18 @@ def _schedule(cfg: TrainConfig) -> dict:
     return {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps, "min_lr_ratio": cfg.min_lr_ratio}
 
 
+def _fit_whitening(run: _Stage) -> None:
+    """With ``lim.whiten`` and no statistics yet (a model that has not trained), estimate them from the first
+    ``lim.whiten_captions`` captions of the data stream, before any step or checkpoint is loaded: a resumed
+    run starts from the same fresh model and gets the same statistics."""
+    model, n = run.model, run.model.config.lim.whiten_captions
+    if not model.lim.whiten or model.lim.whitened:
+        return
+    _, captions = run.source.examples(list(range(n)), seed=run.cfg.seed)
+    model.fit_whitening([c for c in captions if c is not None])
+    run.loop.acc.print(f"lim.whiten: the query states' statistics from {n} training captions")
+
+
 def _resume(run: _Stage, resume: bool, fingerprint: dict) -> int:
     """Load the newest intact checkpoint when ``resume``; returns the step to start from (0: a fresh start)
     and sets where the data stream continues."""
@@ -317,6 +329,7 @@ def train(
     model.train()
     optimizer = adamw(model.param_groups(cfg.weight_decay), cfg.lr, cfg.betas)
     run = _Stage(model, source, cfg, teacher, loop, micro)
+    _fit_whitening(run)
     fingerprint = run_fingerprint(model, cfg, source)
     start = _resume(run, resume, fingerprint)
     run.loop.prepare(model, model, optimizer)
