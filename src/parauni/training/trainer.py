@@ -185,9 +185,11 @@ def _fit_whitening(run: _Stage) -> None:
     """With ``lim.whiten`` and no statistics yet (a model that has not trained), estimate them from the first
     ``lim.whiten_captions`` captions of the data stream, before any step or checkpoint is loaded: a resumed
     run starts from the same fresh model and gets the same statistics."""
-    model, n = run.model, run.model.config.lim.whiten_captions
-    if not model.lim.whiten or model.lim.whitened:
+    model = run.model
+    lim = getattr(model, "lim", None)  # the trainer also fits the shapes world's text-to-image model
+    if lim is None or not lim.whiten or lim.whitened:
         return
+    n = model.config.lim.whiten_captions
     _, captions = run.source.examples(list(range(n)), seed=run.cfg.seed)
     model.fit_whitening([c for c in captions if c is not None])
     run.loop.acc.print(f"lim.whiten: the query states' statistics from {n} training captions")
