@@ -100,3 +100,15 @@ def test_quick_reproduce_writes_the_table_and_resumes(tmp_path, quick_cache, cap
     )
     assert any("(0 units to run)" in m for m in messages)
     assert again["units"] == report["units"]
+
+
+def test_reproduce_rows_keep_the_papers_lim_whatever_the_worlds_defaults():
+    from parauni.world.release import world_stage0
+    from parauni.world.reproduce import ROWS, _model_config
+
+    cfg, stage0 = world_stage0("release", [], progress=False, log=lambda *a: None)
+    assert cfg.parauni.whiten and not cfg.parauni.use_layernorm  # the demo's departures
+    rows = {r.name: r for r in ROWS}
+    lim = _model_config(cfg, stage0, rows["all_layers"], seed=0).lim
+    assert lim.use_layernorm and not lim.whiten
+    assert not _model_config(cfg, stage0, rows["no_layernorm"], seed=0).lim.use_layernorm

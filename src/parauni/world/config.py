@@ -251,6 +251,14 @@ class WorldParaUniConfig(LIMConfig):
         "the LIM's shared LayerNorm before the mean, which the paper has; off on the world, where it makes "
         "every layer carry the whole condition (docs/world.md); true = the paper's LIM",
     )
+    whiten: bool = world_default(
+        LIMConfig,
+        "whiten",
+        True,
+        "whiten each layer's query states before the connector (not in the paper): the world VLM holds the "
+        "shape words in directions of tiny variance, which the connector otherwise hardly learns "
+        "(docs/world.md); false = the paper's LIM input",
+    )
     stage1: TrainConfig = field(
         default_factory=lambda: world_stage_defaults(1),
         metadata={
