@@ -229,10 +229,10 @@ class LayerIntegrationModule(nn.Module):
 
         Per selected layer l: the mean over prompts of each query's state (Q, D), and ``W_l = C_l^(-1/2)`` of
         the covariance C_l (D, D) of the states' deviations from it, pooled over the queries, with its
-        eigenvalues raised to ``whiten_floor`` x the largest. The frozen VLM spreads what tells prompts apart
-        very unevenly (on the shapes world the largest direction holds 10^3-10^4 x the median's variance, and
-        a shape word moves the states 10^-4 as much as a colour word): the connector then learns the large
-        directions first and the small ones hardly at all; whitened, every direction starts alike.
+        eigenvalues raised to ``whiten_floor`` x the largest. A frozen VLM can spread what tells prompts apart
+        very unevenly over the directions of its states; the connector then learns the large directions first
+        and the small ones hardly at all, while whitened every direction starts alike (measured on the shapes
+        world in docs/world.md, "What colour attribution loses").
         """
         if not self.whiten:
             raise ConfigError("fit_whitening needs a LIM built with lim.whiten=true")
