@@ -41,7 +41,8 @@ def test_last_layer_rows_are_openuni_and_the_layernorm_variant_with_the_papers_s
 
     rows = {r.name: r for r in ROWS}
     assert rows["last_layer"].lim == {"layers": "last", "use_layernorm": False}  # as OpenUni builds it
-    assert rows["last_layer_ln"].lim == {"layers": "last"} and not rows["last_layer_ln"].paper
+    assert rows["last_layer_ln"].lim == {"layers": "last", "use_layernorm": True}
+    assert not rows["last_layer_ln"].paper
     assert "OpenUni" in rows["last_layer"].label and "LayerNorm" in rows["last_layer_ln"].label
     table = summarise({n: [_unit(n, 0, 0.3)] for n in ("last_layer", "last_layer_ln", "no_deep")})
     text = format_table(table)
@@ -112,3 +113,28 @@ def test_reproduce_rows_keep_the_papers_lim_whatever_the_worlds_defaults():
     lim = _model_config(cfg, stage0, rows["all_layers"], seed=0).lim
     assert lim.use_layernorm and not lim.whiten
     assert not _model_config(cfg, stage0, rows["no_layernorm"], seed=0).lim.use_layernorm
+
+
+def test_the_world_lim_base_builds_rows_on_the_demos_lim_and_drops_the_row_it_makes_redundant(tmp_path):
+    from parauni.config import ConfigError
+    from parauni.world.release import world_stage0
+    from parauni.world.reproduce import ROWS, _model_config, distinct_rows, row_lim
+
+    cfg, stage0 = world_stage0("release", [], progress=False, log=lambda *a: None)
+    rows = {r.name: r for r in ROWS}
+    world = _model_config(cfg, stage0, rows["all_layers"], seed=0, lim="world").lim
+    assert world.whiten and not world.use_layernorm  # the demo's LIM
+    assert _model_config(cfg, stage0, rows["layernorm"], seed=0, lim="world").lim.use_layernorm
+    assert row_lim(cfg, rows["last_layer_ln"], "world")["use_layernorm"]
+    names = lambda kept: [r.name for r in kept]  # noqa: E731
+    # on the world's LIM "no_layernorm" is all_layers' model; on the paper's, "layernorm" is
+    assert "no_layernorm" not in names(distinct_rows(cfg, list(ROWS), "world", named=False))
+    assert "layernorm" not in names(distinct_rows(cfg, list(ROWS), "paper", named=False))
+    assert len(distinct_rows(cfg, list(ROWS), "world", named=False)) == len(ROWS) - 1
+    with pytest.raises(ConfigError, match="no_layernorm.*same model as 'all_layers'.*--lim world"):
+        distinct_rows(cfg, [rows["no_layernorm"], rows["all_layers"]], "world", named=True)
+    with pytest.raises(ConfigError, match="choose one of"):
+        row_lim(cfg, rows["all_layers"], "mine")
+    (tmp_path / "lim_base.txt").write_text("paper\n")
+    with pytest.raises(ConfigError, match="'paper' LIM; give --lim paper to continue it, or another --out"):
+        run_reproduce(tmp_path, rows=["all_layers"], lim="world", progress=False, log=lambda *a: None)

@@ -53,6 +53,7 @@ def cmd_reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
         analyses=not args.no_analyses,
         progress=not args.quiet,
         stage0=args.stage0,
+        lim=args.lim,
     )
     return 0
 
@@ -111,8 +112,16 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rows",
         nargs="+",
-        help="only these rows (default: all): last_layer all_layers no_shallow no_middle no_deep interval "
-        "no_layernorm rl_no_ldam ldam_no_grad_gate ldam_no_reward_gate full",
+        help="only these rows (default: all that differ on the --lim base): last_layer last_layer_ln all_layers "
+        "no_shallow no_middle no_deep interval no_layernorm layernorm rl_no_ldam ldam_no_grad_gate "
+        "ldam_no_reward_gate full",
+    )
+    p.add_argument(
+        "--lim",
+        choices=("paper", "world"),
+        default="paper",
+        help="the LIM the rows build on: 'paper' (with its LayerNorm, without whitening; default) or 'world' "
+        "(the world's own: no LayerNorm, whitened query states, as the demo)",
     )
     p.add_argument(
         "--stage0",

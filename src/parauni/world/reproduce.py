@@ -49,7 +49,7 @@ from .captions import WorldStream, make_eval_metadata
 from .config import STREAM_OFFSETS, WorldConfig
 from .demo import paraunigen, world_teacher
 from .estimate import calibrate, stage_seconds
-from .pretrain import WorldSource, world_model_config
+from .pretrain import stage_source, world_model_config
 from .release import world_stage0
 from .reward_models import load_world_clip, world_rewards
 from .rl import run_world_rl
@@ -96,7 +96,10 @@ ROWS: tuple[AblationRow, ...] = (
         source="OpenUni in the main table",
     ),
     AblationRow(
-        "last_layer_ln", "last layer only + LIM LayerNorm (not in the paper)", {"layers": "last"}, source=""
+        "last_layer_ln",
+        "last layer only + LIM LayerNorm (not in the paper)",
+        {"layers": "last", "use_layernorm": True},
+        source="",
     ),
     AblationRow("all_layers", "all layers (Stage II, before RL)", source=""),
     AblationRow(
@@ -121,6 +124,12 @@ ROWS: tuple[AblationRow, ...] = (
         {"use_layernorm": False},
         None,
         _paper(0.98, 0.61, 0.75, 0.73),
+    ),
+    AblationRow(
+        "layernorm",
+        "all layers + the LIM's LayerNorm (the paper's LIM)",
+        {"use_layernorm": True},
+        source="",
     ),
     AblationRow("rl_no_ldam", "all layers + Flow-GRPO without LDAM", rl=("ldam.enabled=false",), source=""),
     AblationRow(
@@ -156,23 +165,60 @@ def select_rows(names: list[str] | None) -> list[AblationRow]:
 
 
 # ------------------------------------------------------------------------------------------ one unit
+LIM_FILE = "lim_base.txt"  # the LIM base of an output folder's units
+
+
 def _unit_dir(out: Path, row: str, seed: int) -> Path:
     return out / "runs" / row / f"seed{seed}"
 
 
-# Every row is the paper's LIM (with its LayerNorm, without whitening) unless the row says otherwise, whatever
-# the world's defaults (world.parauni.use_layernorm off and world.parauni.whiten on for the demo): the table
-# compares the paper's own rows.
+# The LIM every row builds on unless the row says otherwise: "paper" is the paper's LIM (with its LayerNorm,
+# without whitening) whatever the world's defaults, so that the table compares the paper's own rows; "world"
+# is the world's own LIM (world.parauni.use_layernorm off and world.parauni.whiten on for the demo), the one
+# whose Stage I is measured to converge within the demo's steps (docs/world.md).
 PAPER_LIM = {"use_layernorm": True, "whiten": False}
+LIM_BASES = ("paper", "world")
+_ROW_LIM_FIELDS = ("layers", "use_layernorm", "whiten")
 
 
-def _model_config(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int):
+def row_lim(cfg: WorldConfig, row: AblationRow, lim: str = "paper") -> dict:
+    """The LIM fields that rows vary (``layers``, ``use_layernorm``, ``whiten``) of ``row``'s model on the
+    ``lim`` base (:data:`LIM_BASES`)."""
+    if lim not in LIM_BASES:
+        raise ConfigError(f"reproduce --lim {lim!r}: choose one of {list(LIM_BASES)}")
+    world = {k: getattr(cfg.parauni, k) for k in _ROW_LIM_FIELDS}
+    return {**world, **(PAPER_LIM if lim == "paper" else {}), **row.lim}
+
+
+def distinct_rows(cfg: WorldConfig, rows: list[AblationRow], lim: str, named: bool) -> list[AblationRow]:
+    """``rows`` without the layer rows whose model is an earlier row's on the ``lim`` base (``no_layernorm``
+    is ``all_layers`` on the world's LIM, ``layernorm`` is it on the paper's); an error when the caller
+    ``named`` such a row."""
+    kept, seen = [], {}
+    for row in sorted(rows, key=lambda r: r.name != "all_layers"):  # all_layers claims its model first
+        key = tuple(sorted(row_lim(cfg, row, lim).items())) if row.rl is None else None
+        if key is not None and key in seen:
+            if named:
+                raise ConfigError(
+                    f"row {row.name!r} trains the same model as {seen[key]!r} with --lim {lim}; leave it out"
+                )
+            continue
+        if key is not None:
+            seen[key] = row.name
+        kept.append(row)
+    return [r for r in rows if r in kept]
+
+
+def _model_config(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, lim: str = "paper"):
     base = world_model_config(cfg, stage0)
-    return dataclasses.replace(base, seed=seed, lim=dataclasses.replace(base.lim, **{**PAPER_LIM, **row.lim}))
+    return dataclasses.replace(base, seed=seed, lim=dataclasses.replace(base.lim, **row_lim(cfg, row, lim)))
 
 
-def _train_stages(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, unit: Path, progress: bool):
-    """Stage I then Stage II of a layer row; a finished stage (its model folder) is loaded, not retrained."""
+def _train_stages(
+    cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, unit: Path, progress: bool, lim: str
+):
+    """Stage I then Stage II of a layer row on the ``lim`` base; a finished stage (its model folder) is loaded,
+    not retrained."""
     model, teacher = None, world_teacher(stage0)
     for stage in (1, 2):
         folder = unit / f"stage{stage}"
@@ -180,9 +226,9 @@ def _train_stages(cfg: WorldConfig, stage0: Path, row: AblationRow, seed: int, u
             model = ParaUni.from_pretrained(folder)
             continue
         if model is None:
-            model = ParaUni.from_config(_model_config(cfg, stage0, row, seed))
+            model = ParaUni.from_config(_model_config(cfg, stage0, row, seed, lim))
         tc = dataclasses.replace(cfg.parauni.stage(stage), seed=seed * 1000 + stage)
-        source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"] + SEED_STRIDE * seed, cfg.image_size)
+        source = stage_source(cfg, stage, SEED_STRIDE * seed)
         result = run_stage(
             model, source, tc, folder, RunOptions(resume=True, progress=progress), teacher
         ).result
@@ -213,8 +259,10 @@ def run_unit(
     eval_rows: list[dict],
     progress: bool = True,
     log: Callable[[str], None] = print,
+    lim: str = "paper",
 ) -> dict:
-    """Train and evaluate one (row, seed); returns (and writes) its result. Skipped if already complete."""
+    """Train and evaluate one (row, seed) on the ``lim`` base; returns (and writes) its result. Skipped if
+    already complete."""
     unit = _unit_dir(out, row.name, seed)
     done = unit / RESULT_FILE
     if done.is_file():
@@ -222,7 +270,7 @@ def run_unit(
     unit.mkdir(parents=True, exist_ok=True)
     t = time.time()
     if row.rl is None:
-        model = _train_stages(cfg, stage0, row, seed, unit, progress)
+        model = _train_stages(cfg, stage0, row, seed, unit, progress, lim)
         extra: dict = {}
     else:
         start = _unit_dir(out, "all_layers", seed) / "stage2"
@@ -280,7 +328,7 @@ def pending_seconds(
     if not pending:
         return 0.0
     model = ParaUni.from_config(world_model_config(cfg, stage0))
-    source = WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size)
+    source = stage_source(cfg, 1)
     cal = calibrate(model, cfg, source, world_teacher(stage0))
     sft, rl = (stage_seconds(cal, cfg, stages, evaluations=1)["total"] for stages in ((1, 2), (3,)))
     return sum(sft if row.rl is None else rl for row in pending)
@@ -400,18 +448,29 @@ def run_reproduce(
     progress: bool = True,
     log: Callable[[str], None] = print,
     stage0: str | Path = "release",
+    lim: str = "paper",
 ) -> dict:
     """Run (or continue) the ablation on the world and write ``reproduce.json`` and ``reproduce.md``.
 
-    ``stage0``: the world's Stage-0 models, as for the demo (:func:`release.world_stage0`)."""
+    ``stage0``: the world's Stage-0 models, as for the demo (:func:`release.world_stage0`). ``lim``: the LIM the
+    rows build on (:data:`LIM_BASES`; "paper" by default); one output folder holds one base."""
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError(f"--seeds {seeds} must be distinct non-negative integers (e.g. 0 1 2)")
-    selected = select_rows(rows)
+    if lim not in LIM_BASES:
+        raise ConfigError(f"reproduce --lim {lim!r}: choose one of {list(LIM_BASES)}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    marker = out / LIM_FILE
+    if marker.is_file() and marker.read_text().strip() != lim:
+        raise ConfigError(
+            f"{out} holds a reproduce run on the {marker.read_text().strip()!r} LIM; give --lim "
+            f"{marker.read_text().strip()} to continue it, or another --out for --lim {lim}"
+        )
     t0 = time.time()
     cfg, stage0 = world_stage0(stage0, overrides, quick, cache_dir, progress, log)
+    selected = distinct_rows(cfg, select_rows(rows), lim, named=rows is not None)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(lim + "\n")
     expected = pending_seconds(cfg, stage0, selected, seeds, out)
     pending = sum(not (_unit_dir(out, r.name, s) / RESULT_FILE).is_file() for r in selected for s in seeds)
     log(
@@ -424,10 +483,11 @@ def run_reproduce(
     order = sorted(selected, key=lambda r: (r.rl is not None, r.name != "all_layers"))
     for row in order:
         for seed in seeds:
-            results[row.name].append(run_unit(cfg, stage0, row, seed, out, eval_rows, progress, log))
+            results[row.name].append(run_unit(cfg, stage0, row, seed, out, eval_rows, progress, log, lim))
     table = summarise({r.name: results[r.name] for r in selected})
     report: dict = {
         "seeds": seeds,
+        "lim": lim,
         "table": table,
         "units": results,
         "eval": {"prompts": len(eval_rows), "images_per_prompt": cfg.eval.images_per_prompt},
@@ -448,6 +508,14 @@ def run_reproduce(
     return report
 
 
+_LIM_TEXT = {
+    "paper": "Rows build on the paper's LIM (with its LayerNorm, without whitening) unless they say otherwise.",
+    "world": "Rows build on the world's own LIM (`--lim world`: world.parauni.use_layernorm and "
+    "world.parauni.whiten; the demo's LIM has no LayerNorm and whitens the query states) unless they say "
+    "otherwise.",
+}
+
+
 def write_markdown(out: Path, report: dict) -> Path:
     """``reproduce.md``: the ablation table, the paper's numbers, reconstruction and layer analysis."""
     e = report["eval"]
@@ -458,6 +526,8 @@ def write_markdown(out: Path, report: dict) -> Path:
         f"mean ± std over seeds {report['seeds']}. Layer rows are Stage-II models; RL rows continue the "
         "all-layer Stage-II model of the same seed with Stage III. These are measurements on a small world, "
         "not the paper's GenEval: compare the ordering of rows, not the values.",
+        "",
+        _LIM_TEXT[report.get("lim", "paper")],
         "",
         format_table(report["table"]),
         "",
