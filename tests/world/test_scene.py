@@ -396,3 +396,30 @@ def test_binding_twins_exchange_colours_or_turn_a_relation_round():
     for caption in dense:
         twin = binding_twin(caption)
         assert twin is None or (twin != caption and sorted(twin.split()) == sorted(caption.split()))
+
+
+def test_shape_twins_replace_the_last_shape_by_one_the_caption_does_not_name():
+    from parauni.errors import ConfigError
+    from parauni.world.captions import PLURALS, SHAPES, WorldStream, caption_twin, shape_twin
+    from parauni.world.stage0_models import WorldSource
+
+    twin = shape_twin("a photo of a red circle and a blue square")
+    assert twin.startswith("a photo of a red circle and a blue ") and twin.split()[-1] in {"triangle", "cross"}
+    assert shape_twin("a photo of a red circle and a blue square") == twin  # always the same twin
+    assert shape_twin("a photo of two crosses").split()[-1] in {"circles", "squares", "triangles"}
+    assert shape_twin("a photo of a green thing") is None
+    for e in WorldStream(3, 32).batch(0, 300):  # every caption names a shape; all four in some dense ones
+        caption, twin = e["caption"], shape_twin(e["caption"])
+        assert twin is not None and twin != caption and len(twin.split()) == len(caption.split())
+        changed = [(a, b) for a, b in zip(caption.split(), twin.split(), strict=True) if a != b]
+        assert len(changed) == 1 and changed[0][1].rstrip(".,") in {*SHAPES, *PLURALS.values()}
+    caption = "a photo of a pink triangle and a black square"
+    assert caption_twin(caption, "binding") == "a photo of a black triangle and a pink square"
+    assert caption_twin(caption, "shape") == shape_twin(caption)
+    assert caption_twin(caption, "both") in {caption_twin(caption, "binding"), shape_twin(caption)}
+    assert caption_twin("a photo of a cross", "both") == shape_twin("a photo of a cross")  # no binding twin
+    assert WorldSource(0, 32, twins="shape").twin(caption) == shape_twin(caption)
+    with pytest.raises(ConfigError, match="twin kind 'colour'"):
+        caption_twin(caption, "colour")
+    with pytest.raises(ConfigError, match="world twins 'colour'"):
+        WorldSource(0, 32, twins="colour")

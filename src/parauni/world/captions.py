@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -426,3 +427,42 @@ def binding_twin(caption: str) -> str | None:
             words[i] = _OPPOSITE[w]
             return "".join(words)
     return None
+
+
+_SHAPE_FORMS = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}  # word -> its shape
+
+
+def shape_twin(caption: str) -> str | None:
+    """``caption`` with its last shape word replaced by a shape it does not name (plural kept; when it names
+    them all, by another one), the replacement drawn from the caption's CRC-32 so that a caption always gets the
+    same twin: "a red circle and a blue square" -> "a red circle and a blue cross"; None when it names no
+    shape."""
+    words = re.findall(r"[a-z]+|[^a-z]+", caption)
+    found = [i for i, w in enumerate(words) if w in _SHAPE_FORMS]
+    if not found:
+        return None
+    last = found[-1]
+    named = {_SHAPE_FORMS[words[i]] for i in found}
+    free = [s for s in SHAPES if s not in named] or [s for s in SHAPES if s != _SHAPE_FORMS[words[last]]]
+    new = free[zlib.crc32(caption.encode()) % len(free)]
+    words[last] = PLURALS[new] if words[last] in PLURALS.values() else new
+    return "".join(words)
+
+
+TWIN_KINDS = ("binding", "shape", "both")
+
+
+def caption_twin(caption: str, kind: str = "binding") -> str | None:
+    """The twin of ``caption`` that ``train.distill_twins`` pulls the condition's difference to the teacher's on:
+    ``"binding"`` (:func:`binding_twin`), ``"shape"`` (:func:`shape_twin`) or ``"both"`` (one of the two, by
+    the caption's CRC-32, when it has both)."""
+    if kind == "binding":
+        return binding_twin(caption)
+    if kind == "shape":
+        return shape_twin(caption)
+    if kind != "both":
+        raise ConfigError(f"twin kind {kind!r}: choose one of {list(TWIN_KINDS)}")
+    bound, shaped = binding_twin(caption), shape_twin(caption)
+    if bound is None or shaped is None:
+        return bound or shaped
+    return bound if zlib.crc32(caption.encode()) % 2 else shaped

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..rl.config import PhaseConfig, RLConfig
 from ..rl.ldam import LDAMConfig
 from ..training.config import TrainConfig
+from .captions import TWIN_KINDS
 
 IMAGE_SIZE = 32  # the world's default image side (world.image_size)
 # Each Stage-0 model and each stage of the demo draws its own stream of world examples: example i of a stage
@@ -77,7 +78,8 @@ def world_stage_defaults(stage: int) -> TrainConfig:
     10% caption dropout) at the world's scale, with logit-normal times as in Stage 0, and condition distillation
     against the Stage-0 DiT's own text encoder with its tokens matched one to one (not in the paper;
     docs/world.md). Stage I learns from the distillation alone (``flow_weight=0``: the DiT is frozen there and
-    the flow loss added nothing measurable); ``flow_weight=1 distill_match=position`` is the earlier recipe."""
+    the flow loss added nothing measurable), with each caption's twin (``world.parauni.twins``) at weight 0.3;
+    ``flow_weight=1 distill_match=position distill_twins=0`` is the earlier recipe."""
     steps, lr, warmup = (1200, 3e-3, 20) if stage == 1 else (150, 1e-4, 10)
     return TrainConfig(
         stage=stage,
@@ -89,6 +91,7 @@ def world_stage_defaults(stage: int) -> TrainConfig:
         condition_distill=1.0,
         distill_match="assignment",
         flow_weight=0.0 if stage == 1 else 1.0,
+        distill_twins=0.3 if stage == 1 else 0.0,
         image_size=IMAGE_SIZE,  # derived from world.image_size (WorldConfig.derive)
         save_every=steps // 4,
         keep_last=1,
@@ -259,11 +262,21 @@ class WorldParaUniConfig(LIMConfig):
         "shape words in directions of tiny variance, which the connector otherwise hardly learns "
         "(docs/world.md); false = the paper's LIM input",
     )
+    twins: str = field(
+        default="shape",
+        metadata={
+            "help": "the twin each caption gets when a stage's distill_twins > 0: 'shape' (its last shape word "
+            "replaced, the world's default), 'binding' (its colours exchanged or its relation turned round) or "
+            "'both' (one of the two per caption); the condition's difference between the two is pulled to the "
+            "teacher's (docs/world.md)"
+        },
+    )
     stage1: TrainConfig = field(
         default_factory=lambda: world_stage_defaults(1),
         metadata={
             "help": "Stage I (queries + LIM): condition distillation towards the Stage-0 DiT's own text encoder, "
-            "tokens matched one to one, without the flow loss (not in the paper; flow_weight=1 restores it). "
+            "tokens matched one to one, with shape twins at 0.3 (distill_twins), without the flow loss (not in "
+            "the paper; flow_weight=1 distill_twins=0 restores it). "
             "image_size is world.image_size; seed follows world.seed + 1 unless given (docs/world.md)"
         },
     )
@@ -376,6 +389,8 @@ class WorldConfig:
         ):
             if train.stage != stage:
                 raise ConfigError(f"world.{key}.stage={train.stage} must be {stage}")
+        if self.parauni.twins not in TWIN_KINDS:
+            raise ConfigError(f"world.parauni.twins={self.parauni.twins!r}: choose one of {list(TWIN_KINDS)}")
         if self.image_size % self.reward.patch:
             raise ConfigError(
                 f"world.image_size={self.image_size} must be a multiple of reward.patch ({self.reward.patch})"

@@ -25,9 +25,9 @@ from ..utils.images import tensor_to_uint8
 from ..utils.run_files import RL_LOG
 from ..utils.run_files import TRAIN_LOG as LOG_FILE
 from .captions import make_eval_metadata, write_eval_metadata
-from .config import STREAM_OFFSETS, WorldConfig
+from .config import WorldConfig
 from .estimate import calibrate, stage_seconds
-from .pretrain import WorldSource, world_model_config
+from .pretrain import stage_source, world_model_config
 from .release import world_stage0
 from .report import plot_losses, plot_tag_grids, write_markdown
 from .rl import run_world_rl
@@ -113,7 +113,7 @@ class _DemoRun:
         return cfg, stage0
 
     def estimate(self, cfg: WorldConfig, stages: tuple[int, ...]) -> None:
-        source = WorldSource(cfg.seed + STREAM_OFFSETS["stage1"], cfg.image_size)
+        source = stage_source(cfg, 1)
         cal = calibrate(self.model, cfg, source, self.teacher)
         self.guess = guess = stage_seconds(cal, cfg, stages, evaluations=1 + len(stages))
         self.log(
@@ -160,7 +160,7 @@ class _DemoRun:
         self.evaluate(cfg, "stage0_t2i", t2igen(self.t2i, cfg), "Stage 0 DiT + own text encoder")
         for stage in (n for n in stages if n < 3):
             t = time.time()
-            source = WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"], cfg.image_size)
+            source = stage_source(cfg, stage)
             out = self.out / f"stage{stage}"
             run_stage(
                 self.model,

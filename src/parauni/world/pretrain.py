@@ -301,6 +301,12 @@ def stage0_folder(cfg: WorldConfig, cache_dir: str | Path) -> Path:
     return folder
 
 
+def stage_source(cfg: WorldConfig, stage: int, offset: int = 0) -> WorldSource:
+    """The example stream of ParaUni's Stage ``stage`` (1 or 2) on the world, ``offset`` streams along (the seeds
+    of ``parauni reproduce``), with the twins of ``world.parauni.twins``."""
+    return WorldSource(cfg.seed + STREAM_OFFSETS[f"stage{stage}"] + offset, cfg.image_size, cfg.parauni.twins)
+
+
 def world_model_config(cfg: WorldConfig, stage0: Path) -> ModelConfig:
     """The ParaUni model of the world: the Stage-0 VLM and DiT, pixel space, fresh queries + LIM."""
     return from_dict(

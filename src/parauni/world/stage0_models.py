@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from ..config import CONDITIONAL_TEMPLATE
+from ..errors import ConfigError
 from ..models.tokenizer import train_bpe_tokenizer
 from ..models.vlm import imagenet_normalize
 from ..utils.images import pil_to_tensor
 from ..utils.seeds import stream_seed
-from .captions import WorldStream, binding_twin, world_vocabulary
+from .captions import TWIN_KINDS, WorldStream, caption_twin, world_vocabulary
 from .config import STREAM_OFFSETS, WorldConfig, transformer_sizes
 from .fit import fit
 from .t2i import TextToImage
@@ -28,17 +29,19 @@ class WorldSource:
 
     encoded = False
 
-    def __init__(self, seed: int, size: int) -> None:
+    def __init__(self, seed: int, size: int, twins: str = "binding") -> None:
+        if twins not in TWIN_KINDS:
+            raise ConfigError(f"world twins {twins!r}: choose one of {list(TWIN_KINDS)}")
         self.stream = WorldStream(seed, size)
+        self.twins = twins
 
     def examples(self, indices: list[int], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
         items = [self.stream.example(i) for i in indices]
         return torch.stack([pil_to_tensor(e["image"]) for e in items]), [e["caption"] for e in items]
 
-    @staticmethod
-    def twin(caption: str) -> str | None:
-        """The caption with its bindings exchanged, or None (``train.distill_twins``; :func:`binding_twin`)."""
-        return binding_twin(caption)
+    def twin(self, caption: str) -> str | None:
+        """The caption's twin of the source's kind, or None (``train.distill_twins``; :func:`caption_twin`)."""
+        return caption_twin(caption, self.twins)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
