@@ -166,10 +166,10 @@ def pair_loss(
 ) -> torch.Tensor:
     """How differently two captions' conditions differ from how their teacher states differ (fp32).
 
-    For each pair (a, b) of rows (captions that name the same things bound differently, "a red circle and a
-    blue square" / "a blue circle and a red square"), the relative squared error of the condition's difference
-    against the teacher's, over the tokens real in both: 1 for a condition that does not see the swap, 0 for
-    one that moves as the teacher does. cond: (B, Q, C); states: (B, Q, C) and mask (B, Q), already aligned to
+    For each pair (a, b) of rows (captions that differ in one thing: "a red circle and a blue square" / "a red
+    circle and a blue cross", or the same things bound differently, "a blue circle and a red square"), the
+    relative squared error of the condition's difference against the teacher's, over the tokens real in both:
+    1 for a condition that does not see the change, 0 for one that moves as the teacher does. cond: (B, Q, C); states: (B, Q, C) and mask (B, Q), already aligned to
     the condition's tokens; pairs: (P, 2) row indices.
     """
     a, b = pairs[:, 0], pairs[:, 1]
@@ -183,7 +183,7 @@ class Distillation:
     """The condition-distillation term of a training loss (``train.condition_distill``) for one batch.
 
     ``states`` (B, S, C) and ``mask`` (B, S) are the teacher's on the batch's captions; ``pairs`` (P, 2) are rows
-    whose captions differ only in their binding (``train.distill_twins``).
+    whose captions differ in one thing, a caption and its twin (``train.distill_twins``).
     """
 
     states: torch.Tensor

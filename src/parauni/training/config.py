@@ -76,10 +76,11 @@ class TrainConfig:
     distill_twins: float = field(
         default=0.0,
         metadata={
-            "help": "weight of a condition_distill term on binding twins: each caption the data source can "
-            "rewrite with its bindings exchanged ('a red circle and a blue square' -> 'a blue circle and a red "
-            "square') joins the step, and the condition's difference between the two is pulled to the teacher's "
-            "(0 = off; needs a source with twin(), as the shapes world's)"
+            "help": "weight of a condition_distill term on twins: each caption the data source can rewrite into "
+            "one that differs in a single thing (the shapes world: 'a red circle and a blue square' -> '... a "
+            "blue cross', or '... a blue circle and a red square', world.parauni.twins) joins the step, and the "
+            "condition's difference between the two is pulled to the teacher's (0 = off; needs a source with "
+            "twin(), as the shapes world's)"
         },
     )
     flow_weight: float = field(

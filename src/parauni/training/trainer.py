@@ -111,7 +111,7 @@ def distillation(
     cfg: TrainConfig, teacher: Teacher, captions: list[str | None], twin, device: torch.device
 ) -> tuple[Distillation, list[str | None]]:
     """The step's condition-distillation term, and its captions: the batch's, then (with
-    ``cfg.distill_twins``) the binding twin of every caption that has one, ``twin(caption) -> str | None``."""
+    ``cfg.distill_twins``) the twin of every caption that has one, ``twin(caption) -> str | None``."""
     pairs = None
     if cfg.distill_twins > 0:
         twins = [(i, twin(c)) for i, c in enumerate(captions) if c is not None]
