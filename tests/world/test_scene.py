@@ -404,7 +404,10 @@ def test_shape_twins_replace_the_last_shape_by_one_the_caption_does_not_name():
     from parauni.world.stage0_models import WorldSource
 
     twin = shape_twin("a photo of a red circle and a blue square")
-    assert twin.startswith("a photo of a red circle and a blue ") and twin.split()[-1] in {"triangle", "cross"}
+    assert twin.startswith("a photo of a red circle and a blue ") and twin.split()[-1] in {
+        "triangle",
+        "cross",
+    }
     assert shape_twin("a photo of a red circle and a blue square") == twin  # always the same twin
     assert shape_twin("a photo of two crosses").split()[-1] in {"circles", "squares", "triangles"}
     assert shape_twin("a photo of a green thing") is None
