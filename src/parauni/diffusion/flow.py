@@ -169,8 +169,8 @@ def pair_loss(
     For each pair (a, b) of rows (captions that differ in one thing: "a red circle and a blue square" / "a red
     circle and a blue cross", or the same things bound differently, "a blue circle and a red square"), the
     relative squared error of the condition's difference against the teacher's, over the tokens real in both:
-    1 for a condition that does not see the change, 0 for one that moves as the teacher does. cond: (B, Q, C); states: (B, Q, C) and mask (B, Q), already aligned to
-    the condition's tokens; pairs: (P, 2) row indices.
+    1 for a condition that does not see the change, 0 for one that moves as the teacher does. cond: (B, Q, C);
+    states: (B, Q, C) and mask (B, Q), already aligned to the condition's tokens; pairs: (P, 2) row indices.
     """
     a, b = pairs[:, 0], pairs[:, 1]
     keep = (mask[a] * mask[b])[..., None].float()  # (P, Q, 1)
