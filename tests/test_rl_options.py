@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from parauni.config import ConfigError, TrainableConfig
+from parauni.errors import DataError
 from parauni.rl.config import PhaseConfig, RLConfig
 from parauni.rl.grpo import _phase_ldams, _zone_positions, ema_decay, train_rl
 from parauni.rl.ldam import LDAM, PAPER_REWARD_ZONES, LDAMConfig, Perturbation, perturbation_scale
@@ -392,3 +393,62 @@ def test_nft_run_trains_the_lora_at_the_rollout_times_against_the_rollout_policy
     assert changed and all("lora_" in n for n in changed)
     rows = [json.loads(line) for line in (tmp_path / "a" / RL_LOG).read_text().splitlines()]
     assert "nft_loss" in rows[0] and "optimality_mean" in rows[0]
+
+
+# ------------------------------------------------------------------------------------------- phase tags
+def _row(tag: str, prompt: str) -> tuple[str, dict]:
+    return prompt, {"tag": tag, "include": [{"class": "circle", "count": 1}], "prompt": prompt}
+
+
+def test_phase_tags_are_geneval_tags():
+    assert PhaseConfig("p", {"geneval": 1.0}, 1).tags == []
+    tags = ["color_attr", "position"]
+    assert PhaseConfig("p", {"geneval": 1.0}, 1, tags=tags).tags == tags
+    with pytest.raises(ConfigError, match="colour_attr"):
+        PhaseConfig("p", {"geneval": 1.0}, 1, tags=["colour_attr"])
+
+
+def test_prompt_source_draws_only_the_phase_tags():
+    rows = [_row("single_object", "a circle"), _row("color_attr", "a red circle and a blue square"),
+            _row("position", "a circle left of a square"), ("a plain prompt", None)]  # fmt: skip
+    source = PromptSource(rows)
+    assert source.epoch(0, 3, 4) == PromptSource(rows).epoch(0, 3, 4)  # no tags: every prompt, as before
+    drawn = source.epoch(0, 3, 6, ["color_attr", "position"])
+    assert {m["tag"] for _, m in drawn} == {"color_attr", "position"} and len(drawn) == 6
+    with pytest.raises(DataError, match="counting"):
+        source.epoch(0, 0, 2, ["counting"])
+    with pytest.raises(DataError, match="no metadata"):
+        PromptSource([("a plain prompt", None)]).epoch(0, 0, 2, ["counting"])
+
+
+def test_world_prompts_draw_the_phase_tags_and_are_unchanged_without():
+    import numpy as np
+
+    from parauni.scoring.geneval_rules import GENEVAL_TAGS
+    from parauni.world.captions import metadata_for
+    from parauni.world.rl import WorldPromptSource
+
+    source = WorldPromptSource()
+    rng = np.random.default_rng([5, 2, 11])  # the uniform draw of the six tags before tags existed
+    before = [metadata_for(GENEVAL_TAGS[int(rng.integers(6))], rng)["prompt"] for _ in range(12)]
+    assert [p for p, _ in source.epoch(5, 2, 12)] == before
+    tagged = source.epoch(5, 2, 40, ["color_attr"])
+    assert {m["tag"] for _, m in tagged} == {"color_attr"}
+    assert source.epoch(5, 2, 40, ["color_attr"]) == tagged
+
+
+def test_each_phase_draws_its_own_tags(make_tiny, tmp_path):
+    """train_rl asks the prompt source for the tags of the phase each epoch is in."""
+    asked: list[list[str]] = []
+
+    class Recording(PromptSource):
+        def epoch(self, seed, epoch, n, tags=()):
+            asked.append(list(tags))
+            return super().epoch(seed, epoch, n, tags)
+
+    rows = [_row("single_object", "a circle"), _row("color_attr", "a red circle and a blue square")]
+    phases = [PhaseConfig("a", {"bright": 1.0}, 1, "deep", 0.0),
+              PhaseConfig("b", {"bright": 1.0}, 2, "deep", 0.0, tags=["color_attr"])]  # fmt: skip
+    train_rl(make_tiny(), _bright, ["bright", "dark"], Recording(rows), _cfg(phases=phases), tmp_path / "rl",
+             progress=False, log=lambda *a: None)  # fmt: skip
+    assert asked == [[], ["color_attr"], ["color_attr"]]

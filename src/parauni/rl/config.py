@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, TrainableConfig, check_choice
+from ..scoring.geneval_rules import GENEVAL_TAGS
 from .ldam import LDAMConfig
 
 ZONE_CHOICES = ("shallow", "middle", "deep", "all")
@@ -28,9 +29,18 @@ class PhaseConfig:
         },
     )
     beta: float = field(default=0.02, metadata={"help": "KL weight against the reference policy"})
+    tags: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"draw the phase's prompts only from these GenEval tags, any of {GENEVAL_TAGS} (empty: every "
+            "prompt); needs prompts with GenEval metadata (a .jsonl file, or the shapes world's)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("rl.phases[].zone", self.zone, ZONE_CHOICES)
+        for tag in self.tags:
+            check_choice(f"rl phase {self.name!r}: tags", tag, GENEVAL_TAGS)
         if not self.rewards:
             raise ConfigError(f"rl phase {self.name!r} optimises no reward; give rewards: {{name: weight}}")
         if self.epochs < 1:

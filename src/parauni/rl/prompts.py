@@ -5,6 +5,7 @@ fixed list read from a file (:class:`PromptSource`) or the shapes world's endles
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -17,9 +18,10 @@ PromptItem = tuple[str, dict | None]
 
 
 class Prompts(Protocol):
-    """A source of RL prompts: ``n`` (prompt, metadata) items for one epoch, the same for the same seed."""
+    """A source of RL prompts: ``n`` (prompt, metadata) items for one epoch, the same for the same seed; with
+    ``tags``, only prompts whose GenEval metadata has one of those tags."""
 
-    def epoch(self, seed: int, epoch: int, n: int) -> list[PromptItem]: ...
+    def epoch(self, seed: int, epoch: int, n: int, tags: Sequence[str] = ()) -> list[PromptItem]: ...
 
 
 class PromptSource:
@@ -52,8 +54,21 @@ class PromptSource:
                 items.append((line.strip(), None))
         return cls(items)
 
-    def epoch(self, seed: int, epoch: int, n: int) -> list[PromptItem]:
-        """``n`` prompts for ``epoch``: a seeded draw without replacement (with replacement if n > size)."""
+    def epoch(self, seed: int, epoch: int, n: int, tags: Sequence[str] = ()) -> list[PromptItem]:
+        """``n`` prompts for ``epoch``: a seeded draw without replacement (with replacement if n > size), from
+        the prompts whose GenEval tag is in ``tags`` when it is given."""
+        items = self.with_tags(tags) if tags else self.items
         rng = np.random.default_rng([seed, epoch, 7])
-        idx = rng.choice(len(self.items), size=n, replace=n > len(self.items))
-        return [self.items[i] for i in idx]
+        idx = rng.choice(len(items), size=n, replace=n > len(items))
+        return [items[i] for i in idx]
+
+    def with_tags(self, tags: Sequence[str]) -> list[PromptItem]:
+        """The prompts whose GenEval metadata's tag is one of ``tags``."""
+        items = [item for item in self.items if item[1] is not None and item[1].get("tag") in tags]
+        if not items:
+            have = sorted({str(m.get("tag")) for _, m in self.items if m is not None})
+            raise DataError(
+                f"no RL prompt has a GenEval tag in {list(tags)} (the prompts' tags: {have or 'none, no metadata'});"
+                " give a GenEval-style .jsonl with such rows, or change the phase's tags"
+            )
+        return items

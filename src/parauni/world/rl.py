@@ -15,7 +15,7 @@ norm is above the mean of the 3 rounds before it, cooling 3 rounds. Its firing r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -82,13 +82,14 @@ ShapesEval credit with Flow-GRPO, and the credit with DiffusionNFT."""
 
 
 class WorldPromptSource:
-    """Endless GenEval-format prompts of the shapes world, drawn uniformly over the six tags (a
-    :class:`parauni.rl.prompts.Prompts`)."""
+    """Endless GenEval-format prompts of the shapes world, drawn uniformly over the six tags or over the phase's
+    ``tags`` (a :class:`parauni.rl.prompts.Prompts`)."""
 
-    def epoch(self, seed: int, epoch: int, n: int) -> list[PromptItem]:
-        """``n`` (prompt, metadata row) items for ``epoch``, the same for the same seed."""
+    def epoch(self, seed: int, epoch: int, n: int, tags: Sequence[str] = ()) -> list[PromptItem]:
+        """``n`` (prompt, metadata row) items for ``epoch``, the same for the same seed and tags."""
         rng = np.random.default_rng([seed, epoch, 11])
-        rows = [metadata_for(GENEVAL_TAGS[int(rng.integers(len(GENEVAL_TAGS)))], rng) for _ in range(n)]
+        pool = tuple(tags) or GENEVAL_TAGS
+        rows = [metadata_for(pool[int(rng.integers(len(pool)))], rng) for _ in range(n)]
         return [(r["prompt"], r) for r in rows]
 
 
