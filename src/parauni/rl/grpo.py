@@ -346,7 +346,12 @@ def _rollout(run: _Run, epoch: int, prompts: Prompts) -> _Epoch:
     perturbation = Perturbation(list(monitors.values()))
     run.policy.zone = perturbation.zone
     ep = _Epoch(epoch, phase, monitors, perturbation, [], time.time())
-    ep.items = prompts.epoch(config.seed, epoch, config.prompts_per_epoch, phase.tags)
+    n = config.prompts_per_epoch  # tags only when the phase names some: a source without them keeps working
+    ep.items = (
+        prompts.epoch(config.seed, epoch, n, phase.tags)
+        if phase.tags
+        else prompts.epoch(config.seed, epoch, n)
+    )
     indices = list(range(rank * run.n_local, (rank + 1) * run.n_local))
     groups = [i // config.group_size for i in indices]
     with acc.autocast():  # the same precision as the update's forward, so on-policy ratios stay 1
