@@ -197,6 +197,38 @@ def test_weight_decay_reaches_1d_tensors_by_default(make_tiny, tmp_path, decay_1
 
 
 # ------------------------------------------------------------------------------------------- plots, world recipe
+def test_reward_rises_judge_each_optimised_reward_against_its_standard_error():
+    from parauni.rl.plots import reward_rises, rise_verdict
+
+    # phase p optimises a (rises by 1.0 an epoch, SE 0.5 per epoch mean) and b (by 0.033, the same SE)
+    rows = [
+        {
+            "phase": "p",
+            "reward_a": 1.0 + i,
+            "reward_a_std": 2.0,
+            "reward_b": 1.0 + i / 30,
+            "reward_b_std": 2.0,
+            "samples": 16,
+        }
+        for i in range(4)
+    ] + [{"phase": "q", "reward_a": 9.0, "reward_a_std": 2.0, "samples": 16}]
+    rises = reward_rises(rows, {"p": ["a", "b"], "q": ["a"], "absent": ["a"]})
+    assert set(rises) == {"p", "q"}
+    a = rises["p"]["a"]
+    assert a["start"] == pytest.approx(1.5) and a["end"] == pytest.approx(3.5)
+    assert a["se"] == pytest.approx(
+        0.5
+    )  # each side a mean of two epochs with SE 0.5: 0.354, and sqrt(2) x that
+    assert rise_verdict(a) == "rose"  # 2.0 > 2 x 0.5
+    assert rise_verdict(a, sigmas=5.0) == "within noise"
+    assert rise_verdict(rises["p"]["b"]) == "within noise"  # 0.067
+    assert rise_verdict({"start": 1.0, "end": 0.0, "se": 0.1}) == "fell"
+    short = reward_rises(rows[:3], {"p": ["a"]})["p"]["a"]  # 3 epochs: the first against the last
+    assert (short["start"], short["end"]) == (1.0, 3.0) and short["se"] == pytest.approx(0.5 * 2**0.5)
+    no_std = reward_rises([{k: v for k, v in r.items() if k != "samples"} for r in rows], {"p": ["a"]})
+    assert rise_verdict(no_std["p"]["a"]) == "rose (noise unknown)"
+
+
 def test_standard_errors_of_the_epoch_means():
     from parauni.rl.plots import standard_errors
 

@@ -154,10 +154,14 @@ def test_quick_demo_writes_the_report(tmp_path, quick_cache):
         metrics["timings"]
     )
     assert set(metrics["rl"]["rewards_first_last"]) == {"aesthetic", "clip", "geneval"}
+    # each optimised reward judged on its own against its noise (issue 26, item 3)
+    rises = {k: set(v["rises"]) for k, v in metrics["rl"]["phases"].items()}
+    assert rises == {"aesthetic": {"aesthetic"}, "clip+geneval": {"clip", "geneval"}}
     for name in ["report.md", "losses.png", "rl_curves.png", "samples_counting.png", "eval_metadata.jsonl"]:
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "ShapesEval" in report and "Stage III (RL)" in report and "A smoke run (`--quick`)" in report
+    assert "| clip+geneval | geneval |" in report  # the per-reward rise table
     assert "`parauni reproduce`" in report and "--flow-only" in report  # where items 5 and 6 are measured
     assert set(metrics["estimate"]) == {"stage1", "stage2", "stage3_rl", "shapeseval", "total"}
     rl_rows = [json.loads(line) for line in (out / "stage3" / "rl_log.jsonl").read_text().splitlines()]

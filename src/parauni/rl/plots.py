@@ -31,6 +31,45 @@ def phase_gains(rows: list[dict], n: int = 2) -> dict[str, tuple[float, float]]:
     return out
 
 
+def reward_rises(
+    rows: list[dict], phase_rewards: dict[str, list[str]], n: int = 2
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per phase, per reward it optimises (``phase_rewards``: phase name -> reward names): ``start`` and ``end``,
+    the mean of the reward's epoch means over the phase's first and last ``n`` epochs, and ``se``, the standard
+    error of ``end - start`` from each epoch's ``std / sqrt(samples)`` (NaN when the log lacks them). Each epoch
+    draws new prompts, so a rise is beyond its noise only when ``end - start > 2 se``. A phase of fewer than
+    ``2 n`` epochs compares its first and last ``epochs // 2`` (at least 1), so the two means share none."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for phase, names in phase_rewards.items():
+        keyed = [r for r in rows if r.get("phase") == phase]
+        if not keyed:
+            continue
+        k = max(1, min(n, len(keyed) // 2))
+        first, last = keyed[:k], keyed[-k:]
+        out[phase] = {}
+        for name in names:
+            errors = standard_errors(first + last, name)
+            se = float("nan")
+            if errors is not None:
+                a, b = errors[: len(first)], errors[len(first) :]
+                se = (sum(e * e for e in a) / len(a) ** 2 + sum(e * e for e in b) / len(b) ** 2) ** 0.5
+            out[phase][name] = {
+                "start": sum(r[f"reward_{name}"] for r in first) / len(first),
+                "end": sum(r[f"reward_{name}"] for r in last) / len(last),
+                "se": se,
+            }
+    return out
+
+
+def rise_verdict(rise: dict[str, float], sigmas: float = 2.0) -> str:
+    """``'rose'`` (end - start above ``sigmas`` standard errors), ``'within noise'`` or ``'fell'`` (below minus
+    ``sigmas`` of them), for one entry of :func:`reward_rises`."""
+    diff, se = rise["end"] - rise["start"], rise["se"]
+    if se != se:  # NaN: no standard errors logged, so no noise to judge against
+        return "rose (noise unknown)" if diff > 0 else "fell (noise unknown)"
+    return "rose" if diff > sigmas * se else "fell" if diff < -sigmas * se else "within noise"
+
+
 def trigger_summary(rows: list[dict]) -> str:
     """The LDAM triggers of a log, e.g. ``'3 (middle at epochs 4, 9; deep at 17)'``, or ``'0'``."""
     by_zone: dict[str, list[int]] = {}

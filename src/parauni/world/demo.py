@@ -18,7 +18,15 @@ import torch
 from ..errors import ConfigError
 from ..models.parauni import ParaUni
 from ..pipeline import generate
-from ..rl.plots import phase_gains, plot_reward_curves, read_log, reward_names, trigger_summary
+from ..rl.plots import (
+    phase_gains,
+    plot_reward_curves,
+    read_log,
+    reward_names,
+    reward_rises,
+    rise_verdict,
+    trigger_summary,
+)
 from ..training.run import RunOptions, run_stage
 from ..utils.device import default_device
 from ..utils.images import tensor_to_uint8
@@ -184,10 +192,12 @@ class _DemoRun:
         )
         self.timings["stage3_rl"] = time.time() - t
         history = result.history
+        phases = result.config.phases
+        rises = reward_rises(history, {p.name: [k for k, w in p.rewards.items() if w] for p in phases})
         m = self.rl_metrics = {
             "phases": {
-                name: {"rewards": dict(p.rewards), "start": a, "end": b}
-                for (name, (a, b)), p in zip(phase_gains(history).items(), result.config.phases, strict=True)
+                name: {"rewards": dict(p.rewards), "start": a, "end": b, "rises": rises.get(name, {})}
+                for (name, (a, b)), p in zip(phase_gains(history).items(), phases, strict=True)
             },
             "rewards_first_last": {
                 n: [history[0][f"reward_{n}"], history[-1][f"reward_{n}"]] for n in reward_names(history)
@@ -197,9 +207,13 @@ class _DemoRun:
             "epochs": len(history),
         }
         self.log(
-            "Stage III: "
-            + "; ".join(f"{k} reward {v['start']:.3f} -> {v['end']:.3f}" for k, v in m["phases"].items())
-            + f" (first 2 vs last 2 epochs of each phase); LDAM triggers {m['ldam_trigger_summary']}"
+            "Stage III (each optimised reward, first 2 vs last 2 epochs of its phase, +- 1 SE of the difference): "
+            + "; ".join(
+                f"{k}: {name} {r['start']:.3f} -> {r['end']:.3f} +- {r['se']:.3f} ({rise_verdict(r)})"
+                for k, v in m["phases"].items()
+                for name, r in v["rises"].items()
+            )
+            + f"; LDAM triggers {m['ldam_trigger_summary']}"
         )
         self.evaluate(cfg, "stage3", paraunigen(self.model), "ParaUni Stage III (RL)")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rl.plots import ema
+from ..rl.plots import ema, rise_verdict
 from ..scoring.geneval_rules import GENEVAL_TAGS
 from ..utils.images import make_grid
 from ..utils.plotting import pyplot
@@ -155,6 +155,20 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
         lines += [
             f"| {k} | {v['rewards']} | {v['start']:.4f} | {v['end']:.4f} |" for k, v in rl["phases"].items()
         ]
+        rises = [(k, name, r) for k, v in rl["phases"].items() for name, r in v.get("rises", {}).items()]
+        if rises:
+            lines += [
+                "",
+                "Each optimised reward on its own: a rise is beyond its noise when it exceeds 2 standard errors of "
+                "the difference (each epoch draws new prompts):",
+                "",
+                "| phase | reward | start | end | +-1 SE | verdict |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {k} | {name} | {r['start']:.4f} | {r['end']:.4f} | {r['se']:.4f} | {rise_verdict(r)} |"
+                for k, name, r in rises
+            ]
         lines += ["", f"LDAM triggers: {rl['ldam_triggers']}", "", f"![rewards]({figures['rewards']})", ""]
     lines += [
         "## The paper's loss and the paper's claims on this Stage 0",
