@@ -46,7 +46,13 @@ import torch
 from parauni.config import with_overrides
 from parauni.models.parauni import ParaUni
 from parauni.rl.ldam import LDAMConfig, replay
-from parauni.rl.plots import phase_gains, plot_reward_curves, reward_names, trigger_summary
+from parauni.rl.plots import (
+    plot_reward_curves,
+    reward_names,
+    reward_rises,
+    rise_verdict,
+    trigger_summary,
+)
 
 # the LDAM settings --gate-rates compares: the paper's constants, the world's before and after issue 15
 GATE_SETTINGS = {
@@ -337,7 +343,9 @@ def main() -> None:
                 "variant": label,
                 "seconds": seconds,
                 "seconds_per_epoch": float(np.mean([r["seconds"] for r in rows])),
-                "phase_gain": phase_gains(rows),
+                "rises": reward_rises(
+                    rows, {p.name: [k for k, v in p.rewards.items() if v] for p in w.phases}
+                ),
                 "reward_end": {n: float(np.mean([r[f"reward_{n}"] for r in rows[-2:]])) for n in names},
                 "triggers": sum(int(r.get("ldam_triggered", False)) for r in rows),
                 "trigger_zones": trigger_summary(rows),
@@ -348,7 +356,11 @@ def main() -> None:
                 run["shapeseval_after"], run["shapeseval_after_tags"] = after["overall"], after["tags"]
                 tags = f"\n    {_tags(after)}"
             results["runs"].append(run)
-            gains = "  ".join(f"{p}: {a:.4f} -> {b:.4f}" for p, (a, b) in run["phase_gain"].items())
+            gains = "  ".join(  # each optimised reward, first 2 vs last 2 epochs of its phase, +-1 SE
+                f"{n}: {r['start']:.4f} -> {r['end']:.4f} +- {r['se']:.4f} ({rise_verdict(r)})"
+                for rises in run["rises"].values()
+                for n, r in rises.items()
+            )
             print(
                 f"seed {seed} {label:<10} {seconds:6.0f} s  triggers {run['trigger_zones']}  {gains}"
                 + (f"  ShapesEval after {run['shapeseval_after']:.3f}" if "shapeseval_after" in run else "")
