@@ -237,6 +237,17 @@ def test_standard_errors_of_the_epoch_means():
     ]
     assert standard_errors(rows, "a") == [0.5, 0.5, 0.5]
     assert standard_errors([{k: v for k, v in r.items() if k != "samples"} for r in rows], "a") is None
+    # the standard error over prompts, where the log has it, comes first
+    assert standard_errors([{**r, "se_reward_a": 0.9} for r in rows], "a") == [0.9, 0.9, 0.9]
+
+
+def test_prompt_standard_error_counts_each_prompt_group_once():
+    from parauni.rl.grpo import prompt_standard_error
+
+    rewards = torch.tensor([1.0, 1.0, 3.0, 3.0])  # two prompts, two images each, alike within a prompt
+    assert prompt_standard_error(rewards, 2) == pytest.approx(1.0)  # std of (1, 3) = sqrt(2), / sqrt(2)
+    assert rewards.std(unbiased=False) / 4**0.5 == pytest.approx(0.5)  # per image: half the prompts' figure
+    assert prompt_standard_error(rewards, 4) != prompt_standard_error(rewards, 4)  # one prompt: NaN
     pytest.importorskip("matplotlib")
 
 
@@ -250,18 +261,37 @@ def test_world_geneval_recipe_optimises_the_credit_alone():
     assert recipe.trainable.dit and recipe.trainable.dit_lora_rank == 0
     assert not recipe.ldam.enabled and base.ldam.enabled  # the base is not changed
     assert recipe.samples_per_epoch == 128 and recipe.train_steps == 5 and recipe.phases[0].beta == 0
+    assert recipe.objective == "grpo" and recipe.eta > 0  # Flow-GRPO's SDE, from the nft curriculum too
 
 
 def test_world_nft_recipe_is_the_credit_recipe_with_diffusionnft_and_ode_rollouts():
-    from parauni.world.config import world_rl_defaults
+    from parauni.world.config import world_paper_rl, world_rl_defaults
     from parauni.world.rl import RECIPES, world_geneval_rl
 
     base = world_rl_defaults()
     recipe = RECIPES["nft"](base)
     assert recipe.objective == "nft" and recipe.eta == 0 and recipe.stochastic_steps == [False] * recipe.steps
     assert [list(p.rewards) for p in recipe.phases] == [["geneval"]] and not recipe.ldam.enabled
-    assert recipe.trainable == world_geneval_rl(base).trainable and base.objective == "grpo"
+    assert recipe.trainable == world_geneval_rl(base).trainable and world_geneval_rl(base).objective == "grpo"
     assert RECIPES["demo"](base) is base and RECIPES["geneval"](base) == world_geneval_rl(base)
+    # the credit recipes are the same from either world curriculum
+    for name in ("geneval", "nft"):
+        assert RECIPES[name](base) == RECIPES[name](world_paper_rl())
+
+
+def test_world_rl_recipe_is_the_base_that_rl_overrides_refine():
+    from parauni.world.config import world_config, world_paper_rl, world_rl_defaults
+
+    default = world_config().rl
+    assert default == world_rl_defaults() and default.objective == "nft" and default.ldam.enabled
+    assert [p.rewards for p in default.phases] == [{"aesthetic": 1.0}, {"clip": 0.5, "geneval": 1.0}]
+    assert world_config(["--world.rl_recipe=paper"]).rl == world_paper_rl()
+    assert world_paper_rl().objective == "grpo" and world_paper_rl().trainable.dit_lora_rank == 8
+    for order in (["rl.lr=1e-4", "rl_recipe=paper"], ["rl_recipe=paper", "rl.lr=1e-4"]):
+        cfg = world_config(order)
+        assert cfg.rl.lr == 1e-4 and cfg.rl.objective == "grpo" and cfg.rl_recipe == "paper"
+    with pytest.raises(ConfigError, match="rl_recipe='grpo'.*nft"):
+        world_config(["rl_recipe=grpo"])
 
 
 @pytest.mark.parametrize("same", [True, False])

@@ -186,12 +186,14 @@ def test_quick_demo_writes_the_report(tmp_path, quick_cache):
     )
 
 
-def test_world_rl_changes_the_lora_and_nothing_else(tmp_path, quick_cache):
-    """A short Stage III on the world (its own rewards) trains exactly what rl.trainable names."""
+@pytest.mark.parametrize("recipe", ["nft", "paper"])
+def test_world_rl_changes_what_it_trains_and_nothing_else(tmp_path, quick_cache, recipe):
+    """A short Stage III on the world (its own rewards) trains exactly what rl.trainable names: the whole DiT
+    with the demo's nft curriculum, the DiT's LoRA with the paper's recipe."""
     from parauni.world.pretrain import stage0_folder
     from parauni.world.rl import run_world_rl
 
-    cfg = world_config(quick=True)
+    cfg = world_config([f"rl_recipe={recipe}"], quick=True)
     stage0 = stage0_folder(cfg, quick_cache)
     model = ParaUni.from_config(world_model_config(cfg, stage0))
     model.set_trainable(cfg.rl.trainable)
@@ -199,9 +201,11 @@ def test_world_rl_changes_the_lora_and_nothing_else(tmp_path, quick_cache):
     result = run_world_rl(model, cfg.rl, stage0, tmp_path / "rl", progress=False, log=lambda *a: None)
     assert [r["phase"] for r in result.history] == ["aesthetic", "clip+geneval"]
     assert all(f"reward_{n}" in result.history[0] for n in ("aesthetic", "clip", "geneval"))
+    assert all(f"se_reward_{n}" in result.history[0] for n in ("aesthetic", "clip", "geneval"))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all("lora_" in n for n in changed)
-    reloaded = ParaUni.from_pretrained(tmp_path / "rl")
-    for n, p in reloaded.named_parameters():
-        if "lora_" in n:
-            torch.testing.assert_close(p, dict(model.named_parameters())[n])
+    trained = (lambda n: "lora_" in n) if recipe == "paper" else (lambda n: n.startswith("dit."))
+    assert changed and all(trained(n) for n in changed)
+    reloaded = dict(ParaUni.from_pretrained(tmp_path / "rl").named_parameters())
+    for n, p in model.named_parameters():
+        if trained(n):
+            torch.testing.assert_close(reloaded[n], p)

@@ -403,6 +403,14 @@ def _rewards_and_advantages(run: _Run, ep: _Epoch, rewards: RewardFn) -> None:
     ep.keep = update_samples(adv, n_local, rank, config.drop_zero_advantage, generator)
 
 
+def prompt_standard_error(rewards: torch.Tensor, group_size: int) -> float:
+    """The standard error of an epoch's mean reward with its prompts as the units: ``rewards`` (P * group_size,),
+    prompt-major as gathered, -> std of the P prompt means / sqrt(P) (NaN for one prompt). A group's images share
+    their prompt, so their rewards are not independent draws and ``std / sqrt(samples)`` would understate it."""
+    means = rewards.reshape(-1, group_size).mean(1)
+    return float(means.std() / len(means) ** 0.5) if len(means) > 1 else float("nan")
+
+
 def _ldam_and_row(run: _Run, ep: _Epoch, stats: dict, log) -> dict:
     """Feed the epoch's phase reward and gradient norm to the phase's LDAMs (identical on every process: their
     inputs are gathered or all-reduced) and return the epoch's log row (also kept in the run's history)."""
@@ -428,6 +436,7 @@ def _ldam_and_row(run: _Run, ep: _Epoch, stats: dict, log) -> dict:
         "phase_reward": reward_mean,
         **{f"reward_{n}": float(v.mean()) for n, v in ep.gathered.items()},
         **{f"reward_{n}_std": float(v.std(unbiased=False)) for n, v in ep.gathered.items()},
+        **{f"se_reward_{n}": prompt_standard_error(v, config.group_size) for n, v in ep.gathered.items()},
         "grad_norm": norm,
         "samples": config.samples_per_epoch,
         "skipped_updates": sum(ep.skips),

@@ -92,9 +92,12 @@ def reward_names(rows: list[dict]) -> list[str]:
 
 
 def standard_errors(rows: list[dict], name: str) -> list[float] | None:
-    """The standard error of reward ``name``'s epoch mean in each row that logs it, ``std / sqrt(samples)``
-    (``reward_<name>_std`` and ``samples``); None when the log lacks them (written before they were logged)."""
+    """The standard error of reward ``name``'s epoch mean in each row that logs it: ``se_reward_<name>`` (over the
+    epoch's prompts, each prompt's group one unit) where logged, else ``std / sqrt(samples)`` (logs written before
+    it, which treat a group's images as independent and so understate it); None when the log has neither."""
     keyed = [r for r in rows if f"reward_{name}" in r]
+    if all(f"se_reward_{name}" in r for r in keyed):
+        return [r[f"se_reward_{name}"] for r in keyed]
     if not all(f"reward_{name}_std" in r and r.get("samples") for r in keyed):
         return None
     return [r[f"reward_{name}_std"] / r["samples"] ** 0.5 for r in keyed]

@@ -16,9 +16,9 @@ from .config import WorldConfig
 
 # Cost ratios of the demo's own runs (docs/world.md, "Measurements moved out of the code"): a Stage-II step
 # against a step of queries + LIM under the same loss, an RL epoch against generating its rollouts (prompts x
-# group at rl.steps) with the sampler.
+# group at rl.steps) with the sampler, by rl.objective.
 STAGE2_STEP_RATIO = 1.2
-RL_EPOCH_RATIO = 3.0
+RL_EPOCH_RATIO = {"grpo": 3.0, "nft": 2.0}
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def stage_seconds(
     "stage2", "stage3_rl", "shapeseval" and "total"."""
     s1, s2, e, r = cfg.parauni.stage1, cfg.parauni.stage2, cfg.eval, cfg.rl
     images_per_run = len(GENEVAL_TAGS) * e.per_tag * e.images_per_prompt
-    rl_epoch = RL_EPOCH_RATIO * r.prompts_per_epoch * r.group_size * r.steps * cal.image_step
+    rl_epoch = RL_EPOCH_RATIO[r.objective] * r.prompts_per_epoch * r.group_size * r.steps * cal.image_step
     out = {
         "stage1": s1.steps * cal.stage1_step if 1 in stages else 0.0,
         "stage2": s2.steps * cal.stage2_step * STAGE2_STEP_RATIO * s2.batch_size / s1.batch_size

@@ -31,6 +31,7 @@ from ..scoring.geneval_rules import GENEVAL_TAGS
 from ..training.run import RunOptions
 from ..training.run_folder import command_line, write_run_record
 from .captions import metadata_for
+from .config import world_paper_rl
 from .reward_models import world_rewards
 
 
@@ -41,9 +42,13 @@ def world_geneval_rl(base: RLConfig) -> RLConfig:
     an epoch in one on-policy update, the first half of the steps trained (the last steps carry most of the
     gradient's norm and little of the layout the credit scores), no KL term, LDAM off, 18 epochs. Its measured
     effect and cost are in the docs."""
+    paper = world_paper_rl()
     return replace(
         base,
         phases=[PhaseConfig("geneval", {"geneval": 1.0}, epochs=18, zone="deep", beta=0.0)],
+        objective=paper.objective,  # Flow-GRPO's SDE rollouts, whichever objective the base has
+        eta=paper.eta,
+        group_size=paper.group_size,
         trainable=TrainableConfig(queries=False, lim=False, dit=True, dit_lora_rank=0),
         prompts_per_epoch=32,
         micro_batch=32,
@@ -73,7 +78,7 @@ def world_nft_rl(base: RLConfig) -> RLConfig:
 
 
 RECIPES: dict[str, Callable[[RLConfig], RLConfig]] = {
-    "demo": lambda base: base,
+    "demo": lambda base: base,  # world.rl: the nft curriculum, or the paper's with --world.rl_recipe=paper
     "geneval": world_geneval_rl,
     "nft": world_nft_rl,
 }
