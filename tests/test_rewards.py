@@ -3,6 +3,7 @@ credit, the combination, and the world's CLIP / aesthetic training."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -215,3 +216,23 @@ def test_cli_rl_world_without_stage0_says_to_run_the_demo(tmp_path, capsys):
 
     rc = main(["rl", "--world", "--cache", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 2 and "run `parauni demo` first" in capsys.readouterr().err
+
+
+def test_cli_rl_world_overrides_reach_the_world_config_and_need_world(tmp_path, capsys, monkeypatch):
+    from parauni.cli import main
+    from parauni.world import rl as world_rl
+    from parauni.world.config import world_paper_rl
+
+    rc = main(["rl", "--out", str(tmp_path / "o"), "--world.rl_recipe=paper", "--model", "tiny", "--quiet"])
+    assert rc == 2 and "--world.* overrides ['rl_recipe=paper'] need --world" in capsys.readouterr().err
+    seen = {}
+
+    def stop(request, log):  # the RL defaults --world gives, without training anything
+        seen["rl"] = world_rl._defaults(request, log)[0]
+        raise world_rl.ConfigError("stopped")
+
+    monkeypatch.setattr(world_rl, "run_rl_request", lambda request, *a: stop(request, print))
+    monkeypatch.chdir(tmp_path)
+    args = ["rl", "--world", "--model", str(tmp_path), "--out", str(tmp_path / "o2"), "--quiet"]
+    assert main([*args, "--world.rl_recipe=paper"]) == 2
+    assert seen["rl"] == dataclasses.asdict(world_paper_rl())

@@ -17,10 +17,11 @@ def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..world.rl import RLRequest, run_rl_request
 
     rl_items, rest = route(overrides, "rl")
-    reward_items, model_overrides = route(rest, "rewards")
+    reward_items, rest = route(rest, "rewards")
+    world_items, model_overrides = route(rest, "world")
     request = RLRequest(
         args.out, args.model, args.config, args.prompts, args.world, args.stage0, args.cache,
-        rl_items, reward_items, model_overrides,
+        rl_items, reward_items, model_overrides, world_items,
     )  # fmt: skip
     run = RunOptions(resume=args.resume, progress=not args.quiet, self_contained=args.self_contained)
     result = run_rl_request(request, run, lambda: check_run_folder(args.out, args.resume, args.overwrite))
@@ -41,7 +42,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "rl",
         help="Stage III: Flow-GRPO with LDAM and a reward curriculum",
         epilog="overrides: --rl.key=value (e.g. --rl.group_size=8 --rl.ldam.enabled=false), "
-        "--rewards.key=value (e.g. --rewards.clip=openai/clip-vit-large-patch14), and model overrides",
+        "--rewards.key=value (e.g. --rewards.clip=openai/clip-vit-large-patch14), with --world the world's "
+        "--world.key=value (e.g. --world.rl_recipe=paper: the paper's Flow-GRPO on a LoRA), and model overrides",
     )
     p.add_argument("--model", help="the Stage-II model folder (with --world: default parauni-demo/stage2)")
     p.add_argument("--out", required=True, help="run folder: the RL policy, checkpoints/ and rl_log.jsonl")

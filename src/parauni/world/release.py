@@ -188,15 +188,16 @@ def world_stage0(
 
 
 def existing_stage0(
-    stage0: str | Path = "release", cache_dir: str | Path | None = None
+    stage0: str | Path = "release", cache_dir: str | Path | None = None, overrides: list[str] | None = None
 ) -> tuple[WorldConfig, Path]:
-    """The world config and Stage-0 folder of a demo that has run (``--world`` commands): the release's, or with
-    "scratch" the one cached in ``cache_dir`` (an error naming the fix if it was never trained)."""
+    """The world config (with ``overrides``, ``key=value``) and Stage-0 folder of a demo that has run
+    (``--world`` commands): the release's, or with "scratch" the one cached in ``cache_dir`` (an error naming
+    the fix if it was never trained)."""
     if str(stage0) == "scratch":
-        cfg = world_config()
+        cfg = world_config(overrides)
         return cfg, stage0_folder(cfg, Path(cache_dir) if cache_dir else default_cache_dir())
     folder = resolve_stage0(stage0)
-    return world_config(base=release_config(folder)), folder
+    return world_config(overrides, base=release_config(folder)), folder
 
 
 # ----------------------------------------------------------------------------------------------- training one

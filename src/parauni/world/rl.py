@@ -132,15 +132,20 @@ class RLRequest:
     rl_overrides: list[str] = field(default_factory=list)  # RL config overrides, key=value
     reward_overrides: list[str] = field(default_factory=list)  # rewards config overrides, key=value
     model_overrides: list[str] = field(default_factory=list)  # model config overrides, --section.key=value
+    world_overrides: list[str] = field(default_factory=list)  # with world: world config overrides, key=value
 
 
 def _defaults(request: RLRequest, log) -> tuple[dict, dict, str | None]:
     """The RL and rewards config defaults (the library's, or the world's) and the model folder."""
     if not request.world:
+        if request.world_overrides:
+            raise ConfigError(f"--world.* overrides {request.world_overrides} need --world")
         return dataclasses.asdict(RLConfig()), {}, request.model
     from .release import existing_stage0
 
-    wcfg, stage0 = existing_stage0("scratch" if request.cache else request.stage0, request.cache)
+    wcfg, stage0 = existing_stage0(
+        "scratch" if request.cache else request.stage0, request.cache, request.world_overrides
+    )
     model_dir = request.model
     if not model_dir:  # parauni demo's Stage-II model, in the working directory
         model_dir = DEMO_STAGE2
