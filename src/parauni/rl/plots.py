@@ -36,7 +36,7 @@ def reward_rises(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per phase, per reward it optimises (``phase_rewards``: phase name -> reward names): ``start`` and ``end``,
     the mean of the reward's epoch means over the phase's first and last ``n`` epochs, and ``se``, the standard
-    error of ``end - start`` from each epoch's ``std / sqrt(samples)`` (NaN when the log lacks them). Each epoch
+    error of ``end - start`` from the epochs' :func:`standard_errors` (NaN when the log lacks them). Each epoch
     draws new prompts, so a rise is beyond its noise only when ``end - start > 2 se``. A phase of fewer than
     ``2 n`` epochs compares its first and last ``epochs // 2`` (at least 1), so the two means share none."""
     out: dict[str, dict[str, dict[str, float]]] = {}

@@ -102,6 +102,13 @@ RL_RECIPES = {"nft": world_rl_defaults, "paper": world_paper_rl}
 """``world.rl_recipe``: the Stage-III config that ``--world.rl.*`` overrides apply to."""
 
 
+def rl_recipe(name: str) -> RLConfig:
+    """The Stage-III config of ``world.rl_recipe=name`` (an error naming the choices for another name)."""
+    if name not in RL_RECIPES:
+        raise ConfigError(f"world.rl_recipe={name!r}: choose one of {list(RL_RECIPES)}")
+    return RL_RECIPES[name]()
+
+
 def world_stage_defaults(stage: int) -> TrainConfig:
     """Stage I or II on the world: the paper's recipe (AdamW 0.9/0.95, wd 0.05, warm-up + cosine, clip 1.0,
     10% caption dropout) at the world's scale, with logit-normal times as in Stage 0, and condition distillation
@@ -426,8 +433,7 @@ class WorldConfig:
         ):
             if train.stage != stage:
                 raise ConfigError(f"world.{key}.stage={train.stage} must be {stage}")
-        if self.rl_recipe not in RL_RECIPES:
-            raise ConfigError(f"world.rl_recipe={self.rl_recipe!r}: choose one of {list(RL_RECIPES)}")
+        rl_recipe(self.rl_recipe)  # a known name
         if self.parauni.twins not in TWIN_KINDS:
             raise ConfigError(f"world.parauni.twins={self.parauni.twins!r}: choose one of {list(TWIN_KINDS)}")
         if self.image_size % self.reward.patch:
@@ -594,9 +600,7 @@ def world_config(
     _merge(data, nest_flat_stage0(base or {}))
     recipe = [item.split("=", 1)[1] for item in items if item.split("=", 1)[0] == "rl_recipe"]
     if recipe:  # the recipe first, so that the rl.* overrides refine it whatever their order
-        if recipe[-1] not in RL_RECIPES:
-            raise ConfigError(f"world.rl_recipe={recipe[-1]!r}: choose one of {list(RL_RECIPES)}")
-        data["rl"] = dataclasses.asdict(RL_RECIPES[recipe[-1]]())
+        data["rl"] = dataclasses.asdict(rl_recipe(recipe[-1]))
     data = apply_overrides(data, items, schema=WorldConfig)
     given = {item.split("=", 1)[0] for item in items}
     _check_derived(data, given)

@@ -1,8 +1,9 @@
-"""Stage III on the shapes world: Flow-GRPO + LDAM with the world's rewards, sized for a CPU.
+"""Stage III on the shapes world: RL + LDAM with the world's rewards, sized for a CPU.
 
 The curriculum mirrors the paper's: first the world aesthetic score (LDAM on the middle zone, as for
 Aesthetic and PickScore), then the world CLIP score together with ShapesEval partial credit (the deep zone, as
-for CLIP score), each reward with its own LDAM. :func:`world_geneval_rl` is Stage III with the ShapesEval credit
+for CLIP score), each reward with its own LDAM; its objective is DiffusionNFT's by default and the paper's
+Flow-GRPO with ``world.rl_recipe=paper`` (:mod:`parauni.world.config`). :func:`world_geneval_rl` is Stage III with the ShapesEval credit
 alone (Flow-GRPO's GenEval task), the recipe ``benchmarks/bench_rl.py --mode geneval`` runs. Prompts are drawn
 from the world's GenEval-format prompt generator, so the GenEval reward has its metadata.
 
