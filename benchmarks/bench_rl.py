@@ -11,13 +11,16 @@
 
 Needs the world's Stage-0 models (the shipped release by default; `--quick` trains the quick world's) and a
 Stage-II world model (the demo's `stage2/` folder; `--quick` without `--stage2` uses an untrained one). World
-overrides (`--world.eval.per_tag=20`) change the world config; `--rl key=value` overrides the chosen recipe.
+overrides (`--world.eval.per_tag=20`) change the world config; `--rl key=value` overrides the chosen recipe;
+`--recipe demo` is the world's own Stage III (`world.rl`: the nft curriculum, or with `--world.rl_recipe=paper`
+the paper's Flow-GRPO).
 
 1. Epoch time before / after computing each prompt's query states once per epoch (issue 15, item 8; skip with
    `--timing-epochs 0`).
 2. For every seed, RL from the same Stage-II weights once per variant of the mode (geneval: one run; ldam: on /
-   off; monitor: per reward / phase / off): per run, the triggers (with their zones and epochs), each phase's
-   optimised reward over its first and last 2 epochs and ShapesEval after RL; then mean +- std over the seeds
+   off; monitor: per reward / phase / off): per run, the triggers (with their zones and epochs), each reward a
+   phase optimises over the phase's first and last 2 epochs with the standard error of the difference (over
+   prompts) and whether it rose beyond 2 of them, and ShapesEval after RL; then mean +- std over the seeds
    of the RL time, the triggers, each reward's end value (mean of the last 2 epochs), ShapesEval and its gain
    over the Stage-II model. `--mode geneval` then prints whether the issue-26 target is met: a gain of 0.05 or
    more, beyond 2 std of the seeds, in at most 600 s of RL a run.
