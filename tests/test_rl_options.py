@@ -224,6 +224,9 @@ def test_reward_rises_judge_each_optimised_reward_against_its_standard_error():
     assert rise_verdict(rises["p"]["b"]) == "within noise"  # 0.067
     assert rise_verdict({"start": 1.0, "end": 0.0, "se": 0.1}) == "fell"
     short = reward_rises(rows[:3], {"p": ["a"]})["p"]["a"]  # 3 epochs: the first against the last
+    from parauni.rl.plots import phase_gains
+
+    assert phase_gains([{**r, "phase_reward": r["reward_a"]} for r in rows[:2]]) == {"p": (1.0, 2.0)}
     assert (short["start"], short["end"]) == (1.0, 3.0) and short["se"] == pytest.approx(0.5 * 2**0.5)
     no_std = reward_rises([{k: v for k, v in r.items() if k != "samples"} for r in rows], {"p": ["a"]})
     assert rise_verdict(no_std["p"]["a"]) == "rose (noise unknown)"

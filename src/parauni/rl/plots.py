@@ -22,12 +22,20 @@ def ema(values: list[float], rate: float = 0.1) -> list[float]:
     return out
 
 
+def phase_ends(epochs: list, n: int = 2) -> tuple[list, list]:
+    """A phase's first and last ``n`` epochs, or its first and last ``len // 2`` (at least 1) when it has fewer
+    than ``2 n``, so that the two never share an epoch (a one-epoch phase: the same one twice)."""
+    k = max(1, min(n, len(epochs) // 2))
+    return epochs[:k], epochs[-k:]
+
+
 def phase_gains(rows: list[dict], n: int = 2) -> dict[str, tuple[float, float]]:
-    """Per curriculum phase: (mean of its optimised reward over its first ``n`` epochs, over its last ``n``)."""
+    """Per curriculum phase: (mean of its optimised reward over its first epochs, over its last), as
+    :func:`phase_ends` picks them."""
     out = {}
     for phase in dict.fromkeys(r["phase"] for r in rows):
-        values = [r["phase_reward"] for r in rows if r["phase"] == phase]
-        out[phase] = (sum(values[:n]) / len(values[:n]), sum(values[-n:]) / len(values[-n:]))
+        first, last = phase_ends([r["phase_reward"] for r in rows if r["phase"] == phase], n)
+        out[phase] = (sum(first) / len(first), sum(last) / len(last))
     return out
 
 
@@ -44,8 +52,7 @@ def reward_rises(
         keyed = [r for r in rows if r.get("phase") == phase]
         if not keyed:
             continue
-        k = max(1, min(n, len(keyed) // 2))
-        first, last = keyed[:k], keyed[-k:]
+        first, last = phase_ends(keyed, n)
         out[phase] = {}
         for name in names:
             errors = standard_errors(first + last, name)

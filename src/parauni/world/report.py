@@ -147,7 +147,8 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
         lines += [
             "## Stage III (RL)",
             "",
-            "Each phase's optimised reward (weighted sum), mean of its first 2 and last 2 epochs:",
+            "Each phase's optimised reward (weighted sum), mean of its first 2 and last 2 epochs (of its first "
+            "and last for a phase of 2 or 3 epochs):",
             "",
             "| phase | rewards (weights) | start | end |",
             "|---|---|---|---|",
