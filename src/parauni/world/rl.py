@@ -3,9 +3,10 @@
 The curriculum mirrors the paper's: first the world aesthetic score (LDAM on the middle zone, as for
 Aesthetic and PickScore), then the world CLIP score together with ShapesEval partial credit (the deep zone, as
 for CLIP score), each reward with its own LDAM; its objective is DiffusionNFT's by default and the paper's
-Flow-GRPO with ``world.rl_recipe=paper`` (:mod:`parauni.world.config`). :func:`world_geneval_rl` is Stage III with the ShapesEval credit
-alone (Flow-GRPO's GenEval task), the recipe ``benchmarks/bench_rl.py --mode geneval`` runs. Prompts are drawn
-from the world's GenEval-format prompt generator, so the GenEval reward has its metadata.
+Flow-GRPO with ``world.rl_recipe=paper`` (:mod:`parauni.world.config`). :func:`world_geneval_rl` is Stage III
+with the ShapesEval credit alone (Flow-GRPO's GenEval task), the recipe ``benchmarks/bench_rl.py --mode
+geneval`` runs. Prompts are drawn from the world's GenEval-format prompt generator, so the GenEval reward has
+its metadata.
 
 LDAM's gates: the paper's constants almost never fire within the world's short phases, so the world uses a
 looser setting of the same dual gate per round: the reward fell this round (drop streak >= 1) and the gradient
