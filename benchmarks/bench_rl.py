@@ -137,13 +137,13 @@ def _tags(result: dict) -> str:
 
 
 def _run(args, cfg, stage0: Path, w, out: Path):
-    """One RL run from the Stage-II weights; returns (model, history, seconds)."""
+    """One RL run from the Stage-II weights; returns (model, its RLResult, seconds)."""
     from parauni.world.rl import run_world_rl
 
     model = ParaUni.from_pretrained(args.stage2)
     t = time.time()
     result = run_world_rl(model, w, stage0, out, progress=False, log=lambda *a: None)
-    return model, result.history, time.time() - t
+    return model, result, time.time() - t
 
 
 def brightness(images, prompts, metadata) -> dict[str, list[float]]:
@@ -203,7 +203,8 @@ def epoch_timing(args, cfg, stage0: Path, out: Path) -> dict:
                 f"cache_conditions={cached}",
             ],
         )
-        _, rows, _ = _run(args, cfg, stage0, w, out / f"timing_{label}")
+        _, done, _ = _run(args, cfg, stage0, w, out / f"timing_{label}")
+        rows = done.history
         result[label] = {"seconds": [r["seconds"] for r in rows[: args.timing_epochs]], "rows": rows}
     before, after = result["before"]["rows"], result["after"]["rows"]
     keys = [k for k in before[0] if k.startswith("reward_") and not k.endswith("_std")]
@@ -338,7 +339,8 @@ def main() -> None:
         for label, extra in variants.items():
             w = with_overrides(base, [f"seed={seed}", *extra])
             folder = out / f"seed{seed}_{label.replace(' ', '_')}"
-            model, rows, seconds = _run(args, cfg, stage0, w, folder)
+            model, done, seconds = _run(args, cfg, stage0, w, folder)
+            rows = done.history
             logs[label].append(rows)
             names = reward_names(rows)
             run = {
@@ -347,7 +349,7 @@ def main() -> None:
                 "seconds": seconds,
                 "seconds_per_epoch": float(np.mean([r["seconds"] for r in rows])),
                 "rises": reward_rises(
-                    rows, {p.name: [k for k, v in p.rewards.items() if v] for p in w.phases}
+                    rows, {p.name: [k for k, v in p.rewards.items() if v] for p in w.phases}, evals=done.evals
                 ),
                 "reward_end": {n: float(np.mean([r[f"reward_{n}"] for r in rows[-2:]])) for n in names},
                 "triggers": sum(int(r.get("ldam_triggered", False)) for r in rows),
@@ -359,7 +361,7 @@ def main() -> None:
                 run["shapeseval_after"], run["shapeseval_after_tags"] = after["overall"], after["tags"]
                 tags = f"\n    {_tags(after)}"
             results["runs"].append(run)
-            gains = "  ".join(  # each optimised reward, first 2 vs last 2 epochs of its phase, +-1 SE
+            gains = "  ".join(  # each optimised reward over its phase (reward_rises), +-1 SE
                 f"{n}: {r['start']:.4f} -> {r['end']:.4f} +- {r['se']:.4f} ({rise_verdict(r)})"
                 for rises in run["rises"].values()
                 for n, r in rises.items()

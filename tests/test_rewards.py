@@ -197,12 +197,15 @@ def test_cli_rl_runs_with_a_local_clip_and_names_missing_rewards(clip_dir, tmp_p
     assert len((tmp_path / "run" / "rl_log.jsonl").read_text().splitlines()) == 1
     card = (tmp_path / "run" / "README.md").read_text()  # an RL folder carries its model card too
     assert "# ParaUni Stage 3 model" in card and "| RL epochs | 1 |" in card and "final reward clip" in card
+    held_out = ["--rl.eval_prompts=2", "--rl.eval_images=2"]  # the same prompts before and after, paired
     rc = main(
         common
         + ["--out", str(tmp_path / "alone"), f"--rewards.clip={clip_dir}", phases, one_epoch, *small]
-        + ["--self-contained"]
+        + ["--self-contained", *held_out]
     )
-    assert rc == 0 and "the folder stands alone" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rc == 0 and "the folder stands alone" in out and "clip: held-out 2 prompts x 2 images" in out
+    assert len((tmp_path / "alone" / "rl_eval.jsonl").read_text().splitlines()) == 2
     # a phase that uses a reward nobody configured is refused with the names
     bad = "--rl.phases=[{name: p, rewards: {pickscore: 1.0}, epochs: 1, zone: middle, beta: 0.01}]"
     rc = main(common + ["--out", str(tmp_path / "bad"), f"--rewards.clip={clip_dir}", bad, *small])

@@ -166,6 +166,13 @@ def test_quick_demo_writes_the_report(tmp_path, quick_cache):
     assert set(metrics["estimate"]) == {"stage1", "stage2", "stage3_rl", "shapeseval", "total"}
     rl_rows = [json.loads(line) for line in (out / "stage3" / "rl_log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rl_rows] == ["aesthetic", "clip+geneval"]
+    # the held-out prompts at the start and each phase's end (rl.eval_prompts), which the rises are judged on
+    held = [json.loads(line) for line in (out / "stage3" / "rl_eval.jsonl").read_text().splitlines()]
+    assert (
+        [e["epochs_done"] for e in held] == [0, 1, 2] == [e["epochs_done"] for e in metrics["rl"]["held_out"]]
+    )
+    assert metrics["rl"]["rise_basis"].startswith("the held-out prompts")
+    assert all(r.get("paired") for v in metrics["rl"]["phases"].values() for r in v["rises"].values())
     # both stages pull the condition toward the Stage-0 text encoder's states (parauni.stage{1,2}.condition_distill)
     distill = [yaml.safe_load((out / f"stage{s}" / "train_config.yaml").read_text()) for s in (1, 2)]
     assert [c["condition_distill"] for c in distill] == [1.0, 1.0]

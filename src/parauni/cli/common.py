@@ -26,6 +26,7 @@ from ..utils.run_files import (
     MODEL_CARD,
     RAW_WEIGHTS,
     RL_CONFIG,
+    RL_EVAL_LOG,
     RL_LOG,
     RUN_RECORD,
     TRAIN_CONFIG,
@@ -62,6 +63,7 @@ WRITTEN_BY_A_RUN = (
     RL_CONFIG,
     TRAIN_LOG,
     RL_LOG,
+    RL_EVAL_LOG,
     CHECKPOINT_DIR,
 )
 OLD_RUN = ".old_run"  # where --overwrite moves the old run before deleting it

@@ -30,6 +30,16 @@ def cmd_rl(args: argparse.Namespace, overrides: list[str]) -> int:
     first, last = result.history[0], result.history[-1]
     for key in sorted(k for k in last if k.startswith("reward_") and not k.endswith("_std")):
         print(f"{key[len('reward_') :]}: first epoch {first[key]:.4f} -> last epoch {last[key]:.4f}")
+    if len(result.evals) > 1:  # rl.eval_prompts: the same held-out prompts and noise before and after
+        from ..rl.plots import paired_rise, rise_verdict
+
+        a, b = result.evals[0], result.evals[-1]
+        for key in sorted(k for k in a if k.startswith("prompt_means_")):
+            r = paired_rise(a, b, key[len("prompt_means_") :])
+            print(
+                f"{key[len('prompt_means_') :]}: held-out {a['prompts']} prompts x {a['images']} images "
+                f"{r['start']:.4f} -> {r['end']:.4f} +- {r['se']:.4f} ({rise_verdict(r)})"
+            )
     print(
         f"LDAM triggers: {sum(bool(r.get('ldam_triggered')) for r in result.history)}; log {result.log_path}"
     )

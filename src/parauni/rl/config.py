@@ -228,6 +228,22 @@ class RLConfig:
         default=True,
         metadata={"help": "score and log every configured reward each epoch, not only the phase's"},
     )
+    eval_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "held-out prompts (a seeded draw no epoch makes), sampled deterministically from fixed noise and "
+            "scored with every phase's rewards before the first epoch, at each phase's end and every "
+            "rl.eval_every epochs: the same prompts and noise each time, so two evaluations differ by the training "
+            "alone (Flow-GRPO evaluates a test set this way); 0 = off"
+        },
+    )
+    eval_images: int = field(default=4, metadata={"help": "images per held-out prompt (rl.eval_prompts)"})
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "evaluate the held-out prompts every N epochs as well (0: at the start and phase ends only)"
+        },
+    )
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (accelerate)"})
     activation_checkpointing: bool = field(
         default=False,
@@ -294,6 +310,11 @@ class RLConfig:
             raise ConfigError(f"rl.nft_beta={self.nft_beta} must be > 0")
         if not self.phases:
             raise ConfigError("rl.phases is empty; give at least one reward phase")
+        if self.eval_prompts < 0 or self.eval_images < 1 or self.eval_every < 0:
+            raise ConfigError(
+                f"rl.eval_prompts={self.eval_prompts}, rl.eval_images={self.eval_images} and rl.eval_every="
+                f"{self.eval_every}: the prompts and every must be >= 0 (0 = off), the images >= 1"
+            )
         if not 0 <= self.ema < 1:
             raise ConfigError(f"rl.ema={self.ema} must be in [0, 1)")
         for reward, zone in self.ldam.reward_zones.items():

@@ -59,9 +59,10 @@ from ..training.loop import (
     update_ema,
 )
 from ..utils.optim import adamw, decay_groups, set_lr, warmup_cosine
-from ..utils.run_files import RL_LOG
+from ..utils.run_files import RL_EVAL_LOG, RL_LOG
 from ..utils.seeds import Purpose, purpose_generator
 from .config import PhaseConfig, RLConfig
+from .evaluate import eval_due, evaluate, held_out
 from .ldam import LDAM, Perturbation
 from .nft import forward_noised, nft_loss, optimality, training_times, velocity_kl
 from .objective import PolicyStep, group_advantages, grpo_loss, prompt_groups, swapped, update_samples
@@ -86,6 +87,7 @@ class RLResult:
     history: list[dict]
     config: RLConfig
     ldam: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)  # the held-out evaluations (rl.eval_prompts), in order
     copied: list[str] | None = (
         None  # frozen parts copied into the folder (``rl.run.run_rl``'s self_contained)
     )
@@ -171,6 +173,7 @@ class _Run:
     epochs: range  # the epochs to run: after a resume, from the one after the checkpoint's
     reference: list[torch.Tensor] = field(default_factory=list)  # the reference policy's trained tensors
     history: list[dict] = field(default_factory=list)  # the log rows of the epochs done
+    evals: list[dict] = field(default_factory=list)  # the held-out evaluations done (rl.eval_prompts)
 
 
 @dataclass
@@ -229,6 +232,11 @@ def _start(model: ParaUni, config: RLConfig, out: Path, resume: bool, accelerato
             f"rl.prompts_per_epoch x rl.group_size = {n_total} samples must divide over {acc.num_processes} "
             "processes"
         )
+    if (config.eval_prompts * config.eval_images) % acc.num_processes:
+        raise ConfigError(
+            f"rl.eval_prompts x rl.eval_images = {config.eval_prompts * config.eval_images} held-out images must "
+            f"divide over {acc.num_processes} processes"
+        )
     set_trainable(model, config.trainable, config.activation_checkpointing)
     loop = Loop(acc, out, settings)
     named = trained_tensors(model)
@@ -244,6 +252,8 @@ def _start(model: ParaUni, config: RLConfig, out: Path, resume: bool, accelerato
     if acc.is_main_process:
         # the log holds exactly the epochs done: none on a fresh start, the checkpoint's on a resume
         (loop.out / RL_LOG).write_text("".join(json.dumps(r) + "\n" for r in run.history))
+        if config.eval_prompts:
+            (loop.out / RL_EVAL_LOG).write_text("".join(json.dumps(r) + "\n" for r in run.evals))
     return run
 
 
@@ -259,6 +269,7 @@ def _resume(run: _Run, resume: bool) -> None:
         for signal, ldam in monitors.items():
             ldam.load_state_dict(saved[signal])
     run.epochs, run.history = range(state["epoch"] + 1, run.epochs.stop), state["history"]
+    run.evals = state.get("evals", [])  # (none in a checkpoint written before the held-out evaluation)
     loop.acc.print(f"resuming RL from {loop.ckpt} at epoch {run.epochs.start}")
 
 
@@ -298,12 +309,19 @@ def train_rl(
         desc="RL",
         disable=not (progress and loop.acc.is_main_process),
     )
+    eval_items = held_out(prompts, config) if config.eval_prompts else []
+    if eval_due(config, run.epochs.start) and not any(
+        e["epochs_done"] == run.epochs.start for e in run.evals
+    ):
+        _evaluate(run, eval_items, rewards, run.epochs.start)
     for epoch in run.epochs:
         ep = _rollout(run, epoch, prompts)
         _rewards_and_advantages(run, ep, rewards)
         stats = _update(run, ep)
         row = _ldam_and_row(run, ep, stats, log)
         loop.write_row(out / RL_LOG, row)
+        if eval_due(config, epoch + 1):
+            _evaluate(run, eval_items, rewards, epoch + 1)
         bar.update(1)
         bar.set_postfix(
             phase=ep.phase.name, reward=f"{row['phase_reward']:.3f}", gn=f"{row['grad_norm']:.2f}"
@@ -320,8 +338,24 @@ def train_rl(
     log(f"RL: {config.total_epochs} epochs in {time.time() - t0:.0f} s; policy saved to {out}")
     ldam_states = [{k: x.state_dict() for k, x in m.items()} for m in run.ldams]
     return RLResult(
-        config.total_epochs, out, out / RL_LOG, time.time() - t0, run.history, config, ldam_states
+        config.total_epochs, out, out / RL_LOG, time.time() - t0, run.history, config, ldam_states, run.evals
     )
+
+
+def _evaluate(run: _Run, items: list, rewards: RewardFn, epochs_done: int) -> None:
+    """The held-out evaluation after ``epochs_done`` epochs (:mod:`.evaluate`), kept in the run and appended to
+    ``RL_EVAL_LOG``: of the EMA weights when ``rl.ema`` keeps one (the model the run saves, and what Flow-GRPO
+    evaluates), else of the policy."""
+    config, loop = run.config, run.loop
+    names = sorted({r for p in config.phases for r in p.rewards})
+    weights = contextlib.nullcontext()
+    if loop.ema is not None:
+        weights = swapped(loop.params, [loop.ema[n] for n in loop.named])
+    with weights:
+        row = evaluate(run.model, items, rewards, names, config, loop.acc, loop.wrapped)
+    row = {"epochs_done": epochs_done, **row}
+    run.evals.append(row)
+    loop.write_row(loop.out / RL_EVAL_LOG, row)
 
 
 def _checkpoint_state(run: _Run, epoch: int) -> dict:
@@ -329,6 +363,7 @@ def _checkpoint_state(run: _Run, epoch: int) -> dict:
     return {
         "epoch": epoch,
         "history": run.history,
+        "evals": run.evals,
         "ldam": [{k: x.state_dict() for k, x in m.items()} for m in run.ldams],
         "bad_in_a_row": run.loop.bad_in_a_row,
         "num_processes": run.loop.acc.num_processes,

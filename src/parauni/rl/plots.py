@@ -39,22 +39,47 @@ def phase_gains(rows: list[dict], n: int = 2) -> dict[str, tuple[float, float]]:
     return out
 
 
+def paired_rise(start: dict, end: dict, name: str) -> dict:
+    """Reward ``name`` from held-out evaluation row ``start`` to row ``end`` (``rl_eval.jsonl``: the same prompts
+    and noise, :mod:`parauni.rl.evaluate`): their ``start`` and ``end`` means and ``se``, the standard error of
+    the mean per-prompt difference (NaN for one prompt), with ``paired`` set; :func:`rise_verdict` reads it."""
+    a, b = start[f"prompt_means_{name}"], end[f"prompt_means_{name}"]
+    if len(a) != len(b):
+        raise ValueError(
+            f"evaluations of {len(a)} and {len(b)} prompts cannot be paired: they must be one run's held-out set"
+        )
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
+    return {"start": start[f"reward_{name}"], "end": end[f"reward_{name}"], "se": se, "paired": True}
+
+
 def reward_rises(
-    rows: list[dict], phase_rewards: dict[str, list[str]], n: int = 2
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Per phase, per reward it optimises (``phase_rewards``: phase name -> reward names): ``start`` and ``end``,
-    the mean of the reward's epoch means over the phase's first and last ``n`` epochs, and ``se``, the standard
-    error of ``end - start`` from the epochs' :func:`standard_errors` (NaN when the log lacks them). Each epoch
-    draws new prompts, so a rise is beyond its noise only when ``end - start > 2 se``. A phase of fewer than
-    ``2 n`` epochs compares its first and last ``epochs // 2`` (at least 1), so the two means share none."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    rows: list[dict], phase_rewards: dict[str, list[str]], n: int = 2, evals: list[dict] | None = None
+) -> dict[str, dict[str, dict]]:
+    """Per phase, per reward it optimises (``phase_rewards``: phase name -> reward names): ``start``, ``end`` and
+    ``se``, the standard error of ``end - start``.
+
+    With held-out evaluations (``evals``, the rows of ``rl_eval.jsonl``) at the phase's start and end: the two
+    evaluations, paired prompt by prompt (:func:`paired_rise`). Otherwise from the training log: the mean of the
+    reward's epoch means over the phase's first and last ``n`` epochs, ``se`` from the epochs'
+    :func:`standard_errors` (NaN when the log lacks them); each epoch draws new prompts, so their differences
+    carry the prompts' spread. A phase of fewer than ``2 n`` epochs compares its first and last ``epochs // 2``
+    (at least 1), so the two means share none. Either way a rise is beyond its noise when ``end - start > 2
+    se`` (:func:`rise_verdict`)."""
+    at = {e["epochs_done"]: e for e in evals or []}
+    out: dict[str, dict[str, dict]] = {}
     for phase, names in phase_rewards.items():
         keyed = [r for r in rows if r.get("phase") == phase]
         if not keyed:
             continue
         first, last = phase_ends(keyed, n)
         out[phase] = {}
+        e0, e1 = (at.get(keyed[0]["epoch"]), at.get(keyed[-1]["epoch"] + 1)) if at else (None, None)
         for name in names:
+            if e0 is not None and e1 is not None and f"prompt_means_{name}" in e0:
+                out[phase][name] = paired_rise(e0, e1, name)
+                continue
             errors = standard_errors(first + last, name)
             se = float("nan")
             if errors is not None:
@@ -66,6 +91,16 @@ def reward_rises(
                 "se": se,
             }
     return out
+
+
+def rise_basis(rises: dict[str, dict[str, dict]]) -> str:
+    """How :func:`reward_rises` compared each phase's start and end, in words for logs and reports."""
+    paired = [r.get("paired", False) for v in rises.values() for r in v.values()]
+    if paired and all(paired):
+        return "the held-out prompts at the phase's start and end, paired by prompt"
+    if any(paired):
+        return "the held-out prompts where evaluated, else the first 2 vs last 2 epochs of the phase"
+    return "the first 2 vs last 2 epochs of the phase (first vs last for a phase under 4 epochs)"
 
 
 def rise_verdict(rise: dict[str, float], sigmas: float = 2.0) -> str:
@@ -110,11 +145,18 @@ def standard_errors(rows: list[dict], name: str) -> list[float] | None:
     return [r[f"reward_{name}_std"] / r["samples"] ** 0.5 for r in keyed]
 
 
-def plot_reward_curves(runs: dict[str, list[dict]], out: str | Path, rate: float = 0.1) -> Path:
+def plot_reward_curves(
+    runs: dict[str, list[dict]],
+    out: str | Path,
+    rate: float = 0.1,
+    evals: dict[str, list[dict]] | None = None,
+) -> Path:
     """One panel per reward: every run's raw curve (thin) with a band of +-1 standard error of each epoch mean
     (where the log has the per-epoch std and sample count) and its EMA (thick); triangles labelled with the
     perturbed zone mark LDAM triggers (rows whose ``ldam_triggered`` is set, after that epoch's update) and
-    dotted lines the starts of curriculum phases. ``runs``: label -> log rows (e.g. LDAM on / off)."""
+    dotted lines the starts of curriculum phases. ``runs``: label -> log rows (e.g. LDAM on / off); ``evals``:
+    label -> held-out evaluation rows (``rl_eval.jsonl``), drawn as squares with +-1 standard error bars between
+    the epochs they follow and precede."""
     plt = pyplot()
 
     names = sorted({n for rows in runs.values() for n in reward_names(rows)})
@@ -143,6 +185,11 @@ def plot_reward_curves(runs: dict[str, list[dict]], out: str | Path, rate: float
                 ax.scatter([x_t], [y_t], marker="^", color=color, s=30, zorder=3)
                 ax.annotate(zone or "LDAM", (x_t, y_t), textcoords="offset points", xytext=(0, 6),
                             ha="center", fontsize=6, color=color)  # fmt: skip
+            held = [e for e in (evals or {}).get(label, []) if f"reward_{name}" in e]
+            if held:  # the held-out set after e epochs: between epoch e - 1 and epoch e
+                ax.errorbar([e["epochs_done"] - 0.5 for e in held], [e[f"reward_{name}"] for e in held],
+                            yerr=[e[f"se_reward_{name}"] for e in held], fmt="s", ms=4, color=color, mfc="white",
+                            capsize=2, zorder=4, label=f"{label} held-out")  # fmt: skip
         first = next(iter(runs.values()))
         starts = [
             r["epoch"]

@@ -93,10 +93,15 @@ def rollout_sigmas(config: RLConfig, device: torch.device | str | None = None) -
     return make(config.steps, config.shift, device=device)
 
 
-def _step_function(config: RLConfig, sigmas: torch.Tensor, generators: list[torch.Generator]) -> StepFn:
-    """One rollout batch's step function: a fresh DPM-Solver++ (it keeps a history) or the SDE step."""
+def _step_function(
+    config: RLConfig, sigmas: torch.Tensor, generators: list[torch.Generator], ode: bool = False
+) -> StepFn:
+    """One rollout batch's step function: a fresh DPM-Solver++ (it keeps a history), the SDE step, or with
+    ``ode`` the SDE step's deterministic Euler steps (eta 0)."""
     if config.sampler == "dpm":
         return make_sampler("dpm", config.steps, config.shift, sigmas.device)[1]
+    if ode:
+        return SDEStep(0.0, float(sigmas[1]), generators, [False] * config.steps)
     return SDEStep(config.eta, float(sigmas[1]), generators, config.stochastic_steps)
 
 
@@ -163,6 +168,7 @@ def rollout(
     ldam: LDAM | Perturbation | None,
     progress: bool = False,
     cache: ConditionCache | None = None,
+    ode: bool = False,
 ) -> Rollout:
     """Sample the given global sample ``indices`` (their prompts ``items``) with the SDE sampler (or
     ``rl.sampler=dpm``: DPM-Solver++) + CFG.
@@ -170,6 +176,9 @@ def rollout(
     ``ldam``: the perturbation of this rollout (an active LDAM, or a :class:`Perturbation` of several), or None.
 
     ``cache``: the epoch's conditions (:class:`ConditionCache`); without it the VLM runs on every batch.
+
+    ``ode``: sample deterministically (the Euler steps of eta 0 on ``rl.schedule``'s sigmas, or DPM-Solver++),
+    whatever ``rl.eta``: the held-out evaluation's sampler (:mod:`parauni.rl.evaluate`).
     """
     model.eval()
     s = model.config.sampling
@@ -204,7 +213,8 @@ def rollout(
             else [(Purpose.INITIAL_NOISE, i) for i in idx]
         )
         x = initial_noise(shape, [purpose_seed(config.seed, epoch, *k) for k in keys], model.device)
-        step = _step_function(config, sigmas, purpose_generators(config.seed, epoch, Purpose.SDE_NOISE, idx))
+        generators = purpose_generators(config.seed, epoch, Purpose.SDE_NOISE, idx)
+        step = _step_function(config, sigmas, generators, ode)
         uncond = uncond_one.expand_as(cond)
         final, outs = denoise(
             functools.partial(cfg_velocity, model, cond=cond, uncond=uncond, scale=config.cfg),

@@ -9,6 +9,7 @@ WEIGHTS_FILE = "model.safetensors"  # a model folder's trained tensors
 CHECKPOINT_DIR = "checkpoints"  # a run's resumable checkpoints
 TRAIN_LOG = "train_log.jsonl"  # Stages I-II: one row per step
 RL_LOG = "rl_log.jsonl"  # Stage III: one row per epoch, beside the policy's weights
+RL_EVAL_LOG = "rl_eval.jsonl"  # Stage III with rl.eval_prompts: one row per held-out evaluation
 TRAIN_CONFIG = "train_config.yaml"  # Stages I-II: the resolved TrainConfig of the run
 RL_CONFIG = "rl_config.yaml"  # Stage III: the resolved RLConfig of the run
 RAW_WEIGHTS = "raw_trainable.safetensors"  # Stages I-II with an EMA: the last raw weights

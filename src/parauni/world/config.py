@@ -68,6 +68,8 @@ def world_paper_rl() -> RLConfig:
         trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=8, dit_lora_alpha=8),
         ldam=LDAMConfig(window=3, drop_epochs=1, grad_sigmas=0.0),
         ema=0.0,  # runs of a few dozen steps: Flow-GRPO's EMA (0.9 every 8 steps) would keep the Stage-II model
+        eval_prompts=32,  # held-out prompts at the start and each phase's end: a phase's rise, paired by prompt
+        eval_images=4,
         save_every=5,
         keep_last=1,
     )
@@ -470,6 +472,7 @@ class WorldConfig:
         for phase in q.rl.phases:
             phase.epochs = 1
         q.rl.prompts_per_epoch, q.rl.group_size, q.rl.steps, q.rl.micro_batch = 2, 2, 3, 4
+        q.rl.eval_prompts, q.rl.eval_images = min(q.rl.eval_prompts, 2), 2
         q.derive()
         return q
 

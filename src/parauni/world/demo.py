@@ -24,6 +24,7 @@ from ..rl.plots import (
     read_log,
     reward_names,
     reward_rises,
+    rise_basis,
     rise_verdict,
     trigger_summary,
 )
@@ -193,7 +194,8 @@ class _DemoRun:
         self.timings["stage3_rl"] = time.time() - t
         history = result.history
         phases = result.config.phases
-        rises = reward_rises(history, {p.name: [k for k, w in p.rewards.items() if w] for p in phases})
+        optimised = {p.name: [k for k, w in p.rewards.items() if w] for p in phases}
+        rises = reward_rises(history, optimised, evals=result.evals)
         m = self.rl_metrics = {
             "phases": {
                 name: {"rewards": dict(p.rewards), "start": a, "end": b, "rises": rises.get(name, {})}
@@ -205,9 +207,11 @@ class _DemoRun:
             "ldam_triggers": sum(bool(r.get("ldam_triggered")) for r in history),
             "ldam_trigger_summary": trigger_summary(history),
             "epochs": len(history),
+            "rise_basis": rise_basis(rises),
+            "held_out": result.evals,
         }
         self.log(
-            "Stage III (each optimised reward, first 2 vs last 2 epochs of its phase, +- 1 SE of the difference): "
+            f"Stage III (each optimised reward on {m['rise_basis']}, +- 1 SE of the difference): "
             + "; ".join(
                 f"{k}: {name} {r['start']:.3f} -> {r['end']:.3f} +- {r['se']:.3f} ({rise_verdict(r)})"
                 for k, v in m["phases"].items()
@@ -255,7 +259,11 @@ class _DemoRun:
             out / "losses.png",
         )
         if self.rl_metrics is not None:
-            plot_reward_curves({"Stage III": read_log(out / "stage3" / RL_LOG)}, out / "rl_curves.png")
+            plot_reward_curves(
+                {"Stage III": read_log(out / "stage3" / RL_LOG)},
+                out / "rl_curves.png",
+                evals={"Stage III": self.rl_metrics.get("held_out", [])},
+            )
             figures["rewards"] = "rl_curves.png"
         for tag, path in plot_tag_grids(self.samples, out).items():
             figures[tag] = path.name

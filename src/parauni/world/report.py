@@ -160,8 +160,10 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
         if rises:
             lines += [
                 "",
-                "Each optimised reward on its own: a rise is beyond its noise when it exceeds 2 standard errors of "
-                "the difference (each epoch draws new prompts):",
+                "Each optimised reward on its own, compared on "
+                + rl.get("rise_basis", "the first 2 vs last 2 epochs of the phase")
+                + ": a rise is beyond its noise when it exceeds 2 standard errors of the difference (the rewards "
+                "plot's squares are the held-out evaluations, its curves the epochs' own prompts):",
                 "",
                 "| phase | reward | start | end | +-1 SE | verdict |",
                 "|---|---|---|---|---|---|",
