@@ -29,9 +29,17 @@ import torch  # noqa: E402
 # spin-wait for each other (measured: the model tests take 4x longer under load with 2 threads than with 1).
 torch.set_num_threads(1)
 
-from parauni.config import ModelConfig, apply_overrides, from_dict, load_model_config, preset_dict  # noqa: E402
+from parauni.config import (  # noqa: E402
+    ModelConfig,
+    TrainableConfig,
+    apply_overrides,
+    from_dict,
+    load_model_config,
+    preset_dict,
+)
 from parauni.models.parauni import ParaUni  # noqa: E402
 from parauni.models.tokenizer import BASIC_CORPUS, train_bpe_tokenizer  # noqa: E402
+from parauni.rl.config import PhaseConfig, RLConfig  # noqa: E402
 
 # The text decoder shared by every tiny VLM / LM below (4 layers of width 64, GQA 4/2 heads).
 TEXT_CONFIG = dict(
@@ -55,6 +63,25 @@ def tiny_config(overrides: list[str] | None = None, **sections) -> ModelConfig:
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return from_dict(ModelConfig, apply_overrides(data, overrides or []))
+
+
+def tiny_rl_config(**fields) -> RLConfig:
+    """A Stage-III config small enough for a test: one phase of reward ``bright``, 2 prompts x 2 images of 32 x 32
+    an epoch, 3 steps, a rank-4 LoRA, no checkpoints; ``fields`` replace any of it."""
+    base = dict(
+        phases=[PhaseConfig("p", {"bright": 1.0}, 2, "deep", 0.02)],
+        prompts_per_epoch=2,
+        group_size=2,
+        steps=3,
+        cfg=2.0,
+        height=32,
+        width=32,
+        micro_batch=4,
+        rollout_batch=4,
+        trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
+        save_every=0,
+    )
+    return RLConfig(**{**base, **fields})
 
 
 @pytest.fixture(scope="session")

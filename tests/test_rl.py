@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_rl_config
 
 from parauni.config import TrainableConfig
 from parauni.diffusion.sampling import euler_step, flow_sigmas, sde_step
@@ -152,22 +153,8 @@ def test_perturbation_scale_touches_only_the_zone():
 
 
 def _rl_config(**kw) -> RLConfig:
-    base = dict(
-        phases=[PhaseConfig("p", {"bright": 1.0}, 2, "deep", 0.02)],
-        prompts_per_epoch=2,
-        group_size=2,
-        steps=3,
-        cfg=2.0,
-        height=32,
-        width=32,
-        micro_batch=4,
-        rollout_batch=4,
-        trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
-        save_every=0,
-        ema=0.0,  # the saved model is the policy itself (the EMA has its own tests)
-    )
-    base.update(kw)
-    return RLConfig(**base)
+    # the saved model is the policy itself (the EMA has its own tests)
+    return tiny_rl_config(**{"ema": 0.0, **kw})
 
 
 def _recomputed_log_probs(model, ro, cfg, zone):

@@ -8,8 +8,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_rl_config
 
-from parauni.config import ConfigError, TrainableConfig
+from parauni.config import ConfigError
 from parauni.rl.config import PhaseConfig, RLConfig
 from parauni.rl.evaluate import EVAL_DRAW, eval_epochs
 from parauni.rl.grpo import train_rl
@@ -22,28 +23,13 @@ PROMPTS = PromptSource([("a red circle", None), ("a blue square", None), ("two g
 
 
 def _cfg(**kw) -> RLConfig:
-    base = dict(
-        phases=[
-            PhaseConfig("a", {"bright": 1.0}, 2, "deep", 0.0),
-            PhaseConfig("b", {"dark": 1.0}, 1, "deep", 0.0),
-        ],
-        prompts_per_epoch=2,
-        group_size=2,
-        steps=3,
-        cfg=2.0,
-        height=32,
-        width=32,
-        micro_batch=4,
-        rollout_batch=4,
-        lr=1e-2,
-        trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
-        save_every=0,
-        eval_prompts=3,
-        eval_images=2,
-        ema=0.0,
+    phases = [
+        PhaseConfig("a", {"bright": 1.0}, 2, "deep", 0.0),
+        PhaseConfig("b", {"dark": 1.0}, 1, "deep", 0.0),
+    ]
+    return tiny_rl_config(
+        **{"phases": phases, "lr": 1e-2, "eval_prompts": 3, "eval_images": 2, "ema": 0.0, **kw}
     )
-    base.update(kw)
-    return RLConfig(**base)
 
 
 def _bright(images, prompts, metadata):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_rl_config
 
 from parauni.config import ConfigError, TrainableConfig
 from parauni.errors import DataError
@@ -18,21 +19,9 @@ from parauni.utils.run_files import RL_LOG
 
 
 def _cfg(**kw) -> RLConfig:
-    base = dict(
-        phases=[PhaseConfig("p", {"bright": 1.0, "dark": 0.5}, 2, "deep", 0.02)],
-        prompts_per_epoch=2,
-        group_size=2,
-        steps=3,
-        cfg=2.0,
-        height=32,
-        width=32,
-        micro_batch=4,
-        rollout_batch=4,
-        trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
-        save_every=0,
+    return tiny_rl_config(
+        **{"phases": [PhaseConfig("p", {"bright": 1.0, "dark": 0.5}, 2, "deep", 0.02)], **kw}
     )
-    base.update(kw)
-    return RLConfig(**base)
 
 
 def _bright(images, prompts, metadata):
