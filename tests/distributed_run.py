@@ -132,6 +132,8 @@ def rl_config() -> RLConfig:
         trainable=TrainableConfig(queries=False, lim=False, dit=False, dit_lora_rank=4, dit_lora_alpha=8.0),
         ldam=LDAMConfig(window=2, drop_epochs=1, grad_gate=False),  # per reward: one LDAM, on "bright"
         ema=0.0,  # the saved weights are the policy's, which the tests compare
+        eval_prompts=3,  # held-out: 6 images, the middle prompt's over both processes, before and after
+        eval_images=2,
         save_every=1,
         keep_last=2,
     )
@@ -160,6 +162,7 @@ def run_rl(args: argparse.Namespace) -> None:
     row = {
         "ldam": result.ldam,
         "history": [{k: v for k, v in r.items() if k != "seconds"} for r in result.history],
+        "evals": [{k: v for k, v in r.items() if k != "seconds"} for r in result.evals],
     }
     (Path(args.out) / f"rank_{rank}.json").write_text(json.dumps(row, sort_keys=True))
 

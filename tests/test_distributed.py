@@ -320,6 +320,15 @@ def test_two_processes_run_rl_like_one_with_the_same_ldam_state(rl_reference, tm
         atol=RL_DRIFT,
         rtol=0,
     )
+    # the held-out evaluations: each prompt's images gathered in order, whichever process drew them
+    assert [e["epochs_done"] for e in rank0["evals"]] == [e["epochs_done"] for e in single["evals"]] == [0, 4]
+    for a, b in zip(rank0["evals"], single["evals"], strict=True):
+        torch.testing.assert_close(
+            torch.tensor(a["prompt_means_bright"]),
+            torch.tensor(b["prompt_means_bright"]),
+            atol=RL_DRIFT,
+            rtol=0,
+        )
 
 
 def test_killed_rl_resumes_to_exactly_the_uninterrupted_weights(rl_reference, tmp_path):

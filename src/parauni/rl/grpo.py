@@ -12,6 +12,8 @@ One epoch, read top to bottom:
             accumulate, clip the gradient norm, AdamW step (``updates_per_epoch`` times per pass); with
             ``rl.objective=nft``, DiffusionNFT's flow-matching loss on the final latents instead (:mod:`.nft`)
     LDAM: record the phase reward's epoch mean and the gradient norm; maybe trigger a perturbation
+    held-out (``rl.eval_prompts``, before the first epoch, after each phase's last and every ``rl.eval_every``):
+            the same prompts from the same noise, sampled with the ODE and scored (:mod:`.evaluate`)
 
 All randomness of an epoch derives from ``(seed, epoch, sample index)``, so the run is the same on any number
 of processes (a prompt's group may span processes; rewards are gathered before the advantages) and a resumed
