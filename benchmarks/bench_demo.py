@@ -137,8 +137,7 @@ def report_run(metrics: dict, total: float) -> dict[str, float]:
             f"\nShapesEval after RL {after:.3f} vs before {before:.3f}: {after - before:+.3f} (target >= "
             f"+{RL_GAIN_TARGET}: {verdict(after - before >= RL_GAIN_TARGET)})"
         )
-        basis = metrics["rl"].get("rise_basis", "the first 2 vs last 2 epochs of the phase")
-        print(f"  each optimised reward on {basis} (+-1 SE of the difference):")
+        print(f"  each optimised reward on {metrics['rl']['rise_basis']} (+-1 SE of the difference):")
         for name, v in metrics["rl"]["phases"].items():
             for reward, r in v.get("rises", {}).items():
                 print(

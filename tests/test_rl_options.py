@@ -234,7 +234,7 @@ def test_standard_errors_of_the_epoch_means():
 
 
 def test_prompt_standard_error_counts_each_prompt_group_once():
-    from parauni.rl.grpo import prompt_standard_error
+    from parauni.rl.objective import prompt_standard_error
 
     rewards = torch.tensor([1.0, 1.0, 3.0, 3.0])  # two prompts, two images each, alike within a prompt
     assert prompt_standard_error(rewards, 2) == pytest.approx(1.0)  # std of (1, 3) = sqrt(2), / sqrt(2)

@@ -22,6 +22,7 @@ import torch
 
 from ..training.distributed import outside_training
 from .config import RLConfig
+from .objective import prompt_standard_error
 from .prompts import PromptItem, Prompts
 from .rollout import ConditionCache, rollout
 
@@ -81,9 +82,8 @@ def evaluate(
     for name in names:
         mine = torch.tensor(scores[name], dtype=torch.float32, device=acc.device)
         every = acc.gather(mine).cpu()  # (P k,) prompt-major: each process holds a contiguous slice
-        means = every.reshape(-1, k).mean(1)
         row[f"reward_{name}"] = float(every.mean())
-        row[f"se_reward_{name}"] = float(means.std() / len(means) ** 0.5) if len(means) > 1 else float("nan")
-        row[f"prompt_means_{name}"] = [round(float(m), 6) for m in means]
+        row[f"se_reward_{name}"] = prompt_standard_error(every, k)
+        row[f"prompt_means_{name}"] = [round(float(m), 6) for m in every.reshape(-1, k).mean(1)]
     row["seconds"] = time.time() - t0
     return row

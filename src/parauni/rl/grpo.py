@@ -67,7 +67,15 @@ from .config import PhaseConfig, RLConfig
 from .evaluate import eval_due, evaluate, held_out
 from .ldam import LDAM, Perturbation
 from .nft import forward_noised, nft_loss, optimality, training_times, velocity_kl
-from .objective import PolicyStep, group_advantages, grpo_loss, prompt_groups, swapped, update_samples
+from .objective import (
+    PolicyStep,
+    group_advantages,
+    grpo_loss,
+    prompt_groups,
+    prompt_standard_error,
+    swapped,
+    update_samples,
+)
 from .prompts import Prompts
 from .rollout import ConditionCache, Rollout, prompt_conditions, rollout
 
@@ -438,14 +446,6 @@ def _rewards_and_advantages(run: _Run, ep: _Epoch, rewards: RewardFn) -> None:
     ro.advantages = adv[rank * n_local : (rank + 1) * n_local].to(model.device)
     generator = purpose_generator(config.seed, ep.index, Purpose.UPDATE_SAMPLES)
     ep.keep = update_samples(adv, n_local, rank, config.drop_zero_advantage, generator)
-
-
-def prompt_standard_error(rewards: torch.Tensor, group_size: int) -> float:
-    """The standard error of an epoch's mean reward with its prompts as the units: ``rewards`` (P * group_size,),
-    prompt-major as gathered, -> std of the P prompt means / sqrt(P) (NaN for one prompt). A group's images share
-    their prompt, so their rewards are not independent draws and ``std / sqrt(samples)`` would understate it."""
-    means = rewards.reshape(-1, group_size).mean(1)
-    return float(means.std() / len(means) ** 0.5) if len(means) > 1 else float("nan")
 
 
 def _ldam_and_row(run: _Run, ep: _Epoch, stats: dict, log) -> dict:

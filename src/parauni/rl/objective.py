@@ -17,6 +17,14 @@ from .rollout import PromptConditions, cfg_velocity, policy_condition, rollout_s
 
 
 # --------------------------------------------------------------------------------------------- objective
+def prompt_standard_error(rewards: torch.Tensor, group_size: int) -> float:
+    """The standard error of an epoch's mean reward with its prompts as the units: ``rewards`` (P * group_size,),
+    prompt-major as gathered, -> std of the P prompt means / sqrt(P) (NaN for one prompt). A group's images share
+    their prompt, so their rewards are not independent draws and ``std / sqrt(samples)`` would understate it."""
+    means = rewards.reshape(-1, group_size).mean(1)
+    return float(means.std() / len(means) ** 0.5) if len(means) > 1 else float("nan")
+
+
 def group_advantages(
     rewards: torch.Tensor, groups: torch.Tensor, std: str = "global", clip: float = 5.0
 ) -> torch.Tensor:

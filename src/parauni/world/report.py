@@ -161,7 +161,7 @@ def write_markdown(out_dir: str | Path, metrics: dict, figures: dict[str, str]) 
             lines += [
                 "",
                 "Each optimised reward on its own, compared on "
-                + rl.get("rise_basis", "the first 2 vs last 2 epochs of the phase")
+                + rl["rise_basis"]
                 + ": a rise is beyond its noise when it exceeds 2 standard errors of the difference (the rewards "
                 "plot's squares are the held-out evaluations, its curves the epochs' own prompts):",
                 "",
