@@ -71,17 +71,13 @@ def stage_seconds(
     s1, s2, e, r = cfg.parauni.stage1, cfg.parauni.stage2, cfg.eval, cfg.rl
     images_per_run = len(GENEVAL_TAGS) * e.per_tag * e.images_per_prompt
     rl_epoch = RL_EPOCH_RATIO[r.objective] * r.prompts_per_epoch * r.group_size * r.steps * cal.image_step
-    images_held_out = (
-        len(eval_epochs(r)) * r.eval_prompts * r.eval_images
-    )  # rl.eval_prompts, every evaluation
+    held_out = len(eval_epochs(r)) * r.eval_prompts * r.eval_images  # images of every held-out evaluation
     out = {
         "stage1": s1.steps * cal.stage1_step if 1 in stages else 0.0,
         "stage2": s2.steps * cal.stage2_step * STAGE2_STEP_RATIO * s2.batch_size / s1.batch_size
         if 2 in stages
         else 0.0,
-        "stage3_rl": r.total_epochs * rl_epoch + images_held_out * r.steps * cal.image_step
-        if 3 in stages
-        else 0.0,
+        "stage3_rl": r.total_epochs * rl_epoch + held_out * r.steps * cal.image_step if 3 in stages else 0.0,
         "shapeseval": evaluations * images_per_run * e.steps * cal.image_step,
     }
     return {**out, "total": sum(out.values())}
